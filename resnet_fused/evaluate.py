@@ -1,0 +1,74 @@
+"""Evaluate a checkpoint from resnet_fused.train: ``python -m resnet_fused.evaluate CHECKPOINT``.
+
+Prints test accuracy, per-class accuracy and the confusion matrix (rows: true class, columns: predicted);
+``--json FILE`` writes them too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from .checkpoint import UserError, atomic_write_text, load_checkpoint, load_model_state, run_cli
+from .data import DeviceLoader, load_splits
+from .train import evaluate_split, make_model, pick_device
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m resnet_fused.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a last.pt / best.pt written by resnet_fused.train")
+    p.add_argument("--model", default=None, help="expected architecture (checked against the checkpoint)")
+    p.add_argument("--impl", choices=["reference", "fused"], default=None, help="[the checkpoint's]")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return p
+
+
+def evaluate(argv=None):
+    args = build_parser().parse_args(argv)
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = dict(ckpt["config"])
+    if args.model is not None and args.model != cfg.get("model"):
+        raise UserError(f"checkpoint {args.checkpoint!r} holds a {cfg.get('model')}, not a {args.model}")
+    if args.impl:
+        cfg["impl"] = args.impl
+    device = pick_device(args.device)
+    data = load_splits(cfg["dataset"], args.data_root, args.download, val_size=cfg.get("val_size", 0),
+                       subset=cfg.get("subset") or None, seed=cfg.get("seed", 0), device=device)
+    model = make_model(cfg, cfg["in_channels"], cfg["num_classes"], device)
+    load_model_state(model, ckpt["model"], f"checkpoint {args.checkpoint!r}")
+    loader = DeviceLoader(data[args.split], args.batch_size, cfg["mean"], cfg["std"],
+                          channels_last=cfg.get("channels_last", False))
+    loss, acc, conf = evaluate_split(model, loader, device, args.amp, cfg["num_classes"])
+    classes = data["classes"]
+    per_class = (conf.diag().double() / conf.sum(1).clamp_min(1).double()).tolist()
+    print(f"{cfg['model']} ({cfg['impl']}) from {args.checkpoint}, epoch {ckpt['epoch']}, {cfg['dataset']} "
+          f"{args.split}: accuracy {100 * acc:.2f}% ({int(conf.diag().sum())}/{int(conf.sum())}), loss {loss:.4f}")
+    print("per-class accuracy:")
+    for name, a, n in zip(classes, per_class, conf.sum(1).tolist()):
+        print(f"  {str(name):>12s}  {100 * a:6.2f}%  (n={n})")
+    w = max(5, len(str(int(conf.max()))) + 1)
+    print("confusion matrix (rows: true, columns: predicted):")
+    print(" " * 6 + "".join(f"{i:>{w}d}" for i in range(conf.shape[1])))
+    for i, row in enumerate(conf.tolist()):
+        print(f"{i:>5d} " + "".join(f"{v:>{w}d}" for v in row))
+    result = dict(checkpoint=args.checkpoint, model=cfg["model"], dataset=cfg["dataset"], split=args.split,
+                  accuracy=acc, loss=loss, per_class_accuracy=dict(zip(map(str, classes), per_class)),
+                  confusion_matrix=conf.tolist())
+    if args.json:
+        atomic_write_text(json.dumps(result, indent=1), args.json)
+    return result
+
+
+def main(argv=None):
+    run_cli(evaluate, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Experiments that reproduce figures of the ResNet paper on MNIST."""
