@@ -1,0 +1,227 @@
+"""FusedResNet: the reference ResNet's modules and state_dict, run through fused operators.
+
+Training mode (backend "triton"), per BasicBlock:
+    y1, mean1, var1 = conv_bn_stats(x, W1)                          conv1, BN1 statistics in its epilogue
+    y2, mean2, var2 = conv_bn_stats(y1, W2, scale1, shift1)         BN1 + ReLU applied on load, BN2 statistics
+    out = bn_add_relu(y2, scale2, shift2, shortcut)                 BN2 + shortcut (identity / A / B) + ReLU
+with scale = gamma * rsqrt(var + eps), shift = beta - mean * scale as tiny per-channel tensor ops, so autograd
+carries gradients to gamma, beta and through the statistics; bn_running_update updates the running buffers
+exactly as nn.BatchNorm2d. The stem is conv_bn_stats + bn_add_relu (mode 0); pooling and the head are PyTorch.
+
+Inference mode: BN folded into the conv weights (cached while parameters and buffers are unchanged), one
+conv_bn_act kernel per conv with bias, shortcut (identity, option A by index math, option B as a second GEMM into
+the same tile) and ReLU in its epilogue.
+
+Backends: "triton" (the kernels above; on CPU tensors only under TRITON_INTERPRET=1), "cpu" (plain PyTorch
+composition, i.e. the reference math), "cuda" (ATen convolution + the C++/CUDA operators of resnet_fused._C, when
+built), "auto" (triton on CUDA tensors, else cpu). ``RESNET_FUSED_BACKEND`` sets the default.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .reference import ResNet
+
+try:  # importing the op modules registers the resnet_fused:: custom ops
+    from .ops import bn_add_relu as _bn_add_relu_mod  # noqa: F401
+    from .ops import bn_running_update as _bn_running_update_mod  # noqa: F401
+    from .ops import conv_bn_act as _conv_bn_act_mod  # noqa: F401
+    from .ops import conv_bn_stats as _conv_bn_stats_mod  # noqa: F401
+    TRITON_IMPORT_ERROR = None
+except ImportError as e:  # no Triton on this platform: the cpu backend still works
+    TRITON_IMPORT_ERROR = e
+
+BACKENDS = ("auto", "triton", "cuda", "cpu")
+_SHORTCUT_MODE = {"none": 0, "identity": 1, "A": 2, "B": 3}
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class FusedResNet(ResNet):
+    """Drop-in ResNet with fused kernels: same constructor (plus ``backend``) and the same state_dict keys."""
+
+    def __init__(self, depth: int = 20, shortcut: str | None = "A", in_channels: int = 1, num_classes: int = 10,
+                 widths=None, plain: bool = False, backend: str | None = None):
+        super().__init__(depth, shortcut, in_channels, num_classes, widths, plain)
+        backend = backend or os.environ.get("RESNET_FUSED_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        self.backend = backend
+        self._folded = None  # (key, folded weights) cache for inference
+
+    # ---- conversions -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_reference(cls, model: ResNet, backend: str | None = None) -> "FusedResNet":
+        fused = cls(**model.config(), backend=backend)
+        p = next(model.parameters())
+        fused.to(device=p.device, dtype=p.dtype)
+        fused.load_state_dict(model.state_dict(), strict=True)
+        fused.train(model.training)
+        return fused
+
+    def to_reference(self) -> ResNet:
+        ref = ResNet(**self.config())
+        p = next(self.parameters())
+        ref.to(device=p.device, dtype=p.dtype)
+        ref.load_state_dict(self.state_dict(), strict=True)
+        ref.train(self.training)
+        return ref
+
+    def extra_repr(self):
+        return f"backend={self.backend!r}"
+
+    # ---- dispatch --------------------------------------------------------------------------------------------
+
+    def resolve_backend(self, x: torch.Tensor) -> str:
+        b = self.backend
+        if b == "auto":
+            b = "triton" if x.device.type == "cuda" and TRITON_IMPORT_ERROR is None else "cpu"
+        if b == "triton":
+            if TRITON_IMPORT_ERROR is not None:
+                raise RuntimeError(f"backend 'triton' needs Triton, which failed to import: {TRITON_IMPORT_ERROR}")
+            if x.device.type != "cuda" and not triton_interpreting():
+                raise RuntimeError(f"backend 'triton' runs on CUDA tensors (got {x.device}); on CPU use "
+                                   f"backend='cpu', or set TRITON_INTERPRET=1 before importing triton")
+        elif b == "cuda":
+            raise RuntimeError("backend 'cuda' needs the compiled extension resnet_fused._C, which this build "
+                               "does not have; use backend='triton' or 'auto'")
+        return b
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FusedResNet expects a tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"FusedResNet expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"FusedResNet was built for {self.in_channels} input channels, got input of shape "
+                             f"{tuple(x.shape)} ({x.shape[1]} channels)")
+        if not x.is_floating_point():
+            raise TypeError(f"FusedResNet expects a floating-point input, got {x.dtype}; convert images with "
+                            f".float() (and normalise) first")
+        w = self.conv1.weight
+        if x.device != w.device:
+            raise RuntimeError(f"input is on {x.device} but the model's weights are on {w.device}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise RuntimeError(f"input dtype {x.dtype} does not match the weight dtype {w.dtype}; convert one of "
+                               f"them (or run under torch.autocast)")
+        if self.training and x.shape[0] * self._min_spatial(x) <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                             f"{tuple(x.shape)} (spatial size 1x1 after the last stage with batch 1)")
+
+    def _min_spatial(self, x):
+        h, w = x.shape[2], x.shape[3]
+        for _ in range(len(self.widths) - 1):
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        return h * w
+
+    def forward(self, x):
+        self._check_input(x)
+        backend = self.resolve_backend(x)
+        if backend == "cpu":
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"backend 'triton' computes in float32, bfloat16 or float16, not {dtype}; use "
+                            f"backend='cpu' for {dtype}")
+        x = x.to(dtype)
+        if self.training:
+            feats = self._features_train(x, dtype)
+        elif torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return super().forward(x)  # eval-mode gradients (saliency, adversarial): the reference composition
+        else:
+            feats = self._features_eval(x, dtype)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(feats, 1), 1))
+
+    # ---- training --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _scale_shift(bn, mean, var):
+        scale = bn.weight.float() * torch.rsqrt(var + bn.eps)
+        return scale, bn.bias.float() - mean * scale
+
+    @staticmethod
+    def _update_running(bn, mean, var, count):
+        if bn.track_running_stats and bn.running_mean is not None:
+            torch.ops.resnet_fused.bn_running_update(
+                bn.running_mean, bn.running_var, bn.num_batches_tracked, mean.detach(), var.detach(), count,
+                0.0 if bn.momentum is None else float(bn.momentum), bn.momentum is None)
+
+    def _conv_stats(self, x, conv, bn, dtype, scale=None, shift=None):
+        y, mean, var = torch.ops.resnet_fused.conv_bn_stats(x, conv.weight.to(dtype), scale, shift,
+                                                            conv.stride[0], conv.padding[0])
+        self._update_running(bn, mean, var, y.shape[0] * y.shape[2] * y.shape[3])
+        return y, self._scale_shift(bn, mean, var)
+
+    def _features_train(self, x, dtype):
+        ops = torch.ops.resnet_fused
+        y, (s, t) = self._conv_stats(x, self.conv1, self.bn1, dtype)
+        a = ops.bn_add_relu(y, s, t, None, None, None, 0, 1, 0, True)
+        for blk in self.blocks():
+            y1, (s1, t1) = self._conv_stats(a, blk.conv1, blk.bn1, dtype)
+            y2, (s2, t2) = self._conv_stats(y1, blk.conv2, blk.bn2, dtype, s1, t1)
+            kind = blk.shortcut_kind
+            res, rs, rt, pad_front = None, None, None, 0
+            if kind in ("identity", "A"):
+                res = a
+                pad_front = blk.shortcut.pad_front if kind == "A" else 0
+            elif kind == "B":
+                res, (rs, rt) = self._conv_stats(a, blk.shortcut.conv, blk.shortcut.bn, dtype)
+            a = ops.bn_add_relu(y2, s2, t2, res, rs, rt, _SHORTCUT_MODE[kind], blk.stride, pad_front, True)
+        return a
+
+    # ---- inference -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _fold(conv, bn, dtype):
+        s = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+        w = (conv.weight.float() * s[:, None, None, None]).to(dtype)
+        return w, bn.bias.float() - bn.running_mean.float() * s
+
+    def _folded_weights(self, dtype):
+        """Per conv: (folded weight, bias); cached until a parameter or buffer changes (or the dtype)."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling else (dtype, tuple((t.data_ptr(), t._version) for t in tensors))
+        if key is not None and self._folded is not None and self._folded[0] == key:
+            return self._folded[1]
+        folded = [self._fold(self.conv1, self.bn1, dtype)]
+        for blk in self.blocks():
+            folded.append(self._fold(blk.conv1, blk.bn1, dtype))
+            w2, b2 = self._fold(blk.conv2, blk.bn2, dtype)
+            if blk.shortcut_kind == "B":
+                wsc, bsc = self._fold(blk.shortcut.conv, blk.shortcut.bn, dtype)
+                folded.append((w2, b2 + bsc, wsc))
+            else:
+                folded.append((w2, b2))
+        if key is not None:
+            self._folded = (key, folded)
+        return folded
+
+    def _features_eval(self, x, dtype):
+        op = torch.ops.resnet_fused.conv_bn_act
+        folded = iter(self._folded_weights(dtype))
+        w, b = next(folded)
+        a = op(x, w, b, None, None, None, 1, 1, 0, 1, 0, True)
+        for blk in self.blocks():
+            w1, b1 = next(folded)
+            h = op(a, w1, b1, None, None, None, blk.stride, 1, 0, 1, 0, True)
+            f2 = next(folded)
+            kind = blk.shortcut_kind
+            if kind == "B":
+                a = op(h, f2[0], f2[1], None, a, f2[2], 1, 1, 0, blk.stride, 0, True)
+            else:
+                res = a if kind in ("identity", "A") else None
+                pad_front = blk.shortcut.pad_front if kind == "A" else 0
+                a = op(h, f2[0], f2[1], res, None, None, 1, 1, min(_SHORTCUT_MODE[kind], 2), blk.stride,
+                       pad_front, True)
+        return a
+
+    def _apply(self, fn, *args, **kwargs):
+        self._folded = None  # .to() / .cuda() / .half() replace tensors: drop the inference cache
+        return super()._apply(fn, *args, **kwargs)

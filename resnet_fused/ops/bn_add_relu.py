@@ -1,0 +1,208 @@
+"""bn_add_relu: the end of a training-mode residual block in one pass over the activation.
+
+Forward (per channel c, scale = gamma * invstd, shift = beta - mean * scale computed by the caller, so that
+autograd carries their gradients back to gamma, beta and the batch statistics):
+    out = relu(y * scale[c] + shift[c] + shortcut)
+    shortcut = 0                                             mode 0 (plain nets, the stem)
+             = r                                             mode 1 (identity)
+             = r[n, c - pad_front, h * s, w * s] or 0       mode 2 (option A: subsample + zero channel padding,
+                                                                     by index math; nothing materialised)
+             = r * res_scale[c] + res_shift[c]               mode 3 (option B: r is the projection conv's output,
+                                                                     normalised by its own BatchNorm here)
+Saved for backward: out (its sign is the ReLU mask), y, r.
+
+Backward, g = dL/dout * [out > 0]:
+    dL/dy = g * scale,  dL/dscale = sum g*y,  dL/dshift = sum g
+    mode 1: dL/dr = g;  mode 2: dL/dr[n, c, h*s, w*s] = g[n, c + pad_front, h, w], zero elsewhere
+    mode 3: dL/dr = g * res_scale,  dL/dres_scale = sum g*r,  dL/dres_shift = sum g
+One kernel writes the elementwise gradients and per-tile fp32 partial sums; the channel sums are a fixed-order
+reduction of those partials (deterministic, no atomics).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .implicit_gemm import device_guard, empty_nhwc, nhwc_strides
+
+
+@triton.jit
+def bn_add_relu_fwd_kernel(out_ptr,                                 # [P, C] rows of NHWC output
+                           y_ptr, scale_ptr, shift_ptr,             # conv output and its BN scale/shift
+                           r_ptr, rs_ptr, rt_ptr,                   # shortcut source (+ its BN for mode 3)
+                           P, C, H, W, RC,                          # rows, channels, out spatial, r channels
+                           y_n, y_h, y_w, y_c, r_n, r_h, r_w, r_c, PAD_FRONT,
+                           MODE: tl.constexpr, RES_STRIDE: tl.constexpr, RELU: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    mask = (offs_p < P)[:, None] & c_ok[None, :]
+    n = offs_p // (H * W)
+    h = (offs_p % (H * W)) // W
+    w = offs_p % W
+    c64 = offs_c.to(tl.int64)[None, :]
+    y = tl.load(y_ptr + n[:, None] * y_n + h[:, None] * y_h + w[:, None] * y_w + c64 * y_c, mask=mask,
+                other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+    v = y * scale[None, :] + shift[None, :]
+    if MODE == 1:
+        v += tl.load(r_ptr + n[:, None] * r_n + h[:, None] * r_h + w[:, None] * r_w + c64 * r_c, mask=mask,
+                     other=0.0).to(tl.float32)
+    elif MODE == 2:
+        rc = offs_c - PAD_FRONT
+        rmask = mask & ((rc >= 0) & (rc < RC))[None, :]
+        v += tl.load(r_ptr + n[:, None] * r_n + (h * RES_STRIDE)[:, None] * r_h + (w * RES_STRIDE)[:, None] * r_w
+                     + rc.to(tl.int64)[None, :] * r_c, mask=rmask, other=0.0).to(tl.float32)
+    elif MODE == 3:
+        r = tl.load(r_ptr + n[:, None] * r_n + h[:, None] * r_h + w[:, None] * r_w + c64 * r_c, mask=mask,
+                    other=0.0).to(tl.float32)
+        rs = tl.load(rs_ptr + offs_c, mask=c_ok, other=0.0)
+        rt = tl.load(rt_ptr + offs_c, mask=c_ok, other=0.0)
+        v += r * rs[None, :] + rt[None, :]
+    if RELU:
+        v = tl.maximum(v, 0.0)
+    tl.store(out_ptr + offs_p[:, None] * C + offs_c[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_add_relu_bwd_kernel(gy_ptr, gr_ptr, part_ptr,               # dL/dy, dL/d(shortcut) [P, C]; fp32 [T, 3, C]
+                           go_ptr, out_ptr, y_ptr, scale_ptr,      # dL/dout, out (mask), y, scale
+                           r_ptr, rs_ptr,                          # projection output and its scale (mode 3)
+                           P, C, H, W,
+                           g_n, g_h, g_w, g_c, o_n, o_h, o_w, o_c, y_n, y_h, y_w, y_c, r_n, r_h, r_w, r_c,
+                           MODE: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_p = tl.program_id(0).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    mask = (offs_p < P)[:, None] & c_ok[None, :]
+    n = offs_p // (H * W)
+    h = (offs_p % (H * W)) // W
+    w = offs_p % W
+    c64 = offs_c.to(tl.int64)[None, :]
+    go = tl.load(go_ptr + n[:, None] * g_n + h[:, None] * g_h + w[:, None] * g_w + c64 * g_c, mask=mask,
+                 other=0.0).to(tl.float32)
+    if RELU:
+        o = tl.load(out_ptr + n[:, None] * o_n + h[:, None] * o_h + w[:, None] * o_w + c64 * o_c, mask=mask,
+                    other=0.0).to(tl.float32)
+        go = tl.where(o > 0, go, 0.0)
+    g = tl.where(mask, go, 0.0)
+    y = tl.load(y_ptr + n[:, None] * y_n + h[:, None] * y_h + w[:, None] * y_w + c64 * y_c, mask=mask,
+                other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+    rows = offs_p[:, None] * C + offs_c[None, :]
+    tl.store(gy_ptr + rows, (g * scale[None, :]).to(gy_ptr.dtype.element_ty), mask=mask)
+    base = part_ptr + pid_p * 3 * C + offs_c
+    tl.store(base, tl.sum(g * y, axis=0), mask=c_ok)
+    tl.store(base + C, tl.sum(g, axis=0), mask=c_ok)
+    if MODE == 1 or MODE == 2:
+        tl.store(gr_ptr + rows, g.to(gr_ptr.dtype.element_ty), mask=mask)
+    elif MODE == 3:
+        r = tl.load(r_ptr + n[:, None] * r_n + h[:, None] * r_h + w[:, None] * r_w + c64 * r_c, mask=mask,
+                    other=0.0).to(tl.float32)
+        rs = tl.load(rs_ptr + offs_c, mask=c_ok, other=0.0)
+        tl.store(gr_ptr + rows, (g * rs[None, :]).to(gr_ptr.dtype.element_ty), mask=mask)
+        tl.store(base + 2 * C, tl.sum(g * r, axis=0), mask=c_ok)
+
+
+def _blocks(c):
+    block_c = max(16, min(64, triton.next_power_of_2(c)))
+    return max(16, 4096 // block_c), block_c
+
+
+def bn_add_relu_forward(y, scale, shift, residual, res_scale, res_shift, mode, res_stride, pad_front, relu):
+    nb, c, h, w = y.shape
+    out = empty_nhwc(nb, c, h, w, y.dtype, y.device)
+    r = residual if residual is not None else y
+    p = nb * h * w
+    bp, bc = _blocks(c)
+    with device_guard(y):
+        bn_add_relu_fwd_kernel[(triton.cdiv(p, bp), triton.cdiv(c, bc))](
+            out, y, scale, shift, r, res_scale if res_scale is not None else scale,
+            res_shift if res_shift is not None else shift, p, c, h, w, r.shape[1],
+            *nhwc_strides(y), *nhwc_strides(r), pad_front,
+            MODE=mode, RES_STRIDE=res_stride, RELU=relu, BLOCK_P=bp, BLOCK_C=bc)
+    return out
+
+
+def bn_add_relu_backward_impl(grad_out, out, y, scale, residual, res_scale, mode, res_stride, pad_front, relu):
+    nb, c, h, w = y.shape
+    p = nb * h * w
+    bp, bc = _blocks(c)
+    tiles = triton.cdiv(p, bp)
+    gy = empty_nhwc(nb, c, h, w, y.dtype, y.device)
+    gr = empty_nhwc(nb, c, h, w, residual.dtype, y.device) if mode else gy
+    part = torch.empty((tiles, 3, c), dtype=torch.float32, device=y.device)
+    r = residual if mode == 3 else y
+    with device_guard(y):
+        bn_add_relu_bwd_kernel[(tiles, triton.cdiv(c, bc))](
+            gy, gr, part, grad_out, out, y, scale, r, res_scale if res_scale is not None else scale,
+            p, c, h, w, *nhwc_strides(grad_out), *nhwc_strides(out), *nhwc_strides(y), *nhwc_strides(r),
+            MODE=mode, RELU=relu, BLOCK_P=bp, BLOCK_C=bc)
+    sums = part.sum(0)
+    g_res, g_rs, g_rt = (y.new_empty((0,), dtype=torch.float32) for _ in range(3))  # distinct: no aliasing
+    if mode == 1:
+        g_res = gr
+    elif mode == 2:  # scatter back onto the strided positions of the block input; the padded channels drop out
+        g_res = torch.zeros(residual.shape, dtype=residual.dtype, device=y.device).contiguous(
+            memory_format=torch.channels_last)
+        cin = residual.shape[1]
+        g_res[:, :, ::res_stride, ::res_stride] = gr[:, pad_front:pad_front + cin]
+    elif mode == 3:
+        g_res, g_rs, g_rt = gr, sums[2].clone(), sums[1].clone()
+    return gy, sums[0].clone(), sums[1].clone(), g_res, g_rs, g_rt
+
+
+# ---- op registration ---------------------------------------------------------------------------------------
+
+@torch.library.custom_op("resnet_fused::bn_add_relu", mutates_args=())
+def bn_add_relu(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], res_scale: Optional[Tensor],
+                res_shift: Optional[Tensor], mode: int, res_stride: int, pad_front: int, relu: bool) -> Tensor:
+    """relu(y*scale + shift + shortcut) with the shortcut by ``mode`` (0 none, 1 identity, 2 option A, 3 B)."""
+    return bn_add_relu_forward(y, scale, shift, residual, res_scale, res_shift, mode, res_stride, pad_front, relu)
+
+
+@bn_add_relu.register_fake
+def _(y, scale, shift, residual, res_scale, res_shift, mode, res_stride, pad_front, relu):
+    return empty_nhwc(*y.shape, y.dtype, y.device)
+
+
+@torch.library.custom_op("resnet_fused::bn_add_relu_backward", mutates_args=())
+def bn_add_relu_backward(grad_out: Tensor, out: Tensor, y: Tensor, scale: Tensor, residual: Optional[Tensor],
+                         res_scale: Optional[Tensor], mode: int, res_stride: int, pad_front: int,
+                         relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dy, dscale, dshift, dresidual, dres_scale, dres_shift); empty tensors where the mode has none."""
+    return bn_add_relu_backward_impl(grad_out, out, y, scale, residual, res_scale, mode, res_stride, pad_front,
+                                     relu)
+
+
+@bn_add_relu_backward.register_fake
+def _(grad_out, out, y, scale, residual, res_scale, mode, res_stride, pad_front, relu):
+    c = y.shape[1]
+    vec = [y.new_empty((c if mode == 3 or i < 2 else 0,), dtype=torch.float32) for i in range(4)]
+    g_res = empty_nhwc(*residual.shape, residual.dtype, y.device) if mode else y.new_empty((0,), dtype=torch.float32)
+    return empty_nhwc(*y.shape, y.dtype, y.device), vec[0], vec[1], g_res, vec[2], vec[3]
+
+
+def _setup_context(ctx, inputs, output):
+    y, scale, shift, residual, res_scale, res_shift, mode, res_stride, pad_front, relu = inputs
+    ctx.save_for_backward(output, y, scale, residual, res_scale)
+    ctx.mode, ctx.res_stride, ctx.pad_front, ctx.relu = mode, res_stride, pad_front, relu
+
+
+def _backward(ctx, grad_out):
+    out, y, scale, residual, res_scale = ctx.saved_tensors
+    gy, gs, gt, gr, grs, grt = torch.ops.resnet_fused.bn_add_relu_backward(
+        grad_out, out, y, scale, residual, res_scale, ctx.mode, ctx.res_stride, ctx.pad_front, ctx.relu)
+    m = ctx.mode
+    return (gy, gs, gt, gr if m else None, grs if m == 3 else None, grt if m == 3 else None, None, None, None,
+            None)
+
+
+bn_add_relu.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,176 @@
+"""conv_bn_stats: a convolution (with the previous BatchNorm + ReLU applied to its input on load) whose epilogue
+also produces the BatchNorm batch statistics of its output. The training-mode conv of FusedResNet.
+
+Forward, for input x (NHWC), weight W and optional per-channel (scale, shift) of the previous layer's BN:
+    a    = relu(x * scale + shift)      if scale is given, else x        (on load: never written)
+    y    = conv2d(a, W, stride, padding)                                 (implicit GEMM, fp32 accumulation)
+    mean = mean_{n,h,w} y,   var = mean_{n,h,w} (y - mean)^2             (biased; what BN normalises with)
+The epilogue writes y and, per output tile, the channel mean and M2 of its rows; bn_stats_finalize_kernel combines
+the tiles with Chan's parallel formula (fixed order, fp32: deterministic and free of the E[y^2]-E[y]^2
+cancellation). Saved for backward: x, W, scale, shift, y, mean.
+
+Backward. The consumer of (y, mean, var) (the next conv's prologue or bn_add_relu) returns dL/dy, dL/dmean and
+dL/dvar; with M = N*H*W rows,
+    dy_total = dL/dy + dL/dmean / M + dL/dvar * 2 (y - mean) / M = dL/dy + c2 * y + c1,
+    c2 = 2 dL/dvar / M,   c1 = dL/dmean / M - c2 * mean
+which is the whole BatchNorm backward once autograd has pushed the consumer's gradients through
+mean/var -> invstd -> scale/shift. dy_total is never materialised: it is the A-operand prologue (PRO 2) of
+    dA = conv_transpose(dy_total, W)     (input gradient, implicit GEMM with the transposed gather)
+    dW = dy_total^T @ im2col(a)          (weight gradient, split over rows, fp32 partials)
+and when the input went through relu(x*scale+shift), the input-gradient's epilogue applies the ReLU mask and
+returns dL/dx = g * scale with the per-tile sums of g*x and g, i.e. dL/dscale and dL/dshift (STATS 2).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .implicit_gemm import conv_launch, device_guard, empty_nhwc, wgrad_launch, weight_matrix
+
+
+# ---- statistics finalize: tile (mean, M2) partials -> channel mean and biased variance ----------------------
+
+@triton.jit
+def bn_stats_finalize_kernel(mean_ptr, var_ptr,            # out: fp32 [N] mean and biased variance
+                             part_ptr,                     # fp32 [T, 2, N]: per-tile mean, M2
+                             M, N, T, TILE,                # rows, channels, tiles, rows per tile
+                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < N
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        mask = (offs_t < T)[:, None] & c_ok[None, :]
+        cnt = tl.minimum(M - offs_t * TILE, TILE).to(tl.float32)
+        mt = tl.load(part_ptr + offs_t[:, None] * 2 * N + offs_c[None, :], mask=mask, other=0.0)
+        total += tl.sum(tl.where(mask, cnt[:, None] * mt, 0.0), axis=0)
+    mean = total / M
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        mask = (offs_t < T)[:, None] & c_ok[None, :]
+        cnt = tl.minimum(M - offs_t * TILE, TILE).to(tl.float32)
+        base = part_ptr + offs_t[:, None] * 2 * N + offs_c[None, :]
+        mt = tl.load(base, mask=mask, other=0.0)
+        m2t = tl.load(base + N, mask=mask, other=0.0)
+        d = mt - mean[None, :]
+        m2 += tl.sum(tl.where(mask, m2t + cnt[:, None] * d * d, 0.0), axis=0)
+    tl.store(mean_ptr + offs_c, mean, mask=c_ok)
+    tl.store(var_ptr + offs_c, m2 / M, mask=c_ok)
+
+
+def bn_stats_finalize(part, m, tile):
+    t, _, n = part.shape
+    mean = torch.empty(n, dtype=torch.float32, device=part.device)
+    var = torch.empty_like(mean)
+    block_c = max(16, min(64, triton.next_power_of_2(n)))
+    with device_guard(part):
+        bn_stats_finalize_kernel[(triton.cdiv(n, block_c),)](mean, var, part, m, n, t, tile, BLOCK_T=32,
+                                                             BLOCK_C=block_c)
+    return mean, var
+
+
+def _out_hw(h, w, k, stride, padding):
+    return (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+
+
+# ---- launchers ---------------------------------------------------------------------------------------------
+
+def conv_bn_stats_forward(x, weight, in_scale, in_shift, stride, padding, config=None):
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh, ow = _out_hw(x.shape[2], x.shape[3], kh, stride, padding)
+    pro = 1 if in_scale is not None else 0
+    y, part, tile = conv_launch(x, weight_matrix(weight), kh, kw, stride, padding, (oh, ow), pro=pro,
+                                pa=in_scale, pb=in_shift, stats=1, out_dtype=x.dtype, config=config)
+    mean, var = bn_stats_finalize(part, y.shape[0] * oh * ow, tile)
+    return y, mean, var
+
+
+def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride,
+                                padding, need_x, need_w, config=None):
+    kh, kw = weight.shape[2], weight.shape[3]
+    m = y.shape[0] * y.shape[2] * y.shape[3]
+    f32 = dict(dtype=torch.float32, device=y.device)
+    c2 = (2.0 / m) * grad_var.float() if grad_var is not None else torch.zeros(y.shape[1], **f32)
+    c1 = (grad_mean.float() / m if grad_mean is not None else torch.zeros(y.shape[1], **f32)) - c2 * mean
+    gx, gs, gt, gw = (torch.empty(0, **f32) for _ in range(4))  # distinct tensors: outputs may not alias
+    if need_x:
+        stats = 2 if in_scale is not None else 0
+        gx, part, _ = conv_launch(grad_y, weight_matrix(weight, transposed=True), kh, kw, stride, padding,
+                               (x.shape[2], x.shape[3]), transposed=True, pro=2, a2=y, pa=c1, pb=c2,
+                               stats=stats, ex=x, es=in_scale, et=in_shift, out_dtype=x.dtype, config=config)
+        if stats:
+            sums = part.sum(0)
+            gs, gt = sums[0].clone(), sums[1].clone()
+    if need_w:
+        dw = wgrad_launch(grad_y, x, kh, kw, stride, padding, y=y, c1=c1, c2=c2, xs=in_scale, xt=in_shift)
+        gw = dw.reshape(weight.shape[0], kh, kw, weight.shape[1]).permute(0, 3, 1, 2).to(weight.dtype)
+        gw = gw.contiguous()
+    return gx, gw, gs, gt
+
+
+# ---- op registration ---------------------------------------------------------------------------------------
+
+@torch.library.custom_op("resnet_fused::conv_bn_stats", mutates_args=())
+def conv_bn_stats(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                  stride: int, padding: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, var): y = conv2d(relu(x*in_scale+in_shift) or x, weight); biased batch mean/var of y (fp32)."""
+    return conv_bn_stats_forward(x, weight, in_scale, in_shift, stride, padding)
+
+
+@conv_bn_stats.register_fake
+def _(x, weight, in_scale, in_shift, stride, padding):
+    oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2], stride, padding)
+    y = empty_nhwc(x.shape[0], weight.shape[0], oh, ow, x.dtype, x.device)
+    mean = x.new_empty((weight.shape[0],), dtype=torch.float32)
+    return y, mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("resnet_fused::conv_bn_stats_backward", mutates_args=())
+def conv_bn_stats_backward(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor], x: Tensor,
+                           weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor], y: Tensor,
+                           mean: Tensor, stride: int, padding: int, need_x: bool,
+                           need_w: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_in_scale, grad_in_shift); empty tensors for what was not asked for."""
+    return conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean,
+                                       stride, padding, need_x, need_w)
+
+
+@conv_bn_stats_backward.register_fake
+def _(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride, padding, need_x, need_w):
+    def empty():
+        return grad_y.new_empty((0,), dtype=torch.float32)
+    gx = empty_nhwc(*x.shape, x.dtype, x.device) if need_x else empty()
+    gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else empty()
+    has = in_scale is not None and need_x
+    gs = x.new_empty((x.shape[1],), dtype=torch.float32) if has else empty()
+    gt = x.new_empty((x.shape[1],), dtype=torch.float32) if has else empty()
+    return gx, gw, gs, gt
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, in_scale, in_shift, stride, padding = inputs
+    y, mean, _ = output
+    ctx.save_for_backward(x, weight, in_scale, in_shift, y, mean)
+    ctx.stride, ctx.padding = stride, padding
+
+
+def _backward(ctx, grad_y, grad_mean, grad_var):
+    x, weight, in_scale, in_shift, y, mean = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0] or (in_scale is not None and any(ctx.needs_input_grad[2:4]))
+    need_w = ctx.needs_input_grad[1]
+    if grad_y is None:
+        grad_y = torch.zeros_like(y)
+    gx, gw, gs, gt = torch.ops.resnet_fused.conv_bn_stats_backward(
+        grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, ctx.stride, ctx.padding,
+        need_x, need_w)
+    return (gx if ctx.needs_input_grad[0] else None, gw if need_w else None,
+            gs if in_scale is not None and ctx.needs_input_grad[2] else None,
+            gt if in_shift is not None and ctx.needs_input_grad[3] else None, None, None)
+
+
+conv_bn_stats.register_autograd(_backward, setup_context=_setup_context)

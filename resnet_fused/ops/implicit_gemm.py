@@ -1,0 +1,385 @@
+"""Implicit-GEMM convolution kernels shared by the fused conv ops (no op registration here).
+
+Activations are NHWC in memory (channels_last tensors, any strides accepted); a convolution is the GEMM
+    out[m, n] = sum_k A[m, k] * B[k, n]
+with m = (image, oh, ow) an output pixel, n an output channel and k = (kh, kw, c) a filter tap and input channel.
+A is never materialised (no im2col): each [BLOCK_M, BLOCK_K] tile is gathered from the input with the index math
+    ih = oh * stride - pad + kh,  iw = ow * stride - pad + kw     (zero outside the image)
+B is the weight as a [KH*KW*C_in, C_out] matrix (``weight.permute(2, 3, 1, 0)``, a few KB, made per call).
+
+The same kernel computes the input gradient (``TRANSPOSED``): m = (image, ih, iw) of the input, k = (kh, kw, c_out),
+    A[m, k] = dy[image, (ih + pad - kh) / stride, (iw + pad - kw) / stride, c_out]   where the division is exact
+    B[k, c_in] = W[c_out, c_in, kh, kw]                                              (``weight.permute(2, 3, 0, 1)``)
+so stride-2 convolutions need no zero-dilated copy of dy.
+
+Prologues applied to A as it is loaded (fp32 math, then cast to the dot's dtype), so that no normalised copy of an
+activation is ever written:
+    PRO == 1:  a = relu(x * scale[c] + shift[c])         BatchNorm + ReLU of the previous layer, applied on load
+    PRO == 2:  a = dy + y * c2[c] + c1[c]                 the full BatchNorm input-gradient of the layer's own
+                                                          statistics (see conv_bn_stats.py), applied on load
+Padding positions are zero *after* the prologue (the conv pads the activated tensor).
+
+Accumulation is fp32 (``tl.dot`` with fp32 accumulators); fp32 inputs use IEEE fp32 products unless the caller asks
+for TF32 (the launchers follow ``torch.backends.cudnn.allow_tf32``, as PyTorch's own convolutions do).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr,               # source, second source (PRO 2), prologue vectors
+              n_img, dh, dw, m_ok, kk,                      # [BM] row coords, [BK] reduction indices
+              SH, SW, C,                                    # source spatial size and channels
+              s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c,       # strides of source and second source
+              KTOT, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+              TRANSPOSED: tl.constexpr, PRO: tl.constexpr):
+    """One [BM, BK] tile of the implicit im2col matrix A, prologue applied, zero outside the image (fp32)."""
+    tap = kk // C
+    c = kk % C
+    kh = tap // KW
+    kw = tap % KW
+    if TRANSPOSED:
+        th = dh[:, None] + PAD - kh[None, :]
+        tw = dw[:, None] + PAD - kw[None, :]
+        sh = th // STRIDE
+        sw = tw // STRIDE
+        ok = (th >= 0) & (tw >= 0) & (th % STRIDE == 0) & (tw % STRIDE == 0) & (sh < SH) & (sw < SW)
+    else:
+        sh = dh[:, None] * STRIDE - PAD + kh[None, :]
+        sw = dw[:, None] * STRIDE - PAD + kw[None, :]
+        ok = (sh >= 0) & (sh < SH) & (sw >= 0) & (sw < SW)
+    ok = ok & m_ok[:, None] & (kk < KTOT)[None, :]
+    sh64 = sh.to(tl.int64)
+    sw64 = sw.to(tl.int64)
+    c64 = c.to(tl.int64)[None, :]
+    n64 = n_img.to(tl.int64)[:, None]
+    a = tl.load(a_ptr + n64 * s_n + sh64 * s_h + sw64 * s_w + c64 * s_c, mask=ok, other=0.0).to(tl.float32)
+    if PRO == 1:
+        scale = tl.load(pa_ptr + c, mask=kk < KTOT, other=0.0)
+        shift = tl.load(pb_ptr + c, mask=kk < KTOT, other=0.0)
+        a = tl.maximum(a * scale[None, :] + shift[None, :], 0.0)
+        a = tl.where(ok, a, 0.0)
+    elif PRO == 2:
+        y = tl.load(a2_ptr + n64 * t_n + sh64 * t_h + sw64 * t_w + c64 * t_c, mask=ok, other=0.0).to(tl.float32)
+        c1 = tl.load(pa_ptr + c, mask=kk < KTOT, other=0.0)
+        c2 = tl.load(pb_ptr + c, mask=kk < KTOT, other=0.0)
+        a = tl.where(ok, a + y * c2[None, :] + c1[None, :], 0.0)
+    return a
+
+
+@triton.jit
+def _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,
+                       n_img, dh, dw, m_ok, offs_n, N,
+                       SH, SW, C, s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT,
+                       KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
+                       PRO: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc[BM, BN] += A[rows, :] @ B[:, offs_n] over the whole reduction (KTOT = KH*KW*C)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    for k0 in range(0, KTOT, BLOCK_K):
+        kk = k0 + offs_k
+        a = _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr, n_img, dh, dw, m_ok, kk, SH, SW, C,
+                      s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT, KW, STRIDE, PAD, TRANSPOSED, PRO)
+        b = tl.load(w_ptr + kk.to(tl.int64)[:, None] * N + offs_n[None, :],
+                    mask=(kk < KTOT)[:, None] & n_ok[None, :], other=0.0)
+        # the dot runs in the weight's dtype (fp32, or bf16/fp16 under autocast), accumulating in fp32
+        acc = tl.dot(a.to(w_ptr.dtype.element_ty), b, acc, input_precision=PRECISION)
+    return acc
+
+
+# ---- the forward / input-gradient kernel ------------------------------------------------------------------
+#
+# out[m, n] = epilogue(sum_k A[m, k] B[k, n] (+ sum_k A2[m, k] B2[k, n]))
+# Epilogues (all on the fp32 accumulator, before the single store):
+#   BIAS       + bias[n]                           (eval: BatchNorm folded into the weights and this bias)
+#   RES == 1   + res[m, n]                         identity shortcut
+#   RES == 2   + x[img, n - pad_front, oh*s, ow*s] option A: strided subsample + zero channel padding, by index
+#   DUAL       + second implicit GEMM              option B (eval): the 1x1 projection, BN folded, same tile
+#   RELU
+#   STATS == 1 per-tile channel mean and M2 of the output (train: BatchNorm statistics, reduced deterministically
+#              by bn_stats_finalize; the tile count is min(BLOCK_M, M - tile * BLOCK_M))
+#   STATS == 2 input-gradient of a layer whose input went through PRO 1 (relu(x*scale+shift)):
+#              g = acc * [x*scale+shift > 0];  out = g * scale;  per-tile sums of g*x and g (the gradients of
+#              scale and shift, reduced by the caller)
+
+@triton.jit
+def conv_kernel(out_ptr, stats_ptr,                          # out [M, N] rows of NHWC; fp32 partials [tiles, 2, N]
+                a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,        # A source(s), prologue vectors, B [KTOT, N]
+                bias_ptr, res_ptr, x2_ptr, w2_ptr, ex_ptr, es_ptr, et_ptr,  # epilogue operands
+                M, N, DH, DW, SH, SW, C,                     # rows, cols, dest / source spatial, source channels
+                s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c,      # strides: source, second source
+                r_n, r_c, r_h, r_w, RC, RH, RW, PAD_FRONT,   # residual strides / channels / spatial / pad
+                x_n, x_h, x_w, x_c, SH2, SW2, C2,            # DUAL: the projection's source
+                e_n, e_h, e_w, e_c,                          # STATS 2: strides of the saved layer input x
+                KTOT,
+                KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, STRIDE2: tl.constexpr,
+                TRANSPOSED: tl.constexpr, PRO: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr,
+                DUAL: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    hw = DH * DW
+    n_img = offs_m // hw
+    rem = offs_m % hw
+    dh = rem // DW
+    dw = rem % DW
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr, n_img, dh, dw, m_ok, offs_n, N,
+                             SH, SW, C, s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT,
+                             KW, STRIDE, PAD, TRANSPOSED, PRO, BLOCK_K, PRECISION)
+    if DUAL:
+        acc = _implicit_gemm_acc(acc, x2_ptr, x2_ptr, pa_ptr, pb_ptr, w2_ptr, n_img, dh, dw, m_ok, offs_n, N,
+                                 SH2, SW2, C2, x_n, x_h, x_w, x_c, x_n, x_h, x_w, x_c, C2,
+                                 1, STRIDE2, 0, False, 0, BLOCK_K, PRECISION)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if RES == 1:
+        r = tl.load(res_ptr + n_img[:, None] * r_n + dh[:, None] * r_h + dw[:, None] * r_w
+                    + offs_n[None, :].to(tl.int64) * r_c, mask=mask, other=0.0)
+        acc += r.to(tl.float32)
+    elif RES == 2:
+        rc = offs_n - PAD_FRONT
+        rmask = mask & ((rc >= 0) & (rc < RC))[None, :]
+        r = tl.load(res_ptr + n_img[:, None] * r_n + (dh * STRIDE2)[:, None] * r_h + (dw * STRIDE2)[:, None] * r_w
+                    + rc[None, :].to(tl.int64) * r_c, mask=rmask, other=0.0)
+        acc += r.to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    if STATS == 1:
+        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        mean_t = tl.sum(tl.where(mask, acc, 0.0), axis=0) / cnt
+        d = tl.where(mask, acc - mean_t[None, :], 0.0)
+        m2_t = tl.sum(d * d, axis=0)
+        sbase = stats_ptr + pid_m * 2 * N + offs_n
+        tl.store(sbase, mean_t, mask=n_ok)
+        tl.store(sbase + N, m2_t, mask=n_ok)
+    elif STATS == 2:
+        x = tl.load(ex_ptr + n_img[:, None] * e_n + dh[:, None] * e_h + dw[:, None] * e_w
+                    + offs_n[None, :].to(tl.int64) * e_c, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(es_ptr + offs_n, mask=n_ok, other=0.0)
+        shift = tl.load(et_ptr + offs_n, mask=n_ok, other=0.0)
+        g = tl.where(mask & (x * scale[None, :] + shift[None, :] > 0), acc, 0.0)
+        sbase = stats_ptr + pid_m * 2 * N + offs_n
+        tl.store(sbase, tl.sum(g * x, axis=0), mask=n_ok)
+        tl.store(sbase + N, tl.sum(g, axis=0), mask=n_ok)
+        acc = g * scale[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- the weight-gradient kernel ---------------------------------------------------------------------------
+#
+# dW[co, (kh, kw, c)] = sum_p dY[p, co] * A[p, (kh, kw, c)]       p = (image, oh, ow), A the layer's input im2col
+# dY goes through PRO 2 (the BatchNorm input-gradient, on load) and A through PRO 1 when the layer's input was
+# relu(x*scale+shift). The p-range is split over SPLIT programs writing fp32 partials [SPLIT, C_out, KTOT] that
+# the launcher sums (a fixed-order reduction: deterministic, no atomics).
+
+@triton.jit
+def conv_wgrad_kernel(part_ptr,                               # fp32 [SPLIT, COUT, KTOT]
+                      dy_ptr, y_ptr, c1_ptr, c2_ptr,          # dY source, y (PRO 2), BN-gradient coefficients
+                      x_ptr, xs_ptr, xt_ptr,                  # layer input, its prologue scale / shift
+                      P, COUT, OH, OW, H, W, CIN, KTOT, P_PER_SPLIT,
+                      d_n, d_h, d_w, d_c, y_n, y_h, y_w, y_c, x_n, x_h, x_w, x_c,
+                      KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                      DY_PRO: tl.constexpr, X_PRO: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_CO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid_co = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2).to(tl.int64)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    co_ok = offs_co < COUT
+    r_ok = offs_r < KTOT
+    tap = offs_r // CIN
+    c = offs_r % CIN
+    kh = tap // KW
+    kw = tap % KW
+    if DY_PRO == 2:
+        c1 = tl.load(c1_ptr + offs_co, mask=co_ok, other=0.0)
+        c2 = tl.load(c2_ptr + offs_co, mask=co_ok, other=0.0)
+    if X_PRO == 1:
+        xs = tl.load(xs_ptr + c, mask=r_ok, other=0.0)
+        xt = tl.load(xt_ptr + c, mask=r_ok, other=0.0)
+    acc = tl.zeros((BLOCK_CO, BLOCK_R), dtype=tl.float32)
+    ohw = OH * OW
+    p_start = pid_s * P_PER_SPLIT
+    for p0 in range(0, P_PER_SPLIT, BLOCK_P):
+        offs_p = p_start + p0 + tl.arange(0, BLOCK_P)
+        p_ok = (offs_p < P) & (p0 + tl.arange(0, BLOCK_P) < P_PER_SPLIT)
+        n_img = offs_p // ohw
+        rem = offs_p % ohw
+        oh = rem // OW
+        ow = rem % OW
+        dmask = p_ok[:, None] & co_ok[None, :]
+        dy = tl.load(dy_ptr + n_img[:, None] * d_n + oh[:, None] * d_h + ow[:, None] * d_w
+                     + offs_co[None, :].to(tl.int64) * d_c, mask=dmask, other=0.0).to(tl.float32)
+        if DY_PRO == 2:
+            y = tl.load(y_ptr + n_img[:, None] * y_n + oh[:, None] * y_h + ow[:, None] * y_w
+                        + offs_co[None, :].to(tl.int64) * y_c, mask=dmask, other=0.0).to(tl.float32)
+            dy = tl.where(dmask, dy + y * c2[None, :] + c1[None, :], 0.0)
+        ih = oh[:, None] * STRIDE - PAD + kh[None, :]
+        iw = ow[:, None] * STRIDE - PAD + kw[None, :]
+        xmask = p_ok[:, None] & r_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_ptr + n_img[:, None] * x_n + ih.to(tl.int64) * x_h + iw.to(tl.int64) * x_w
+                    + c[None, :].to(tl.int64) * x_c, mask=xmask, other=0.0).to(tl.float32)
+        if X_PRO == 1:
+            a = tl.where(xmask, tl.maximum(a * xs[None, :] + xt[None, :], 0.0), 0.0)
+        dt = x_ptr.dtype.element_ty  # the layer's compute dtype
+        acc = tl.dot(tl.trans(dy.to(dt)), a.to(dt), acc, input_precision=PRECISION)
+    out = part_ptr + pid_s * COUT * KTOT + offs_co[:, None].to(tl.int64) * KTOT + offs_r[None, :]
+    tl.store(out, acc, mask=co_ok[:, None] & r_ok[None, :])
+
+
+# ---- launchers (allocate, pick a config, launch; no autograd) ---------------------------------------------
+
+import contextlib  # noqa: E402
+
+import torch  # noqa: E402
+
+# (BLOCK_M, BLOCK_N cap, BLOCK_K, num_warps, num_stages) candidates; conv_config picks one per shape. Tests run
+# every entry (tests/test_implicit_gemm.py) so that no shipped config goes unexercised.
+CONV_CONFIGS = [
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=2, num_stages=2),
+]
+WGRAD_CONFIGS = [
+    dict(BLOCK_CO=64, BLOCK_R=64, BLOCK_P=64, num_warps=4, num_stages=2),
+    dict(BLOCK_CO=32, BLOCK_R=32, BLOCK_P=32, num_warps=2, num_stages=2),
+    dict(BLOCK_CO=64, BLOCK_R=128, BLOCK_P=64, num_warps=8, num_stages=3),
+]
+
+
+def device_guard(t):
+    """Make t's device current (Triton launches on the current device and its current stream)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def nhwc_strides(t):
+    """(n, h, w, c) element strides of a logical NCHW tensor, whatever its memory format."""
+    return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
+
+
+def dot_precision(dtype, device) -> str:
+    """IEEE fp32 products unless PyTorch's own convolutions would use TF32 here."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _pow2_clamp(n, lo, hi):
+    return max(lo, min(hi, triton.next_power_of_2(max(1, int(n)))))
+
+
+def conv_config(M, N, ktot, device, config=None):
+    """Block sizes for an implicit GEMM of M rows, N columns, reduction ktot (every dim >= 16 for tl.dot)."""
+    if config is None:
+        if device.type != "cuda":
+            config = CONV_CONFIGS[3]
+        elif M >= 128 * 132 * 2:
+            config = CONV_CONFIGS[1] if N <= 64 else CONV_CONFIGS[2]
+        else:
+            config = CONV_CONFIGS[0]
+    cfg = dict(config)
+    cfg["BLOCK_N"] = _pow2_clamp(N, 16, cfg["BLOCK_N"])
+    cfg["BLOCK_K"] = _pow2_clamp(ktot, 16, cfg["BLOCK_K"])
+    return cfg
+
+
+def empty_nhwc(n, c, h, w, dtype, device):
+    return torch.empty((n, c, h, w), dtype=dtype, device=device, memory_format=torch.channels_last)
+
+
+def conv_launch(src, w_mat, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0, pa=None, pb=None, a2=None,
+                bias=None, residual=None, res_mode=0, res_stride=1, pad_front=0, x2=None, w2_mat=None,
+                stride2=1, relu=False, stats=0, ex=None, es=None, et=None, out_dtype=None, config=None):
+    """Run conv_kernel. src is the gathered tensor (NCHW logical, any strides), w_mat [kh*kw*C_src, N].
+
+    Returns (out [NB, N, DH, DW] channels_last, fp32 partials [tiles, 2, N] or None, rows per tile).
+    """
+    nb, c_src, sh, sw = src.shape
+    dh, dw = dest_hw
+    ktot, n_out = w_mat.shape
+    m = nb * dh * dw
+    dev = src.device
+    cfg = conv_config(m, n_out, ktot, dev, config)
+    out = empty_nhwc(nb, n_out, dh, dw, out_dtype or src.dtype, dev)
+    tiles = triton.cdiv(m, cfg["BLOCK_M"])
+    part = torch.empty((tiles, 2, n_out), dtype=torch.float32, device=dev) if stats else None
+    dummy = out
+    a2 = a2 if a2 is not None else src
+    res = residual if residual is not None else dummy
+    x2_ = x2 if x2 is not None else src
+    ex_ = ex if ex is not None else dummy
+    r_n, r_c, r_h, r_w = res.stride() if res.dim() == 4 else (0, 0, 0, 0)
+    rc, rh, rw = (res.shape[1], res.shape[2], res.shape[3]) if res.dim() == 4 else (0, 0, 0)
+    c2_, sh2, sw2 = (x2_.shape[1], x2_.shape[2], x2_.shape[3])
+    grid = (tiles, triton.cdiv(n_out, cfg["BLOCK_N"]))
+    with device_guard(src):
+        conv_kernel[grid](
+            out, part if part is not None else dummy,
+            src, a2, pa if pa is not None else dummy, pb if pb is not None else dummy, w_mat,
+            bias if bias is not None else dummy, res, x2_, w2_mat if w2_mat is not None else w_mat,
+            ex_, es if es is not None else dummy, et if et is not None else dummy,
+            m, n_out, dh, dw, sh, sw, c_src,
+            *nhwc_strides(src), *nhwc_strides(a2),
+            r_n, r_c, r_h, r_w, rc, rh, rw, pad_front,
+            *nhwc_strides(x2_), sh2, sw2, c2_,
+            *nhwc_strides(ex_),
+            ktot,
+            KW=kw, STRIDE=stride, PAD=pad, STRIDE2=stride2 if x2 is not None else res_stride,
+            TRANSPOSED=transposed, PRO=pro, BIAS=bias is not None, RES=res_mode, DUAL=x2 is not None,
+            RELU=relu, STATS=stats, PRECISION=dot_precision(w_mat.dtype, dev),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out, part, cfg["BLOCK_M"]
+
+
+def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=None, xt=None, config=None):
+    """dW [C_out, kh*kw*C_in] (fp32) of a conv with input x (prologue xs/xt) and output gradient dy (PRO 2 with
+    y, c1, c2 when given)."""
+    nb, cout, oh, ow = dy.shape
+    _, cin, h, w = x.shape
+    ktot = kh * kw * cin
+    p = nb * oh * ow
+    dev = dy.device
+    if config is None:
+        config = WGRAD_CONFIGS[0] if dev.type == "cuda" else WGRAD_CONFIGS[1]
+    cfg = dict(config)
+    cfg["BLOCK_CO"] = _pow2_clamp(cout, 16, cfg["BLOCK_CO"])
+    cfg["BLOCK_R"] = _pow2_clamp(ktot, 16, cfg["BLOCK_R"])
+    tiles = triton.cdiv(cout, cfg["BLOCK_CO"]) * triton.cdiv(ktot, cfg["BLOCK_R"])
+    # enough programs to fill the GPU (about 4 waves), each with at least a few BLOCK_P steps
+    target = 4 * (torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2)
+    split = max(1, min(triton.cdiv(p, 4 * cfg["BLOCK_P"]), triton.cdiv(target, tiles)))
+    per = triton.cdiv(triton.cdiv(p, split), cfg["BLOCK_P"]) * cfg["BLOCK_P"]
+    split = triton.cdiv(p, per)
+    part = torch.empty((split, cout, ktot), dtype=torch.float32, device=dev)
+    y_ = y if y is not None else dy
+    grid = (triton.cdiv(cout, cfg["BLOCK_CO"]), triton.cdiv(ktot, cfg["BLOCK_R"]), split)
+    with device_guard(dy):
+        conv_wgrad_kernel[grid](
+            part, dy, y_, c1 if c1 is not None else part, c2 if c2 is not None else part,
+            x, xs if xs is not None else part, xt if xt is not None else part,
+            p, cout, oh, ow, h, w, cin, ktot, per,
+            *nhwc_strides(dy), *nhwc_strides(y_), *nhwc_strides(x),
+            KW=kw, STRIDE=stride, PAD=pad, DY_PRO=2 if c1 is not None else 0, X_PRO=1 if xs is not None else 0,
+            PRECISION=dot_precision(x.dtype, dev),
+            BLOCK_CO=cfg["BLOCK_CO"], BLOCK_R=cfg["BLOCK_R"], BLOCK_P=cfg["BLOCK_P"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return part.sum(0) if split > 1 else part[0]
+
+
+def weight_matrix(w, transposed=False):
+    """[KH*KW*C_in, C_out] (forward) or [KH*KW*C_out, C_in] (input gradient) view of a conv weight."""
+    if transposed:
+        return w.permute(2, 3, 0, 1).reshape(-1, w.shape[1]).contiguous()
+    return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous()
