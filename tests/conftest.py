@@ -1,0 +1,53 @@
+"""Test set-up: the Triton interpreter on CPU-only machines (set before anything imports triton)."""
+import os
+
+import pytest
+import torch
+
+if "TRITON_INTERPRET" not in os.environ:
+    # On a machine without CUDA the Triton kernels run on CPU tensors through the interpreter.
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
+
+DATA_ROOT = os.environ.get("RESNET_FUSED_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                                  "data")
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@pytest.fixture
+def dev():
+    """Where the Triton kernels run in this session: cuda, or cpu under the interpreter."""
+    if interpreting():
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    return torch.device("cuda")
+
+
+@pytest.fixture
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if interpreting():
+        pytest.skip("GPU test: run with TRITON_INTERPRET=0")
+    return torch.device("cuda")
+
+
+@pytest.fixture
+def mnist_root():
+    root = os.path.abspath(DATA_ROOT)
+    if not os.path.exists(os.path.join(root, "MNIST", "raw")):
+        pytest.skip(f"MNIST not found under {root}: set RESNET_FUSED_DATA")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """fp32 comparisons against PyTorch use IEEE fp32 products on both sides (no TF32)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

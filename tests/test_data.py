@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from resnet_fused.data import DataNotFoundError, DeviceLoader, load_dataset, load_splits
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(DataNotFoundError) as e:
+        load_dataset("mnist", True, root=str(tmp_path))
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "train-images-idx3-ubyte" in msg and "--download" in msg
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("cifar10", True, root=".")
+
+
+def test_mnist_splits_on_device(mnist_root):
+    d = load_splits("mnist", mnist_root, val_size=1000, subset=500)
+    assert d["train"].images.dtype == torch.uint8 and d["train"].images.shape == (500, 1, 28, 28)
+    assert d["val"].images.shape == (500, 1, 28, 28) and d["test"].labels.shape == (500,)
+    assert len(d["classes"]) == 10 and 0.1 < d["mean"] < 0.15 and 0.25 < d["std"] < 0.35
+    full = load_splits("mnist", mnist_root)
+    assert len(full["train"]) == 60000 and len(full["test"]) == 10000
+    assert torch.bincount(full["test"].labels).tolist()[:2] == [980, 1135]
+
+
+def _loader(d, **kw):
+    return DeviceLoader(d["train"], 64, d["mean"], d["std"], **kw)
+
+
+def test_loader_is_seeded_and_reproducible(mnist_root):
+    d = load_splits("mnist", mnist_root, subset=300)
+    a = _loader(d, shuffle=True, max_shift=2, seed=3)
+    b = _loader(d, shuffle=True, max_shift=2, seed=3)
+    for e in (0, 1):
+        a.set_epoch(e), b.set_epoch(e)
+        for (xa, ya), (xb, yb) in zip(a, b):
+            torch.testing.assert_close(xa, xb)
+            assert torch.equal(ya, yb)
+    a.set_epoch(0)
+    b.set_epoch(1)
+    assert not torch.equal(next(iter(a))[1], next(iter(b))[1])
+    assert len(a) == 5 and sum(y.numel() for _, y in a) == 300
+
+
+def test_translation_moves_digits_without_flipping(mnist_root):
+    d = load_splits("mnist", mnist_root, subset=64)
+    plain = next(iter(_loader(d)))[0]
+    shifted = next(iter(_loader(d, max_shift=2, seed=1)))[0]
+    assert plain.shape == shifted.shape == (64, 1, 28, 28)
+    lo = (0 - d["mean"]) / d["std"]
+    # each shifted image equals the plain one moved by some (dy, dx) in [-2, 2]^2, zero (background) filled
+    pad = torch.nn.functional.pad(plain, (2, 2, 2, 2), value=lo)
+    for i in range(8):
+        hits = [(dy, dx) for dy in range(5) for dx in range(5)
+                if torch.allclose(pad[i, :, dy:dy + 28, dx:dx + 28], shifted[i], atol=1e-5)]
+        assert hits, f"image {i} is not a translation"
+    assert not torch.allclose(plain, shifted)
+
+
+def test_normalisation_and_channels_last(mnist_root):
+    d = load_splits("mnist", mnist_root, subset=1000)
+    x, _ = next(iter(DeviceLoader(d["train"], 1000, d["mean"], d["std"], channels_last=True)))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-3

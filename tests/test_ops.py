@@ -1,0 +1,199 @@
+"""Each fused op against plain PyTorch: outputs, every gradient, running statistics; opcheck; every config."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused.model  # noqa: F401  (registers the ops)
+from resnet_fused.ops import implicit_gemm as ig
+
+ops = torch.ops.resnet_fused
+
+
+def close(a, b, rtol=1e-4, atol=1e-5, msg=""):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")
+
+
+def nhwc(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def ref_conv_bn_stats(x, w, s, t, stride, pad):
+    a = torch.relu(x * s[None, :, None, None] + t[None, :, None, None]) if s is not None else x
+    y = F.conv2d(a, w, stride=stride, padding=pad)
+    return y, y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+
+
+# (batch, c_in, c_out, h, w, kernel, stride, pad)
+CONV_SHAPES = [(2, 1, 16, 7, 7, 3, 1, 1), (1, 5, 12, 9, 7, 3, 2, 1), (3, 4, 6, 11, 11, 1, 2, 0),
+               (2, 16, 16, 8, 8, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=str)
+@pytest.mark.parametrize("prologue", [False, True])
+def test_conv_bn_stats_forward_and_backward(dev, shape, prologue):
+    torch.manual_seed(0)
+    nb, ci, co, h, w, k, s, p = shape
+    x = nhwc(torch.randn(nb, ci, h, w, device=dev)).requires_grad_()
+    wt = torch.randn(co, ci, k, k, device=dev, requires_grad=True)
+    sc = (torch.rand(ci, device=dev) + 0.5).requires_grad_() if prologue else None
+    sh = (torch.randn(ci, device=dev) * 0.5).requires_grad_() if prologue else None
+    y, mean, var = ops.conv_bn_stats(x, wt, sc, sh, s, p)
+    ry, rmean, rvar = ref_conv_bn_stats(x, wt, sc, sh, s, p)
+    close(y, ry, msg="y"), close(mean, rmean, msg="mean"), close(var, rvar, msg="var")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    gy, gm, gv = torch.randn_like(ry), torch.randn_like(rmean), torch.randn_like(rvar)
+    inputs = [x, wt] + ([sc, sh] if prologue else [])
+    got = torch.autograd.grad((y, mean, var), inputs, (gy, gm, gv))
+    want = torch.autograd.grad((ry, rmean, rvar), inputs, (gy, gm, gv))
+    for name, g, r in zip(["x", "w", "scale", "shift"], got, want):
+        close(g, r, rtol=2e-4, atol=1e-4, msg=f"grad {name}")
+
+
+def test_conv_bn_stats_non_contiguous_input(dev):
+    torch.manual_seed(1)
+    big = torch.randn(2, 6, 10, 12, device=dev)
+    x = big[:, 1:5, 1:9, ::2]  # channel slice, spatial crop, stride-2 columns: no copy made by the op
+    wt = torch.randn(8, 4, 3, 3, device=dev)
+    y, mean, var = ops.conv_bn_stats(x, wt, None, None, 1, 1)
+    ry, rmean, rvar = ref_conv_bn_stats(x, wt, None, None, 1, 1)
+    close(y, ry), close(mean, rmean), close(var, rvar)
+
+
+MODES = [(0, 8, 8, 1), (1, 8, 8, 1), (2, 4, 8, 2), (2, 3, 8, 2), (3, 8, 8, 1)]
+
+
+@pytest.mark.parametrize("mode,cin,c,stride", MODES, ids=str)
+def test_bn_add_relu(dev, mode, cin, c, stride):
+    torch.manual_seed(0)
+    nb, h, w = 3, 5, 7
+    y = nhwc(torch.randn(nb, c, h, w, device=dev)).requires_grad_()
+    s = (torch.rand(c, device=dev) + 0.5).requires_grad_()
+    t = torch.randn(c, device=dev).requires_grad_()
+    res, rs, rt, pf = None, None, None, 0
+    if mode == 1:
+        res = nhwc(torch.randn(nb, c, h, w, device=dev)).requires_grad_()
+    elif mode == 2:
+        res = nhwc(torch.randn(nb, cin, h * stride, w * stride, device=dev)).requires_grad_()
+        pf = (c - cin) // 2
+    elif mode == 3:
+        res = nhwc(torch.randn(nb, c, h, w, device=dev)).requires_grad_()
+        rs = (torch.rand(c, device=dev) + 0.5).requires_grad_()
+        rt = torch.randn(c, device=dev).requires_grad_()
+    out = ops.bn_add_relu(y, s, t, res, rs, rt, mode, stride, pf, True)
+    ref = y * s[:, None, None] + t[:, None, None]
+    if mode == 1:
+        ref = ref + res
+    elif mode == 2:
+        ref = ref + F.pad(res[:, :, ::stride, ::stride], (0, 0, 0, 0, pf, c - cin - pf))
+    elif mode == 3:
+        ref = ref + res * rs[:, None, None] + rt[:, None, None]
+    ref = torch.relu(ref)
+    close(out, ref)
+    g = torch.randn_like(ref)
+    inputs = [v for v in (y, s, t, res, rs, rt) if v is not None]
+    for name, a, b in zip("y s t res rs rt".split(), torch.autograd.grad(out, inputs, g),
+                          torch.autograd.grad(ref, inputs, g)):
+        close(a, b, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_bn_running_update_matches_batchnorm(dev, momentum):
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(5, momentum=momentum).to(dev)
+    mine = torch.nn.BatchNorm2d(5, momentum=momentum).to(dev)
+    for _ in range(3):
+        x = torch.randn(4, 5, 3, 3, device=dev) * 3 + 1
+        bn(x)
+        ops.bn_running_update(mine.running_mean, mine.running_var, mine.num_batches_tracked,
+                              x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False), 36,
+                              0.0 if momentum is None else momentum, momentum is None)
+    close(mine.running_mean, bn.running_mean), close(mine.running_var, bn.running_var)
+    assert mine.num_batches_tracked.item() == bn.num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("mode", ["none", "identity", "A", "B"])
+def test_conv_bn_act_inference(dev, mode):
+    torch.manual_seed(0)
+    nb, c, h = 2, 8, 6
+    stride = 2 if mode in ("A", "B") else 1
+    cin = 4 if stride == 2 else c
+    x = nhwc(torch.randn(nb, c, h, h, device=dev))
+    xin = nhwc(torch.randn(nb, cin, h * stride, h * stride, device=dev))
+    w, b = torch.randn(c, c, 3, 3, device=dev), torch.randn(c, device=dev)
+    ref = F.conv2d(x, w, padding=1) + b[:, None, None]
+    res, x2, w2, rm = None, None, None, 0
+    if mode == "identity":
+        res, rm = nhwc(torch.randn(nb, c, h, h, device=dev)), 1
+        ref = ref + res
+    elif mode == "A":
+        res, rm = xin, 2
+        ref = ref + F.pad(xin[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))
+    elif mode == "B":
+        x2, w2 = xin, torch.randn(c, cin, 1, 1, device=dev)
+        ref = ref + F.conv2d(xin, w2, stride=2)
+    out = ops.conv_bn_act(x, w, b, res, x2, w2, 1, 1, rm, stride, 2, True)
+    close(out, torch.relu(ref))
+
+
+@pytest.mark.parametrize("cfg", range(len(ig.CONV_CONFIGS)))
+def test_every_conv_config(dev, cfg):
+    """Every shipped block-size config computes the same forward, input gradient and statistics."""
+    torch.manual_seed(0)
+    x = nhwc(torch.randn(2, 16, 9, 9, device=dev))
+    w = torch.randn(24, 16, 3, 3, device=dev)
+    config = ig.CONV_CONFIGS[cfg]
+    y, part, tile = ig.conv_launch(x, ig.weight_matrix(w), 3, 3, 2, 1, (5, 5), stats=1, config=config)
+    close(y, F.conv2d(x, w, stride=2, padding=1))
+    dy = nhwc(torch.randn(2, 24, 5, 5, device=dev))
+    gx, _, _ = ig.conv_launch(dy, ig.weight_matrix(w, True), 3, 3, 2, 1, (9, 9), transposed=True, config=config)
+    close(gx, torch.nn.grad.conv2d_input(x.shape, w, dy, stride=2, padding=1))
+
+
+@pytest.mark.parametrize("cfg", range(len(ig.WGRAD_CONFIGS)))
+def test_every_wgrad_config(dev, cfg):
+    torch.manual_seed(0)
+    x = nhwc(torch.randn(3, 16, 9, 9, device=dev))
+    dy = nhwc(torch.randn(3, 24, 5, 5, device=dev))
+    dw = ig.wgrad_launch(dy, x, 3, 3, 2, 1, config=ig.WGRAD_CONFIGS[cfg])
+    ref = torch.nn.grad.conv2d_weight(x, (24, 16, 3, 3), dy, stride=2, padding=1)
+    close(dw.reshape(24, 3, 3, 16).permute(0, 3, 1, 2), ref, rtol=2e-4, atol=1e-4)
+
+
+def _opcheck_cases(dev):
+    torch.manual_seed(0)
+    x = nhwc(torch.randn(2, 4, 6, 6, device=dev))
+    w = torch.randn(8, 4, 3, 3, device=dev)
+    s, t = torch.rand(4, device=dev) + 0.5, torch.randn(4, device=dev)
+    y = nhwc(torch.randn(2, 8, 6, 6, device=dev))
+    c8 = torch.rand(8, device=dev) + 0.5
+    return [
+        (ops.conv_bn_stats.default, (x.requires_grad_(), w.requires_grad_(), None, None, 1, 1)),
+        (ops.conv_bn_stats.default, (x, w, s.requires_grad_(), t.requires_grad_(), 2, 1)),
+        (ops.bn_add_relu.default, (y.requires_grad_(), c8.requires_grad_(), torch.randn(8, device=dev),
+                                   x, None, None, 2, 1, 2, True)),
+        (ops.bn_add_relu.default, (y, c8, c8, y.detach().clone(), c8, c8, 3, 1, 0, True)),
+        (ops.conv_bn_act.default, (x.detach(), w.detach(), torch.randn(8, device=dev), None, None, None, 1, 1, 0, 1,
+                                   0, True)),
+        (ops.bn_running_update.default, (torch.zeros(8, device=dev), torch.ones(8, device=dev),
+                                         torch.zeros((), dtype=torch.long, device=dev), c8, c8, 10, 0.1, False)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_opcheck(dev, case):
+    op, args = _opcheck_cases(dev)[case]
+    torch.library.opcheck(op, args)
+
+
+def test_opcheck_backward_ops(dev):
+    torch.manual_seed(0)
+    x = nhwc(torch.randn(2, 4, 6, 6, device=dev))
+    w = torch.randn(8, 4, 3, 3, device=dev)
+    s, t = torch.rand(4, device=dev) + 0.5, torch.randn(4, device=dev)
+    y, mean, var = ops.conv_bn_stats(x, w, s, t, 1, 1)
+    g = torch.randn_like(y)
+    torch.library.opcheck(ops.conv_bn_stats_backward.default,
+                          (g, torch.randn(8, device=dev), torch.randn(8, device=dev), x, w, s, t, y, mean, 1, 1,
+                           True, True))
+    out = ops.bn_add_relu(y, mean, var, None, None, None, 0, 1, 0, True)
+    torch.library.opcheck(ops.bn_add_relu_backward.default, (g, out, y, mean, None, None, 0, 1, 0, True))
