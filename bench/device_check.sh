@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The one-call GPU check: bash bench/device_check.sh OUTDIR
+#
+# On a GPU machine with torch, triton and nvcc but no network: installs resnet_fused against that machine's torch,
+# runs the GPU tests, the headline throughput comparison (ResNet-20, 28x28, batch 512, fp32 and bf16, train and
+# inference, eager vs torch.compile vs FusedResNet), the reference ResNet-20 default-recipe training run (accuracy)
+# and a short time-to-accuracy run. Everything lands in OUTDIR (at most 8 files): device_check.log (all stages),
+# throughput.json/.png, time_to_accuracy.json, train_metrics.json/.csv, train_curves.png. Each stage has its own
+# time limit so that the whole script stays under 8 minutes and a stuck stage cannot eat the others' time.
+#
+# Data: $RESNET_FUSED_DATA if set, else the MNIST .gz files in .data/MNIST/raw (carried by the caller), unpacked
+# to a temporary folder.
+set -u
+OUT=${1:?usage: bash bench/device_check.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python3}
+LOG="$OUT/device_check.log"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 RESNET_FUSED_BUILD_CUDA=${RESNET_FUSED_BUILD_CUDA:-auto}
+: > "$LOG"
+T0=$(date +%s)
+
+if [ -z "${RESNET_FUSED_DATA:-}" ] && [ -d .data/MNIST/raw ]; then
+  DATA=$(mktemp -d)/data
+  mkdir -p "$DATA/MNIST/raw"
+  for f in .data/MNIST/raw/*.gz; do
+    cp "$f" "$DATA/MNIST/raw/" && gunzip -c "$f" > "$DATA/MNIST/raw/$(basename "$f" .gz)"
+  done
+  export RESNET_FUSED_DATA="$DATA"
+fi
+
+SUMMARY=""
+stage() {  # stage NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2
+  local t=$(date +%s)
+  echo "===== $name (limit ${limit}s, at $(( t - T0 ))s)" >> "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  local line="$name: rc=$rc in $(( $(date +%s) - t ))s"
+  echo "===== $line" >> "$LOG"
+  SUMMARY="$SUMMARY$line"$'\n'
+  echo "$line"
+}
+
+{ nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"; } >> "$LOG" 2>&1
+stage install 150 $PY -m pip install --no-build-isolation --no-deps -e .
+stage gpu-tests 130 $PY -m pytest -q -rs tests/test_ops.py tests/test_fused_model.py tests/test_gpu.py
+stage throughput 190 $PY bench/throughput.py --models resnet20 --batch-sizes 512 --precisions fp32,bf16 \
+  --modes train,inference --impls eager,fused-triton,fused-triton-graph,fused-cuda,compile,compile-reduce-overhead \
+  --iters 20 --repeats 5 --json "$OUT/throughput.json" --png "$OUT/throughput.png" --no-progress
+TRAIN=$(mktemp -d)
+stage accuracy 100 $PY -m resnet_fused.train --model resnet20 --out "$TRAIN" --no-progress
+cp "$TRAIN/metrics.json" "$OUT/train_metrics.json" 2>/dev/null
+cp "$TRAIN/metrics.csv" "$OUT/train_metrics.csv" 2>/dev/null
+cp "$TRAIN/curves.png" "$OUT/train_curves.png" 2>/dev/null
+stage time-to-accuracy 60 $PY bench/time_to_accuracy.py --impls reference,fused --epochs 4 \
+  --json "$OUT/time_to_accuracy.json"
+echo "===== summary (total $(( $(date +%s) - T0 ))s)" >> "$LOG"
+printf "%s" "$SUMMARY" >> "$LOG"
+tail -n 60 "$LOG" | grep -v "^=====" | tail -n 45
+printf "%s" "$SUMMARY"

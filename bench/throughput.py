@@ -1,0 +1,410 @@
+"""Throughput of ResNets on MNIST-shaped inputs: reference eager vs torch.compile vs FusedResNet, side by side.
+
+    python bench/throughput.py                   # the headline comparison on a GPU; a ~2 minute subset on a CPU
+    python bench/throughput.py --models resnet20,resnet56 --batch-sizes 512 --modes train --impls eager,fused-triton
+
+Each row is one (model, mode, precision, implementation, batch size): images/s from the median step time (and the
+20th/80th percentiles), speed-up over the reference eager fp32 row of the same model/mode/batch, peak memory, kernel
+launches per step (profiler) and the fraction of a roofline bound reached.
+
+Timing: warm-up steps first (compile / autotune / graph capture time is reported separately as setup_s), then
+``--repeats`` timed windows of ``--iters`` steps each, CUDA events on a GPU (perf_counter on a CPU); inputs rotate
+over 4 distinct random buffers, never zeros. A train step is forward + cross-entropy + backward + SGD(momentum) step.
+
+Roofline model (documented, deliberately simple): FLOPs = 2*MACs of every conv and the head (forward), x3 for a train
+step (forward, input gradient, weight gradient). Bytes = every conv reading its input and writing its output once
+in the compute dtype (+ weights), x3 for a train step. Bound = max(FLOPs / peak matmul rate, bytes / peak bandwidth)
+with both peaks measured on this machine at start-up (a large matmul in the row's dtype, a large device copy).
+fraction_of_roofline = bound / measured step time.
+
+Outputs: a table on stdout, ``--json`` (default bench/results/throughput-<date>-<device>.json) with the device,
+torch/triton/CUDA versions and git commit, and ``--png`` a bar chart.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from resnet_fused import build_model  # noqa: E402
+
+IMPLS = ["eager", "compile", "compile-max-autotune", "compile-reduce-overhead", "fused-triton",
+         "fused-triton-graph", "fused-cuda", "fused-cuda-graph", "fused-cpu"]
+
+
+# ---- measurement helpers ----------------------------------------------------------------------------------
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_windows(fn, dev, iters, repeats):
+    """Seconds per call for each of ``repeats`` windows of ``iters`` calls."""
+    out = []
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3 / iters)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            out.append((time.perf_counter() - t0) / iters)
+    return out
+
+
+def quantile(xs, q):
+    xs = sorted(xs)
+    i = min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))
+    return xs[i]
+
+
+def measure_peaks(dev):
+    """Peak matmul FLOP/s per dtype and copy bandwidth (bytes read + written per second), measured here."""
+    peaks = {}
+    n = 8192 if dev.type == "cuda" else 1024
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if dev.type == "cpu" and dt == torch.bfloat16:
+            peaks[name] = peaks["fp32"]
+            continue
+        a = torch.randn(n, n, device=dev, dtype=dt)
+        b = torch.randn(n, n, device=dev, dtype=dt)
+        fn = lambda: a @ b  # noqa: E731
+        fn(), sync(dev)
+        t = statistics.median(time_windows(fn, dev, 3 if dev.type == "cuda" else 2, 3))
+        peaks[name] = 2 * n ** 3 / t
+    nbytes = (1 << 30) if dev.type == "cuda" else (1 << 27)
+    src = torch.empty(nbytes // 4, device=dev, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    fn = lambda: dst.copy_(src)  # noqa: E731
+    fn(), sync(dev)
+    peaks["bandwidth"] = 2 * nbytes / statistics.median(time_windows(fn, dev, 5, 3))
+    return peaks
+
+
+def work_model(model, shape, train, esize):
+    """(FLOPs, bytes) of one step by the documented model above, counted with forward hooks."""
+    flops, nbytes = [0], [0]
+
+    def hook(mod, inp, out):
+        x = inp[0]
+        if isinstance(mod, torch.nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+            flops[0] += 2 * out.numel() * k
+            nbytes[0] += (x.numel() + out.numel() + mod.weight.numel()) * esize
+        elif isinstance(mod, torch.nn.Linear):
+            flops[0] += 2 * x.shape[0] * mod.in_features * mod.out_features
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d,
+                                                                                       torch.nn.Linear))]
+    with torch.no_grad():
+        model.to("meta")(torch.empty(shape, device="meta"))
+    for h in hooks:
+        h.remove()
+    mult = 3 if train else 1
+    return flops[0] * mult, nbytes[0] * mult
+
+
+def count_launches(fn, dev, steps=3):
+    if dev.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    sync(dev)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        sync(dev)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    return round(len(kernels) / steps, 1)
+
+
+# ---- one configuration ------------------------------------------------------------------------------------
+
+def skip_reason(impl, dev):
+    if impl.startswith("fused-triton") and dev.type != "cuda":
+        return "needs a CUDA GPU (Triton)"
+    if impl.endswith("-graph") and dev.type != "cuda":
+        return "CUDA graphs need a GPU"
+    if impl.startswith("fused-cuda"):
+        if dev.type != "cuda":
+            return "needs a CUDA GPU"
+        try:
+            import resnet_fused._C  # noqa: F401
+        except ImportError:
+            return "extension resnet_fused._C not built"
+    if impl == "fused-cpu" and dev.type != "cpu":
+        return "CPU backend row is run on the CPU benchmark"
+    if impl == "compile-reduce-overhead" and dev.type != "cuda":
+        return "reduce-overhead is CUDA graphs"
+    return None
+
+
+def make_model(name, impl, in_ch, dev, cl):
+    torch.manual_seed(0)
+    if impl.startswith("fused"):
+        backend = impl.split("-")[1]
+        model = build_model(name, impl="fused", in_channels=in_ch, backend=backend)
+    else:
+        model = build_model(name, in_channels=in_ch)
+    model = model.to(dev)
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_step(model, impl, mode, prec, dev, xs, ys):
+    """A zero-argument callable running one step on rotating inputs, and the setup seconds it took."""
+    amp = prec == "bf16"
+    state = {"i": 0}
+    t0 = time.perf_counter()
+    run = model
+    if impl.startswith("compile"):
+        m = {"compile": "default", "compile-max-autotune": "max-autotune",
+             "compile-reduce-overhead": "reduce-overhead"}[impl]
+        run = torch.compile(model, mode=m)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if mode == "train" else None
+    model.train(mode == "train")
+
+    def step_on(x, y):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            if mode == "train":
+                loss = F.cross_entropy(run(x).float(), y)
+            else:
+                with torch.no_grad():
+                    return run(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        return loss
+
+    def step():
+        i = state["i"] = (state["i"] + 1) % len(xs)
+        return step_on(xs[i], ys[i])
+
+    if impl.endswith("-graph"):
+        static_x, static_y = xs[0].clone(), ys[0].clone()
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                step_on(static_x, static_y)
+        torch.cuda.current_stream(dev).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step_on(static_x, static_y)
+
+        def step():  # noqa: F811
+            i = state["i"] = (state["i"] + 1) % len(xs)
+            static_x.copy_(xs[i])
+            static_y.copy_(ys[i])
+            graph.replay()
+    warm = 5 if dev.type == "cuda" else 2
+    for _ in range(warm):
+        step()
+    sync(dev)
+    return step, time.perf_counter() - t0
+
+
+def bench_one(name, mode, prec, impl, bs, dev, args, peaks):
+    row = dict(model=name, mode=mode, precision=prec, impl=impl, batch=bs)
+    reason = skip_reason(impl, dev)
+    if reason:
+        return dict(row, status="skipped", reason=reason)
+    cl = prec == "bf16" or impl.startswith("fused")
+    in_ch, hw = args.channels, args.size
+    try:
+        model = make_model(name, impl, in_ch, dev, cl)
+        g = torch.Generator(device="cpu").manual_seed(bs)
+        xs = [torch.randn(bs, in_ch, hw, hw, generator=g).to(dev) for _ in range(4)]
+        if cl:
+            xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+        ys = [torch.randint(0, 10, (bs,), generator=g).to(dev) for _ in range(4)]
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        step, setup_s = build_step(model, impl, mode, prec, dev, xs, ys)
+        times = time_windows(step, dev, args.iters, args.repeats)
+        peak_mem = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        launches = count_launches(step, dev) if args.launches else None
+    except Exception as e:  # a failing configuration is reported, not fatal
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        return dict(row, status="error", reason=msg)
+    med = statistics.median(times)
+    esize = 2 if prec == "bf16" else 4
+    flops, nbytes = work_model(build_model(name, in_channels=in_ch), (bs, in_ch, hw, hw), mode == "train", esize)
+    bound = max(flops / peaks[prec], nbytes / peaks["bandwidth"])
+    return dict(row, status="ok", step_ms=med * 1e3, step_ms_p20=quantile(times, 0.2) * 1e3,
+                step_ms_p80=quantile(times, 0.8) * 1e3, images_per_s=bs / med, setup_s=setup_s,
+                peak_mem_mb=peak_mem / 2 ** 20 if peak_mem is not None else None, launches_per_step=launches,
+                gflop_per_step=flops / 1e9, mb_per_step=nbytes / 1e6, roofline_ms=bound * 1e3,
+                fraction_of_roofline=bound / med)
+
+
+# ---- the run ------------------------------------------------------------------------------------------------
+
+def environment(dev):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    return dict(device=str(dev), device_name=name, torch=torch.__version__, triton=triton_version,
+                cuda=torch.version.cuda, python=platform.python_version(), git_commit=commit, git_dirty=dirty,
+                cpu_threads=torch.get_num_threads(), date=datetime.datetime.now().isoformat(timespec="seconds"))
+
+
+def defaults(dev):
+    if dev.type == "cuda":
+        return dict(models="resnet20,resnet56,resnet18", batch_sizes="128,512,2048", modes="train,inference",
+                    precisions="fp32,bf16",
+                    impls="eager,compile,compile-max-autotune,compile-reduce-overhead,fused-triton,"
+                          "fused-triton-graph,fused-cuda,fused-cuda-graph", iters=20, repeats=7)
+    return dict(models="resnet20", batch_sizes="64,256", modes="train,inference", precisions="fp32",
+                impls="eager,fused-cpu,fused-triton,compile", iters=3, repeats=3)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", help="comma-separated (resnet20,resnet56,resnet18 on a GPU; resnet20 on a CPU)")
+    p.add_argument("--modes", help="train,inference")
+    p.add_argument("--precisions", help="fp32 (NCHW for the reference) and/or bf16 (channels_last + autocast)")
+    p.add_argument("--impls", help=f"comma-separated from {','.join(IMPLS)}")
+    p.add_argument("--batch-sizes", help="128,512,2048 on a GPU; 64,256 on a CPU")
+    p.add_argument("--size", type=int, default=28, help="image side (28 = MNIST; 32 with --channels 3)")
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--iters", type=int, help="steps per timed window")
+    p.add_argument("--repeats", type=int, help="timed windows (median and 20/80th percentiles over them)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-launches", dest="launches", action="store_false", help="skip the profiler launch count")
+    p.add_argument("--json", default=None, help="output JSON path")
+    p.add_argument("--png", default=None, help="output bar chart path ('' to skip)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def print_table(rows):
+    ok = [r for r in rows if r["status"] == "ok"]
+    base = {(r["model"], r["mode"], r["batch"]): r["images_per_s"] for r in ok
+            if r["impl"] == "eager" and r["precision"] == "fp32"}
+    hdr = (f"{'model':9s} {'mode':9s} {'prec':4s} {'impl':24s} {'batch':>5s} {'images/s':>10s} {'p20-p80 ms':>15s} "
+           f"{'vs eager':>8s} {'setup s':>7s} {'mem MB':>7s} {'launch':>6s} {'roofl':>5s}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        head = f"{r['model']:9s} {r['mode']:9s} {r['precision']:4s} {r['impl']:24s} {r['batch']:5d}"
+        if r["status"] != "ok":
+            print(f"{head} {r['status']}: {r['reason']}")
+            continue
+        b = base.get((r["model"], r["mode"], r["batch"]))
+        r["speedup_vs_eager_fp32"] = r["images_per_s"] / b if b else None
+        sp = f"{r['speedup_vs_eager_fp32']:.2f}x" if b else "-"
+        mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
+        la = f"{r['launches_per_step']:.0f}" if r["launches_per_step"] is not None else "-"
+        print(f"{head} {r['images_per_s']:10,.0f} {r['step_ms_p20']:7.3f}-{r['step_ms_p80']:<7.3f} {sp:>8s} "
+              f"{r['setup_s']:7.1f} {mem:>7s} {la:>6s} {100 * r['fraction_of_roofline']:4.0f}%")
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return
+    fig, ax = plt.subplots(figsize=(10, max(3, 1.0 + 0.28 * len(ok))))
+    labels = [f"{r['model']} {r['mode']} b{r['batch']} {r['precision']} {r['impl']}" for r in ok]
+    vals = [r["images_per_s"] for r in ok]
+    colors = ["tab:red" if r["impl"].startswith("fused") else "tab:blue" if r["impl"].startswith("compile")
+              else "tab:gray" for r in ok]
+    ax.barh(range(len(ok)), vals, color=colors)
+    ax.set_yticks(range(len(ok)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("images / s (median)")
+    ax.set_xscale("log")
+    ax.set_title(f"throughput on {rows[0].get('device_name', '')}: gray eager, blue torch.compile, red fused")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close("all")
+
+
+def write_json(result, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    d = defaults(dev)
+    for k in ("models", "modes", "precisions", "impls", "batch_sizes", "iters", "repeats"):
+        if getattr(args, k) is None:
+            setattr(args, k, d[k])
+    lists = {k: [s.strip() for s in str(getattr(args, k)).split(",") if s.strip()]
+             for k in ("models", "modes", "precisions", "impls", "batch_sizes")}
+    bad = [i for i in lists["impls"] if i not in IMPLS]
+    if bad:
+        raise SystemExit(f"error: unknown impl(s) {bad}; choose from {', '.join(IMPLS)}")
+    env = environment(dev)
+    stamp = datetime.date.today().isoformat()
+    tag = "".join(c if c.isalnum() else "-" for c in env["device_name"].lower()).strip("-")[:40] or dev.type
+    json_path = args.json or os.path.join(HERE, "results", f"throughput-{stamp}-{tag}.json")
+    png_path = args.png if args.png is not None else os.path.splitext(json_path)[0] + ".png"
+    print(f"# {env['device_name']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
+          f"commit {(env['git_commit'] or '?')[:10]}", flush=True)
+    peaks = measure_peaks(dev)
+    print(f"# measured peaks: fp32 matmul {peaks['fp32'] / 1e12:.1f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.1f} "
+          f"TFLOP/s, copy {peaks['bandwidth'] / 1e9:.0f} GB/s", flush=True)
+    configs = [(m, mo, p, i, int(b)) for m in lists["models"] for mo in lists["modes"] for p in lists["precisions"]
+               for b in lists["batch_sizes"] for i in lists["impls"]]
+    from tqdm import tqdm
+    rows = []
+    result = dict(environment=env, peaks=peaks, settings=dict(size=args.size, channels=args.channels,
+                                                              iters=args.iters, repeats=args.repeats),
+                  rows=rows, complete=False)
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    for cfg in tqdm(configs, disable=args.no_progress, desc="benchmark", file=sys.stderr):
+        rows.append(bench_one(*cfg, dev, args, peaks))
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        write_json(result, json_path)  # after every row: a run cut short still leaves its numbers
+    print_table(rows)
+    result["complete"] = True
+    write_json(result, json_path)
+    print(f"# wrote {json_path}")
+    if png_path:
+        for r in rows:
+            r["device_name"] = env["device_name"]
+        plot(rows, png_path)
+        print(f"# wrote {png_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""GPU-only checks (skipped without CUDA): low precision, CUDA graphs, real-data training parity."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnet_fused import FusedResNet, ResNet
+
+pytestmark = pytest.mark.gpu
+
+
+def _models(cuda, depth=20, shortcut="A", seed=0):
+    torch.manual_seed(seed)
+    ref = ResNet(depth, shortcut=shortcut).to(cuda)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    return ref, FusedResNet.from_reference(ref, backend="triton")
+
+
+def _err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("train", [True, False])
+def test_low_precision_within_twice_pytorch_error(cuda, dtype, shortcut, train):
+    """error(fused autocast vs fp32 reference) <= 2 * error(PyTorch autocast vs fp32 reference) + atol."""
+    ref, fused = _models(cuda, shortcut=shortcut)
+    ref_lp = ResNet(20, shortcut=shortcut).to(cuda)
+    ref_lp.load_state_dict(ref.state_dict())
+    for m in (ref, fused, ref_lp):
+        m.train(train)
+    x = torch.randn(64, 1, 28, 28, device=cuda)
+    with torch.no_grad() if not train else torch.enable_grad():
+        out32 = ref(x)
+        with torch.autocast("cuda", dtype=dtype):
+            out_f = fused(x)
+            out_p = ref_lp(x.contiguous(memory_format=torch.channels_last))
+    atol = 1e-2
+    assert _err(out_f, out32) <= 2 * _err(out_p, out32) + atol
+    if train:
+        g = torch.randn_like(out32)
+        out32.backward(g)
+        out_f.float().backward(g)
+        out_p.float().backward(g)
+        for (name, p32), pf, pp in zip(ref.named_parameters(), fused.parameters(), ref_lp.parameters()):
+            scale = p32.grad.abs().max().item() + 1e-6
+            assert _err(pf.grad, p32.grad) <= 2 * _err(pp.grad, p32.grad) + atol * scale, name
+        for (name, b32), bf in zip(ref.named_buffers(), fused.buffers()):
+            if b32.is_floating_point():
+                assert _err(bf, b32) <= 2e-2 * (b32.abs().max().item() + 1), name
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cuda_graph_capture(cuda, train):
+    ref, fused = _models(cuda, depth=8, shortcut="B")
+    fused.train(train)
+    opt = torch.optim.SGD(fused.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(32, 1, 28, 28, device=cuda)
+    y = torch.randint(0, 10, (32,), device=cuda)
+
+    def step():
+        if not train:
+            with torch.no_grad():
+                return fused(x)
+        loss = F.cross_entropy(fused(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        return loss
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    # replaying the graph must equal running the same step eagerly from the same state
+    state = {k: v.clone() for k, v in fused.state_dict().items()}
+    opt_state = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in opt.state.items()}
+    g.replay()
+    torch.cuda.synchronize()
+    replayed = out.clone()
+    after_graph = {k: v.clone() for k, v in fused.state_dict().items()}
+    fused.load_state_dict(state)
+    for k, v in opt_state.items():
+        for kk, vv in v.items():
+            opt.state[k][kk].copy_(vv)
+    eager = step()
+    torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+    for k, v in fused.state_dict().items():
+        torch.testing.assert_close(after_graph[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_training_parity_50_steps_on_mnist(cuda, mnist_root):
+    """Reference and fused ResNet-20, same weights and batches: per-step losses within 1e-3 relative (fp32)."""
+    from resnet_fused.data import DeviceLoader, load_splits
+    d = load_splits("mnist", mnist_root, device=cuda)
+    loader = DeviceLoader(d["train"], 128, d["mean"], d["std"], shuffle=True, max_shift=2, seed=0)
+    torch.manual_seed(0)
+    ref = ResNet(20).to(cuda)
+    fused = FusedResNet.from_reference(ref, backend="triton")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4) for m in (ref, fused)]
+    worst = 0.0
+    for step, (x, y) in enumerate(loader):
+        if step == 50:
+            break
+        losses = []
+        for m, opt in zip((ref, fused), opts):
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        worst = max(worst, abs(losses[0] - losses[1]) / abs(losses[0]))
+        assert abs(losses[0] - losses[1]) <= 1e-3 * abs(losses[0]), (step, losses)
+    print(f"worst relative loss difference over 50 steps: {worst:.2e}")
+
+
+def test_large_batch_inference(cuda):
+    """Many row tiles (8192 x 28 x 28 rows) in every launch."""
+    ref, fused = _models(cuda, depth=8)
+    fused.eval(), ref.eval()
+    x = torch.randn(8192, 1, 28, 28, device=cuda)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-3, atol=1e-3)
