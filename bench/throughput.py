@@ -197,6 +197,8 @@ def build_step(model, impl, mode, prec, dev, xs, ys):
 
     def step():
         i = state["i"] = (state["i"] + 1) % len(xs)
+        if impl == "compile-reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous replay may be overwritten
         return step_on(xs[i], ys[i])
 
     if impl.endswith("-graph"):
@@ -293,7 +295,8 @@ def build_parser():
     p.add_argument("--models", help="comma-separated (resnet20,resnet56,resnet18 on a GPU; resnet20 on a CPU)")
     p.add_argument("--modes", help="train,inference")
     p.add_argument("--precisions", help="fp32 (NCHW for the reference) and/or bf16 (channels_last + autocast)")
-    p.add_argument("--impls", help=f"comma-separated from {','.join(IMPLS)}")
+    p.add_argument("--impls", help=f"comma-separated from {','.join(IMPLS)}; impl@fp32 / impl@bf16 limits one "
+                                   f"to a precision")
     p.add_argument("--batch-sizes", help="128,512,2048 on a GPU; 64,256 on a CPU")
     p.add_argument("--size", type=int, default=28, help="image side (28 = MNIST; 32 with --channels 3)")
     p.add_argument("--channels", type=int, default=1)
@@ -308,6 +311,8 @@ def build_parser():
 
 
 def print_table(rows):
+    order = {k: i for i, k in enumerate(IMPLS)}
+    rows = sorted(rows, key=lambda r: (r["model"], r["mode"], r["precision"], r["batch"], order[r["impl"]]))
     ok = [r for r in rows if r["status"] == "ok"]
     base = {(r["model"], r["mode"], r["batch"]): r["images_per_s"] for r in ok
             if r["impl"] == "eager" and r["precision"] == "fp32"}
@@ -368,7 +373,7 @@ def main(argv=None):
             setattr(args, k, d[k])
     lists = {k: [s.strip() for s in str(getattr(args, k)).split(",") if s.strip()]
              for k in ("models", "modes", "precisions", "impls", "batch_sizes")}
-    bad = [i for i in lists["impls"] if i not in IMPLS]
+    bad = [i for i in lists["impls"] if i.split("@")[0] not in IMPLS]
     if bad:
         raise SystemExit(f"error: unknown impl(s) {bad}; choose from {', '.join(IMPLS)}")
     env = environment(dev)
@@ -381,8 +386,11 @@ def main(argv=None):
     peaks = measure_peaks(dev)
     print(f"# measured peaks: fp32 matmul {peaks['fp32'] / 1e12:.1f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.1f} "
           f"TFLOP/s, copy {peaks['bandwidth'] / 1e9:.0f} GB/s", flush=True)
-    configs = [(m, mo, p, i, int(b)) for m in lists["models"] for mo in lists["modes"] for p in lists["precisions"]
-               for b in lists["batch_sizes"] for i in lists["impls"]]
+    # impls outermost: the cheap rows (eager, fused) of every model/mode come before the compile-heavy ones;
+    # "impl@prec" limits an impl to one precision (e.g. compile@bf16)
+    configs = [(m, mo, p, i.split("@")[0], int(b)) for i in lists["impls"] for m in lists["models"]
+               for mo in lists["modes"] for p in lists["precisions"] for b in lists["batch_sizes"]
+               if "@" not in i or i.split("@")[1] == p]
     from tqdm import tqdm
     rows = []
     result = dict(environment=env, peaks=peaks, settings=dict(size=args.size, channels=args.channels,

@@ -19,7 +19,7 @@ from torch import Tensor
 from .implicit_gemm import device_guard
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "COUNT", "MOMENTUM"])
 def bn_running_update_kernel(rm_ptr, rv_ptr, nbt_ptr,       # mutated: running mean / var, num_batches_tracked
                              mean_ptr, var_ptr,             # fp32 batch mean and biased variance
                              C, COUNT, MOMENTUM,            # channels, values per channel, momentum

@@ -34,7 +34,7 @@ from .implicit_gemm import conv_launch, device_guard, empty_nhwc, wgrad_launch, 
 
 # ---- statistics finalize: tile (mean, M2) partials -> channel mean and biased variance ----------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "T", "TILE"])
 def bn_stats_finalize_kernel(mean_ptr, var_ptr,            # out: fp32 [N] mean and biased variance
                              part_ptr,                     # fp32 [T, 2, N]: per-tile mean, M2
                              M, N, T, TILE,                # rows, channels, tiles, rows per tile
