@@ -63,6 +63,8 @@ def build_parser():
     a("--resume", nargs="?", const="auto", default=None,
       help="continue a run: a checkpoint path, or no value for OUT/last.pt")
     a("--overwrite", action="store_true", help="allow replacing the checkpoints of another run in --out")
+    a("--stop-after-epoch", type=int, default=None,
+      help="end this invocation after that epoch (the schedule still spans --epochs; continue with --resume)")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--no-plot", action="store_true", help="skip the PNG of the training curves")
     return p
@@ -332,6 +334,9 @@ def train(argv=None):
         print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  loss {train_loss:.4f}  train_acc {train_acc:.4f}  "
               f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}{extra}  {seen / train_time:,.0f} img/s  "
               f"{train_time:.1f}s", flush=True)
+        if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch:
+            print(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
+            break
     if not args.no_plot and history:
         plot_curves(history, os.path.join(out, "curves.png"), f"{cfg['model']} on {cfg['dataset']}")
     return history

@@ -30,7 +30,7 @@ from torch import Tensor
 from .implicit_gemm import device_guard, empty_nhwc, nhwc_strides
 
 
-@triton.jit(do_not_specialize=["P", "C", "H", "W", "RC", "y_n", "y_h", "y_w", "r_n", "r_h", "r_w", "PAD_FRONT"])
+@triton.jit
 def bn_add_relu_fwd_kernel(out_ptr,                                 # [P, C] rows of NHWC output
                            y_ptr, scale_ptr, shift_ptr,             # conv output and its BN scale/shift
                            r_ptr, rs_ptr, rt_ptr,                   # shortcut source (+ its BN for mode 3)
@@ -70,8 +70,7 @@ def bn_add_relu_fwd_kernel(out_ptr,                                 # [P, C] row
     tl.store(out_ptr + offs_p[:, None] * C + offs_c[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["P", "C", "H", "W", "g_n", "g_h", "g_w", "o_n", "o_h", "o_w", "y_n", "y_h", "y_w",
-                               "r_n", "r_h", "r_w"])
+@triton.jit
 def bn_add_relu_bwd_kernel(gy_ptr, gr_ptr, part_ptr,               # dL/dy, dL/d(shortcut) [P, C]; fp32 [T, 3, C]
                            go_ptr, out_ptr, y_ptr, scale_ptr,      # dL/dout, out (mask), y, scale
                            r_ptr, rs_ptr,                          # projection output and its scale (mode 3)

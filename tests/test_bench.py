@@ -1,0 +1,48 @@
+"""The benchmark code paths in a tiny CPU configuration; their JSON is validated. No timing assertions."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+pytestmark = pytest.mark.slow
+
+
+def test_throughput_tiny_cpu(tmp_path):
+    import throughput
+    out = tmp_path / "tp.json"
+    throughput.main(["--device", "cpu", "--models", "resnet8", "--batch-sizes", "4", "--modes", "train,inference",
+                     "--impls", "eager,fused-cpu,fused-triton,fused-cuda,compile-reduce-overhead", "--iters", "1",
+                     "--repeats", "2", "--json", str(out), "--png", str(tmp_path / "tp.png"), "--no-progress"])
+    d = json.loads(out.read_text())
+    assert d["complete"] is True
+    env = d["environment"]
+    for k in ("device_name", "torch", "triton", "cuda", "git_commit", "date"):
+        assert k in env
+    assert d["peaks"]["fp32"] > 0 and d["peaks"]["bandwidth"] > 0
+    rows = {(r["impl"], r["mode"]): r for r in d["rows"]}
+    assert len(rows) == 10
+    for mode in ("train", "inference"):
+        for impl in ("eager", "fused-cpu"):
+            r = rows[(impl, mode)]
+            assert r["status"] == "ok", r
+            assert r["images_per_s"] > 0 and r["step_ms_p20"] <= r["step_ms"] <= r["step_ms_p80"]
+            assert r["gflop_per_step"] > 0 and 0 < r["fraction_of_roofline"]
+        assert rows[("eager", mode)]["speedup_vs_eager_fp32"] == pytest.approx(1.0)
+        for impl in ("fused-triton", "fused-cuda", "compile-reduce-overhead"):
+            assert rows[(impl, mode)]["status"] == "skipped" and rows[(impl, mode)]["reason"]
+    assert os.path.getsize(tmp_path / "tp.png") > 0
+
+
+def test_time_to_accuracy_tiny_cpu(tmp_path, mnist_root):
+    import time_to_accuracy
+    out = tmp_path / "tta.json"
+    time_to_accuracy.main(["--device", "cpu", "--model", "resnet8", "--impls", "reference", "--subset", "256",
+                           "--epochs", "1", "--batch-size", "64", "--amp", "off", "--data-root", mnist_root,
+                           "--json", str(out)])
+    d = json.loads(out.read_text())
+    r = d["results"][0]
+    assert r["impl"] == "reference" and r["warmup_s"] > 0 and len(r["history"]) == 1
+    assert set(r["seconds_to"]) == {"99.0%", "99.5%"} and 0 <= r["final_test_acc"] <= 1

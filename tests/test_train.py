@@ -1,0 +1,100 @@
+"""The training and evaluation CLIs: a short run learns, resume is exact, bad input is one clear line."""
+import os
+
+import pytest
+import torch
+
+from resnet_fused import evaluate, train
+from resnet_fused.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def run_train(argv):
+    return train.train(argv)
+
+
+def base_args(root, out, *extra):
+    return ["--data-root", root, "--out", str(out), "--device", "cpu", "--subset", "1000", "--batch-size", "100",
+            "--no-progress", *extra]
+
+
+def test_short_training_lowers_the_loss_and_writes_its_files(mnist_root, tmp_path):
+    hist = run_train(base_args(mnist_root, tmp_path, "--model", "resnet8", "--epochs", "3", "--lr", "0.05",
+                               "--warmup-epochs", "0"))
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"] * 0.8
+    assert hist[-1]["test_acc"] > 0.3  # chance is 0.1
+    for name in ("metrics.csv", "metrics.json", "last.pt", "best.pt", "curves.png"):
+        assert os.path.getsize(tmp_path / name) > 0, name
+    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
+    assert ckpt["epoch"] == 3 and not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert {"optimizer", "scheduler", "rng", "config", "history"} <= set(ckpt)
+    res = evaluate.evaluate([str(tmp_path / "best.pt"), "--data-root", mnist_root, "--device", "cpu"])
+    assert res["accuracy"] == pytest.approx(max(h["test_acc"] for h in hist))
+    conf = torch.tensor(res["confusion_matrix"])
+    assert conf.shape == (10, 10) and conf.sum() == 1000
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(mnist_root, tmp_path):
+    args = ("--model", "resnet8", "--epochs", "2", "--no-plot")
+    full = run_train(base_args(mnist_root, tmp_path / "full", *args))
+    run_train(base_args(mnist_root, tmp_path / "split", *args, "--stop-after-epoch", "1"))
+    resumed = run_train(base_args(mnist_root, tmp_path / "split", *args[2:], "--resume"))
+    assert [h["train_loss"] for h in resumed] == pytest.approx([h["train_loss"] for h in full], rel=1e-5)
+    a = load_checkpoint(str(tmp_path / "full" / "last.pt"))
+    b = load_checkpoint(str(tmp_path / "split" / "last.pt"))
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, msg=lambda m: f"{k}: {m}")
+
+
+def cli_error(capsys, fn, argv):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(mnist_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert "unknown model" in cli_error(capsys, train.main, base_args(mnist_root, out, "--model", "resnet9000x"))
+    assert "depth 21" in cli_error(capsys, train.main, base_args(mnist_root, out, "--model", "resnet21"))
+    assert "unknown dataset" in cli_error(capsys, train.main, base_args(mnist_root, out, "--dataset", "cifar"))
+    err = cli_error(capsys, train.main, base_args(str(tmp_path / "nodata"), out))
+    assert "not found" in err and "--download" in err and "train-images-idx3-ubyte" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "not writable" in cli_error(capsys, train.main, base_args(mnist_root, blocker / "sub"))
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert "corrupt" in cli_error(capsys, evaluate.main, [str(bad), "--device", "cpu"])
+    assert "corrupt" in cli_error(capsys, train.main, base_args(mnist_root, out, "--resume", str(bad)))
+    assert "does not exist" in cli_error(capsys, evaluate.main, [str(tmp_path / "missing.pt")])
+
+
+def test_checkpoints_are_never_silently_replaced_or_mismatched(mnist_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_train(base_args(mnist_root, out, "--model", "resnet8", "--epochs", "1", "--subset", "200", "--no-plot"))
+    before = (out / "last.pt").read_bytes()
+    err = cli_error(capsys, train.main, base_args(mnist_root, out, "--model", "resnet8", "--epochs", "1"))
+    assert "exists" in err and "--resume" in err
+    err = cli_error(capsys, train.main, base_args(mnist_root, out, "--model", "resnet14", "--resume"))
+    assert "does not match" in err
+    assert "holds a resnet8" in cli_error(capsys, evaluate.main, [str(out / "last.pt"), "--model", "resnet14"])
+    # a checkpoint whose weights belong to another architecture than its config says
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    from resnet_fused import resnet14
+    ckpt["model"] = resnet14().state_dict()
+    torch.save(ckpt, tmp_path / "other.pt")
+    err = cli_error(capsys, evaluate.main, [str(tmp_path / "other.pt"), "--data-root", mnist_root, "--device", "cpu"])
+    assert "does not match the model architecture" in err
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_degradation_experiment_quick(mnist_root, tmp_path):
+    from resnet_fused.experiments import degradation
+    rows = degradation.run(["--models", "plain8,resnet8", "--epochs", "1", "--subset", "300", "--data-root",
+                            mnist_root, "--device", "cpu", "--out", str(tmp_path)])
+    assert {r["model"] for r in rows} == {"plain8", "resnet8"}
+    assert os.path.getsize(tmp_path / "degradation.png") > 0 and os.path.getsize(tmp_path / "degradation.csv") > 0
