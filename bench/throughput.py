@@ -269,6 +269,8 @@ def environment(dev):
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
+    if not commit or len(commit) != 40:  # no .git here (a copied tree): the caller may name the commit
+        commit, dirty = os.environ.get("RESNET_FUSED_GIT_COMMIT"), None
     try:
         import triton
         triton_version = triton.__version__
@@ -287,7 +289,7 @@ def defaults(dev):
                     impls="eager,compile,compile-max-autotune,compile-reduce-overhead,fused-triton,"
                           "fused-triton-graph,fused-cuda,fused-cuda-graph", iters=20, repeats=7)
     return dict(models="resnet20", batch_sizes="64,256", modes="train,inference", precisions="fp32",
-                impls="eager,fused-cpu,fused-triton,compile", iters=3, repeats=3)
+                impls="eager,fused-cpu,fused-triton,compile", iters=2, repeats=3)
 
 
 def build_parser():
