@@ -12,9 +12,10 @@ Inference mode: BN folded into the conv weights (cached while parameters and buf
 conv_bn_act kernel per conv with bias, shortcut (identity, option A by index math, option B as a second GEMM into
 the same tile) and ReLU in its epilogue.
 
-Backends: "triton" (the kernels above; on CPU tensors only under TRITON_INTERPRET=1), "cpu" (plain PyTorch
-composition, i.e. the reference math), "cuda" (ATen convolution + the C++/CUDA operators of resnet_fused._C, when
-built), "auto" (triton on CUDA tensors, else cpu). ``RESNET_FUSED_BACKEND`` sets the default.
+Backends: "triton" (the kernels above; on CPU tensors only under TRITON_INTERPRET=1), "cuda" / "cpu" (ATen
+convolutions + the C++/CUDA operators of resnet_fused._C: bn_stats, bn_finalize, scale_shift_add_relu; in eval BN
+folded into the weights), "auto" (triton on CUDA tensors; cpu on CPU tensors, or the plain PyTorch composition
+when the extension is not built). ``RESNET_FUSED_BACKEND`` sets the default.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import ext
 from .reference import ResNet
 
 try:  # importing the op modules registers the resnet_fused:: custom ops
@@ -36,6 +38,11 @@ except ImportError as e:  # no Triton on this platform: the cpu backend still wo
 
 BACKENDS = ("auto", "triton", "cuda", "cpu")
 _SHORTCUT_MODE = {"none": 0, "identity": 1, "A": 2, "B": 3}
+
+
+def _acc(t):
+    """Per-channel math in fp32 at least (fp64 models stay fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def triton_interpreting() -> bool:
@@ -79,18 +86,24 @@ class FusedResNet(ResNet):
     # ---- dispatch --------------------------------------------------------------------------------------------
 
     def resolve_backend(self, x: torch.Tensor) -> str:
+        """The backend this input runs on: "triton", "cuda", "cpu", or "reference" (plain PyTorch math)."""
         b = self.backend
         if b == "auto":
-            b = "triton" if x.device.type == "cuda" and TRITON_IMPORT_ERROR is None else "cpu"
+            if x.device.type == "cuda":
+                b = "triton" if TRITON_IMPORT_ERROR is None else "cuda" if ext.has_cuda() else "reference"
+            else:
+                b = "cpu" if ext.available() else "reference"
         if b == "triton":
             if TRITON_IMPORT_ERROR is not None:
                 raise RuntimeError(f"backend 'triton' needs Triton, which failed to import: {TRITON_IMPORT_ERROR}")
             if x.device.type != "cuda" and not triton_interpreting():
                 raise RuntimeError(f"backend 'triton' runs on CUDA tensors (got {x.device}); on CPU use "
                                    f"backend='cpu', or set TRITON_INTERPRET=1 before importing triton")
-        elif b == "cuda":
-            raise RuntimeError("backend 'cuda' needs the compiled extension resnet_fused._C, which this build "
-                               "does not have; use backend='triton' or 'auto'")
+        elif b in ("cuda", "cpu"):
+            ext.require(b)
+            if x.device.type != b:
+                raise RuntimeError(f"backend {b!r} runs on {b.upper() if b == 'cpu' else 'CUDA'} tensors, got an "
+                                   f"input on {x.device}; move the model or pick backend='auto'")
         return b
 
     def _check_input(self, x):
@@ -123,8 +136,13 @@ class FusedResNet(ResNet):
     def forward(self, x):
         self._check_input(x)
         backend = self.resolve_backend(x)
-        if backend == "cpu":
+        if backend == "reference":
             return super().forward(x)
+        if backend in ("cpu", "cuda"):
+            if not self.training and torch.is_grad_enabled() and self._needs_grad(x):
+                return super().forward(x)
+            feats = self._features_ext_train(x) if self.training else self._features_ext_eval(x)
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(feats, 1), 1))
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"backend 'triton' computes in float32, bfloat16 or float16, not {dtype}; use "
@@ -132,18 +150,75 @@ class FusedResNet(ResNet):
         x = x.to(dtype)
         if self.training:
             feats = self._features_train(x, dtype)
-        elif torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+        elif torch.is_grad_enabled() and self._needs_grad(x):
             return super().forward(x)  # eval-mode gradients (saliency, adversarial): the reference composition
         else:
             feats = self._features_eval(x, dtype)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(feats, 1), 1))
 
+    def _needs_grad(self, x):
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+    # ---- the C++/CUDA backends: ATen convolutions + resnet_fused._C operators ------------------------------
+
+    def _ext_conv_bn(self, x, conv, bn):
+        """conv (ATen), batch statistics (bn_stats), running update (bn_finalize), scale/shift with autograd."""
+        y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
+        mean, var = torch.ops.resnet_fused.bn_stats(y)
+        if bn.track_running_stats and bn.running_mean is not None:
+            torch.ops.resnet_fused.bn_finalize(mean.detach(), var.detach(), bn.running_mean, bn.running_var,
+                                               bn.num_batches_tracked, y.shape[0] * y.shape[2] * y.shape[3],
+                                               0.0 if bn.momentum is None else float(bn.momentum),
+                                               bn.momentum is None, bn.eps)
+        return y, self._scale_shift(bn, mean, var)
+
+    def _features_ext_train(self, x):
+        ssar = torch.ops.resnet_fused.scale_shift_add_relu
+        y, (s, t) = self._ext_conv_bn(x, self.conv1, self.bn1)
+        a = ssar(y, s, t, None, None, None, 0, 1, 0, True)
+        for blk in self.blocks():
+            y1, (s1, t1) = self._ext_conv_bn(a, blk.conv1, blk.bn1)
+            h = ssar(y1, s1, t1, None, None, None, 0, 1, 0, True)
+            y2, (s2, t2) = self._ext_conv_bn(h, blk.conv2, blk.bn2)
+            kind = blk.shortcut_kind
+            res, rs, rt, pad_front = None, None, None, 0
+            if kind in ("identity", "A"):
+                res = a
+                pad_front = blk.shortcut.pad_front if kind == "A" else 0
+            elif kind == "B":
+                res, (rs, rt) = self._ext_conv_bn(a, blk.shortcut.conv, blk.shortcut.bn)
+            a = ssar(y2, s2, t2, res, rs, rt, _SHORTCUT_MODE[kind], blk.stride, pad_front, True)
+        return a
+
+    def _features_ext_eval(self, x):
+        """BN folded into the conv weights (cached): conv + bias + ReLU, and conv + bias + shortcut + ReLU."""
+        ssar = torch.ops.resnet_fused.scale_shift_add_relu
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        folded = iter(self._folded_weights(dtype))
+        w, b = next(folded)
+        a = torch.relu_(F.conv2d(x.to(dtype), w, b.to(dtype), 1, 1))
+        for blk in self.blocks():
+            w1, b1 = next(folded)
+            h = torch.relu_(F.conv2d(a, w1, b1.to(dtype), blk.stride, 1))
+            f2 = next(folded)
+            y2 = F.conv2d(h, f2[0], f2[1].to(dtype), 1, 1)  # for option B the bias holds both folded shifts
+            kind = blk.shortcut_kind
+            if kind == "B":
+                ysc = F.conv2d(a, f2[2], None, blk.stride, 0)
+                a = ssar(y2, None, None, ysc, None, None, 1, 1, 0, True)
+            elif kind == "none":
+                a = torch.relu_(y2)
+            else:
+                pad_front = blk.shortcut.pad_front if kind == "A" else 0
+                a = ssar(y2, None, None, a, None, None, _SHORTCUT_MODE[kind], blk.stride, pad_front, True)
+        return a
+
     # ---- training --------------------------------------------------------------------------------------------
 
     @staticmethod
     def _scale_shift(bn, mean, var):
-        scale = bn.weight.float() * torch.rsqrt(var + bn.eps)
-        return scale, bn.bias.float() - mean * scale
+        scale = _acc(bn.weight) * torch.rsqrt(var + bn.eps)
+        return scale, _acc(bn.bias) - mean * scale
 
     @staticmethod
     def _update_running(bn, mean, var, count):
@@ -179,9 +254,9 @@ class FusedResNet(ResNet):
 
     @staticmethod
     def _fold(conv, bn, dtype):
-        s = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
-        w = (conv.weight.float() * s[:, None, None, None]).to(dtype)
-        return w, bn.bias.float() - bn.running_mean.float() * s
+        s = _acc(bn.weight) * torch.rsqrt(_acc(bn.running_var) + bn.eps)
+        w = (_acc(conv.weight) * s[:, None, None, None]).to(dtype)
+        return w, _acc(bn.bias) - _acc(bn.running_mean) * s
 
     def _folded_weights(self, dtype):
         """Per conv: (folded weight, bias); cached until a parameter or buffer changes (or the dtype)."""

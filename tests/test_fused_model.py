@@ -122,11 +122,11 @@ def test_state_dict_both_ways_and_conversions():
     assert isinstance(resnet20(impl="fused"), FusedResNet)
 
 
-def test_cpu_backend_is_the_reference_math():
+def test_auto_backend_on_cpu_tensors_matches_reference():
     ref = perturbed_reference(8, "B", False, "cpu")
-    fused = FusedResNet.from_reference(ref, backend="cpu")
+    fused = FusedResNet.from_reference(ref, backend="auto")
     x = torch.randn(3, 1, 9, 9)
-    torch.testing.assert_close(fused(x), ref(x))
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
 def test_backend_choice_and_errors(monkeypatch):
@@ -135,7 +135,7 @@ def test_backend_choice_and_errors(monkeypatch):
     monkeypatch.setenv("RESNET_FUSED_BACKEND", "cpu")
     assert FusedResNet(8).backend == "cpu"
     m = FusedResNet(8, widths=WIDTHS, backend="cuda")
-    with pytest.raises(RuntimeError, match="resnet_fused._C"):
+    with pytest.raises(RuntimeError, match="CUDA"):  # CPU tensors, or no CUDA kernels in this build
         m(torch.randn(2, 1, 7, 7))
 
 

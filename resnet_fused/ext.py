@@ -1,0 +1,113 @@
+"""The C++/CUDA operators of ``resnet_fused._C`` (csrc/): fake implementations and autograd.
+
+The operators are defined in C++ with TORCH_LIBRARY (schemas and math: csrc/resnet_fused.cpp); importing
+``resnet_fused._C`` registers them as ``torch.ops.resnet_fused.{bn_stats, bn_stats_backward, bn_finalize,
+scale_shift_add_relu, scale_shift_add_relu_backward}``. Here they get fake (meta) implementations for
+torch.compile and autograd formulas made of the registered backward operators.
+
+The package works without the extension: ``available()`` says whether it was built, ``has_cuda()`` whether the
+build includes the CUDA kernels, and ``require(backend)`` raises an error naming what is missing.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers the operators)
+    EXT_IMPORT_ERROR = None
+except ImportError as e:  # not built (pure-Python install) or built against another torch
+    EXT_IMPORT_ERROR = e
+
+
+def available() -> bool:
+    return EXT_IMPORT_ERROR is None
+
+
+def has_cuda() -> bool:
+    return available() and torch._C._dispatch_has_kernel_for_dispatch_key("resnet_fused::bn_stats", "CUDA")
+
+
+def require(backend: str):
+    if not available():
+        raise RuntimeError(f"backend {backend!r} needs the compiled extension resnet_fused._C, which is not "
+                           f"available ({EXT_IMPORT_ERROR}); reinstall with `pip install --no-build-isolation -e .` "
+                           f"(a C++ compiler, and nvcc for 'cuda'), or use backend='triton' / 'auto'")
+    if backend == "cuda" and not has_cuda():
+        raise RuntimeError("backend 'cuda' needs resnet_fused._C built with its CUDA kernels, but this build has "
+                           "only the CPU ones: reinstall with nvcc available (RESNET_FUSED_BUILD_CUDA=1)")
+
+
+def _layout(t):
+    """The memory format ATen's suggest_memory_format picks for the tensors these operators return."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _acc(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+if available():
+    ops = torch.ops.resnet_fused
+
+    @torch.library.register_fake("resnet_fused::bn_stats")
+    def _(x):
+        torch._check(x.dim() == 4, lambda: f"bn_stats expects a 4-D tensor, got {x.dim()}-D")
+        c = x.shape[1]
+        return x.new_empty((c,), dtype=_acc(x)), x.new_empty((c,), dtype=_acc(x))
+
+    @torch.library.register_fake("resnet_fused::bn_stats_backward")
+    def _(grad_mean, grad_var, x, mean):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
+
+    @torch.library.register_fake("resnet_fused::bn_finalize")
+    def _(mean, var, running_mean, running_var, num_batches_tracked, count, momentum, cumulative, eps):
+        return torch.empty_like(var, dtype=_acc(var))
+
+    @torch.library.register_fake("resnet_fused::scale_shift_add_relu")
+    def _(y, scale, shift, residual, res_scale, res_shift, mode, res_stride, pad_front, relu):
+        return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_layout(y))
+
+    @torch.library.register_fake("resnet_fused::scale_shift_add_relu_backward")
+    def _(grad_out, out, y, scale, residual, res_scale, mode, res_stride, pad_front, relu):
+        c, acc = y.shape[1], _acc(y)
+        gy = torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_layout(y))
+        if mode == 0:
+            g_res = y.new_empty((0,), dtype=acc)
+        else:
+            g_res = torch.empty(residual.shape, dtype=residual.dtype, device=y.device,
+                                memory_format=_layout(residual))
+        n3 = c if mode == 3 else 0
+        return (gy, y.new_empty((c,), dtype=acc), y.new_empty((c,), dtype=acc), g_res,
+                y.new_empty((n3,), dtype=acc), y.new_empty((n3,), dtype=acc))
+
+    # -- autograd: the VJPs are the registered backward operators ------------------------------------------------
+
+    def _stats_setup(ctx, inputs, output):
+        (x,) = inputs
+        ctx.save_for_backward(x, output[0])
+
+    def _stats_backward(ctx, grad_mean, grad_var):
+        x, mean = ctx.saved_tensors
+        return ops.bn_stats_backward(grad_mean, grad_var, x, mean)
+
+    torch.library.register_autograd("resnet_fused::bn_stats", _stats_backward, setup_context=_stats_setup)
+
+    def _ssar_setup(ctx, inputs, output):
+        y, scale, shift, residual, res_scale, res_shift, mode, res_stride, pad_front, relu = inputs
+        ctx.save_for_backward(output, y, scale, residual, res_scale)
+        ctx.args = (mode, res_stride, pad_front, relu)
+        ctx.has_scale = scale is not None
+
+    def _ssar_backward(ctx, grad_out):
+        out, y, scale, residual, res_scale = ctx.saved_tensors
+        mode = ctx.args[0]
+        gy, gs, gt, gr, grs, grt = ops.scale_shift_add_relu_backward(grad_out, out, y, scale, residual, res_scale,
+                                                                     *ctx.args)
+        s = ctx.has_scale
+        return (gy, gs if s else None, gt if s else None, gr if mode else None, grs if mode == 3 else None,
+                grt if mode == 3 else None, None, None, None, None)
+
+    torch.library.register_autograd("resnet_fused::scale_shift_add_relu", _ssar_backward,
+                                    setup_context=_ssar_setup)
