@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "layout.h"
 
 extern "C" {
 // The module is only the shell that loads the library; operators are reached through torch.ops.resnet_fused.
@@ -42,15 +43,6 @@ namespace resnet_fused {
 namespace {
 
 constexpr int64_t kRowsPerChunk = 256;
-
-at::Tensor as_nhwc(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
-
-at::Tensor in_layout_of(const at::Tensor& nhwc, const at::Tensor& ref) {
-  auto fmt = ref.suggest_memory_format();
-  return fmt == at::MemoryFormat::ChannelsLast ? nhwc : nhwc.contiguous(fmt);
-}
-
-at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 template <typename acc_t>
 std::vector<acc_t> channel_vector(const c10::optional<at::Tensor>& v, int64_t c, acc_t fill) {
@@ -269,20 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
   });
   at::Tensor sums = part.sum(0);  // fixed-order reduction over chunks
-  at::Tensor g_res = at::empty({0}, y.options().dtype(acc)), g_rs = at::empty({0}, y.options().dtype(acc));
-  at::Tensor g_rt = at::empty({0}, y.options().dtype(acc));
-  if (mode == kIdentity) {
-    g_res = in_layout_of(gr, *residual);
-  } else if (mode == kPadA) {
-    const at::Tensor& res = *residual;
-    g_res = at::zeros(res.sizes(), res.options().memory_format(res.suggest_memory_format()));
-    g_res.slice(2, 0, c10::nullopt, res_stride).slice(3, 0, c10::nullopt, res_stride)
-        .copy_(gr.slice(1, pad_front, pad_front + res.size(1)));
-  } else if (mode == kProjB) {
-    g_res = in_layout_of(gr, *residual);
-    g_rs = sums[2].clone();
-    g_rt = sums[1].clone();
-  }
+  auto [g_res, g_rs, g_rt] = shortcut_grads(gr, sums, residual, mode, res_stride, pad_front);
   return {in_layout_of(gy, y_in), sums[0].clone(), sums[1].clone(), g_res, g_rs, g_rt};
 }
 

@@ -45,6 +45,18 @@ def _acc(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _shortcut_args(blk, x, conv_bn):
+    """(residual, res_scale, res_shift, mode, res_stride, pad_front) of a training block's final fused op;
+    conv_bn(x, conv, bn) -> (y, (scale, shift)) runs the option-B projection."""
+    kind = blk.shortcut_kind
+    if kind == "B":
+        y, (rs, rt) = conv_bn(x, blk.shortcut.conv, blk.shortcut.bn)
+        return y, rs, rt, 3, blk.stride, 0
+    if kind == "none":
+        return None, None, None, 0, blk.stride, 0
+    return x, None, None, _SHORTCUT_MODE[kind], blk.stride, blk.shortcut.pad_front if kind == "A" else 0
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -180,14 +192,7 @@ class FusedResNet(ResNet):
             y1, (s1, t1) = self._ext_conv_bn(a, blk.conv1, blk.bn1)
             h = ssar(y1, s1, t1, None, None, None, 0, 1, 0, True)
             y2, (s2, t2) = self._ext_conv_bn(h, blk.conv2, blk.bn2)
-            kind = blk.shortcut_kind
-            res, rs, rt, pad_front = None, None, None, 0
-            if kind in ("identity", "A"):
-                res = a
-                pad_front = blk.shortcut.pad_front if kind == "A" else 0
-            elif kind == "B":
-                res, (rs, rt) = self._ext_conv_bn(a, blk.shortcut.conv, blk.shortcut.bn)
-            a = ssar(y2, s2, t2, res, rs, rt, _SHORTCUT_MODE[kind], blk.stride, pad_front, True)
+            a = ssar(y2, s2, t2, *_shortcut_args(blk, a, self._ext_conv_bn), True)
         return a
 
     def _features_ext_eval(self, x):
@@ -240,14 +245,8 @@ class FusedResNet(ResNet):
         for blk in self.blocks():
             y1, (s1, t1) = self._conv_stats(a, blk.conv1, blk.bn1, dtype)
             y2, (s2, t2) = self._conv_stats(y1, blk.conv2, blk.bn2, dtype, s1, t1)
-            kind = blk.shortcut_kind
-            res, rs, rt, pad_front = None, None, None, 0
-            if kind in ("identity", "A"):
-                res = a
-                pad_front = blk.shortcut.pad_front if kind == "A" else 0
-            elif kind == "B":
-                res, (rs, rt) = self._conv_stats(a, blk.shortcut.conv, blk.shortcut.bn, dtype)
-            a = ops.bn_add_relu(y2, s2, t2, res, rs, rt, _SHORTCUT_MODE[kind], blk.stride, pad_front, True)
+            proj = lambda x_, conv, bn: self._conv_stats(x_, conv, bn, dtype)  # noqa: E731
+            a = ops.bn_add_relu(y2, s2, t2, *_shortcut_args(blk, a, proj), True)
         return a
 
     # ---- inference -------------------------------------------------------------------------------------------

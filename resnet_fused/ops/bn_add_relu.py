@@ -31,13 +31,8 @@ from .implicit_gemm import device_guard, empty_nhwc, nhwc_strides
 
 
 @triton.jit
-def bn_add_relu_fwd_kernel(out_ptr,                                 # [P, C] rows of NHWC output
-                           y_ptr, scale_ptr, shift_ptr,             # conv output and its BN scale/shift
-                           r_ptr, rs_ptr, rt_ptr,                   # shortcut source (+ its BN for mode 3)
-                           P, C, H, W, RC,                          # rows, channels, out spatial, r channels
-                           y_n, y_h, y_w, y_c, r_n, r_h, r_w, r_c, PAD_FRONT,
-                           MODE: tl.constexpr, RES_STRIDE: tl.constexpr, RELU: tl.constexpr,
-                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _tile_coords(P, C, H, W, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows (image, h, w) and channels of this program's [BLOCK_P, BLOCK_C] tile of the NHWC activation."""
     offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
@@ -45,9 +40,25 @@ def bn_add_relu_fwd_kernel(out_ptr,                                 # [P, C] row
     n = offs_p // (H * W)
     h = (offs_p % (H * W)) // W
     w = offs_p % W
-    c64 = offs_c.to(tl.int64)[None, :]
-    y = tl.load(y_ptr + n[:, None] * y_n + h[:, None] * y_h + w[:, None] * y_w + c64 * y_c, mask=mask,
-                other=0.0).to(tl.float32)
+    return offs_p, offs_c, c_ok, mask, n, h, w, offs_c.to(tl.int64)[None, :]
+
+
+@triton.jit
+def _load_tile(ptr, n, h, w, c64, s_n, s_h, s_w, s_c, mask):
+    return tl.load(ptr + n[:, None] * s_n + h[:, None] * s_h + w[:, None] * s_w + c64 * s_c, mask=mask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def bn_add_relu_fwd_kernel(out_ptr,                                 # [P, C] rows of NHWC output
+                           y_ptr, scale_ptr, shift_ptr,             # conv output and its BN scale/shift
+                           r_ptr, rs_ptr, rt_ptr,                   # shortcut source (+ its BN for mode 3)
+                           P, C, H, W, RC,                          # rows, channels, out spatial, r channels
+                           y_n, y_h, y_w, y_c, r_n, r_h, r_w, r_c, PAD_FRONT,
+                           MODE: tl.constexpr, RES_STRIDE: tl.constexpr, RELU: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_p, offs_c, c_ok, mask, n, h, w, c64 = _tile_coords(P, C, H, W, BLOCK_P, BLOCK_C)
+    y = _load_tile(y_ptr, n, h, w, c64, y_n, y_h, y_w, y_c, mask)
     scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
     v = y * scale[None, :] + shift[None, :]
@@ -78,16 +89,8 @@ def bn_add_relu_bwd_kernel(gy_ptr, gr_ptr, part_ptr,               # dL/dy, dL/d
                            g_n, g_h, g_w, g_c, o_n, o_h, o_w, o_c, y_n, y_h, y_w, y_c, r_n, r_h, r_w, r_c,
                            MODE: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_p = tl.program_id(0).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    mask = (offs_p < P)[:, None] & c_ok[None, :]
-    n = offs_p // (H * W)
-    h = (offs_p % (H * W)) // W
-    w = offs_p % W
-    c64 = offs_c.to(tl.int64)[None, :]
-    go = tl.load(go_ptr + n[:, None] * g_n + h[:, None] * g_h + w[:, None] * g_w + c64 * g_c, mask=mask,
-                 other=0.0).to(tl.float32)
+    offs_p, offs_c, c_ok, mask, n, h, w, c64 = _tile_coords(P, C, H, W, BLOCK_P, BLOCK_C)
+    go = _load_tile(go_ptr, n, h, w, c64, g_n, g_h, g_w, g_c, mask)
     if RELU:
         o = tl.load(out_ptr + n[:, None] * o_n + h[:, None] * o_h + w[:, None] * o_w + c64 * o_c, mask=mask,
                     other=0.0).to(tl.float32)
