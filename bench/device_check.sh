@@ -18,6 +18,7 @@ cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 LOG="$OUT/device_check.log"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 RESNET_FUSED_BUILD_CUDA=${RESNET_FUSED_BUILD_CUDA:-auto}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-4}  # this machine's chip only: faster build
 : > "$LOG"
 T0=$(date +%s)
 
