@@ -198,3 +198,21 @@ def test_backend_errors_name_what_is_missing():
     m = FusedResNet(8, widths=[4, 8, 16], backend="cuda")
     with pytest.raises(RuntimeError, match="CUDA"):
         m(torch.randn(2, 1, 7, 7))
+
+
+def test_torch_compile_fullgraph_cpu_backend():
+    ref = _reference(8, "B", False, torch.device("cpu"), torch.float32)
+    fused = FusedResNet.from_reference(ref, backend="cpu")
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 1, 9, 9)
+    out, out_r = compiled(x), ref(x)
+    torch.testing.assert_close(out, out_r, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    out_r.sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+    for (name, b), c in zip(ref.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    fused.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-5)
