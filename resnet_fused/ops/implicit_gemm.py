@@ -243,6 +243,7 @@ def conv_wgrad_kernel(part_ptr,                               # fp32 [SPLIT, COU
 # ---- launchers (allocate, pick a config, launch; no autograd) ---------------------------------------------
 
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -361,7 +362,8 @@ def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=Non
     cfg["BLOCK_R"] = _pow2_clamp(ktot, 16, cfg["BLOCK_R"])
     tiles = triton.cdiv(cout, cfg["BLOCK_CO"]) * triton.cdiv(ktot, cfg["BLOCK_R"])
     # enough programs to fill the GPU (about 4 waves), each with at least a few BLOCK_P steps
-    target = 4 * (torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 2)
+    target = 4 * (_sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
+                  if dev.type == "cuda" else 2)
     split = max(1, min(triton.cdiv(p, 4 * cfg["BLOCK_P"]), triton.cdiv(target, tiles)))
     per = triton.cdiv(triton.cdiv(p, split), cfg["BLOCK_P"]) * cfg["BLOCK_P"]
     split = triton.cdiv(p, per)
@@ -379,6 +381,11 @@ def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=Non
             BLOCK_CO=cfg["BLOCK_CO"], BLOCK_R=cfg["BLOCK_R"], BLOCK_P=cfg["BLOCK_P"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return part.sum(0) if split > 1 else part[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def weight_matrix(w, transposed=False):
