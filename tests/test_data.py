@@ -65,3 +65,17 @@ def test_normalisation_and_channels_last(mnist_root):
     x, _ = next(iter(DeviceLoader(d["train"], 1000, d["mean"], d["std"], channels_last=True)))
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["fashionmnist", "kmnist"])
+def test_idx_family_datasets_load_through_torchvision(mnist_root, tmp_path, name):
+    """FashionMNIST and KMNIST share MNIST's IDX files and layout: their loaders run on MNIST's files."""
+    import os
+    folder = {"fashionmnist": "FashionMNIST", "kmnist": "KMNIST"}[name]
+    raw = tmp_path / folder / "raw"
+    raw.mkdir(parents=True)
+    for f in os.listdir(os.path.join(mnist_root, "MNIST", "raw")):
+        if not f.endswith(".gz"):
+            os.symlink(os.path.join(mnist_root, "MNIST", "raw", f), raw / f)
+    d = load_splits(name, str(tmp_path), subset=100)
+    assert d["train"].images.shape == (100, 1, 28, 28) and len(d["classes"]) == 10
