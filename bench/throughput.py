@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from resnet_fused import build_model  # noqa: E402
 
-IMPLS = ["eager", "compile", "compile-max-autotune", "compile-reduce-overhead", "fused-triton",
+IMPLS = ["eager", "eager-channels-last", "compile", "compile-max-autotune", "compile-reduce-overhead", "fused-triton",
          "fused-triton-graph", "fused-cuda", "fused-cuda-graph", "fused-cpu"]
 
 
@@ -230,7 +230,7 @@ def bench_one(name, mode, prec, impl, bs, dev, args, peaks):
     reason = skip_reason(impl, dev)
     if reason:
         return dict(row, status="skipped", reason=reason)
-    cl = prec == "bf16" or impl.startswith("fused")
+    cl = prec == "bf16" or impl.startswith("fused") or impl == "eager-channels-last"
     in_ch, hw = args.channels, args.size
     try:
         model = make_model(name, impl, in_ch, dev, cl)
@@ -289,7 +289,7 @@ def defaults(dev):
                     impls="eager,compile,compile-max-autotune,compile-reduce-overhead,fused-triton,"
                           "fused-triton-graph,fused-cuda,fused-cuda-graph", iters=20, repeats=7)
     return dict(models="resnet20", batch_sizes="64,256", modes="train,inference", precisions="fp32",
-                impls="eager,fused-cpu,fused-triton,compile", iters=2, repeats=3)
+                impls="eager,eager-channels-last,fused-cpu,fused-triton,compile", iters=2, repeats=3)
 
 
 def build_parser():

@@ -30,7 +30,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> shortcut_grads(const at::T
   if (mode == kIdentity) return {in_layout_of(gr, *residual), empty(), empty()};
   if (mode == kPadA) {  // scatter back onto the strided positions of the block input; padded channels drop out
     const at::Tensor& res = *residual;
-    at::Tensor g = at::zeros(res.sizes(), res.options().memory_format(res.suggest_memory_format()));
+    at::Tensor g = at::empty(res.sizes(), res.options(), res.suggest_memory_format()).zero_();  // in res's layout
     g.slice(2, 0, c10::nullopt, res_stride).slice(3, 0, c10::nullopt, res_stride)
         .copy_(gr.slice(1, pad_front, pad_front + res.size(1)));
     return {g, empty(), empty()};

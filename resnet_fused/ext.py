@@ -111,3 +111,48 @@ if available():
 
     torch.library.register_autograd("resnet_fused::scale_shift_add_relu", _ssar_backward,
                                     setup_context=_ssar_setup)
+
+    # -- batch_norm_add_relu: BN from batch statistics + shortcut + ReLU; its VJP includes the statistics' ---------
+
+    @torch.library.register_fake("resnet_fused::batch_norm_add_relu")
+    def _(y, mean, invstd, weight, bias, residual, res_mean, res_invstd, res_weight, res_bias, mode, res_stride,
+          pad_front, relu):
+        return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_layout(y))
+
+    @torch.library.register_fake("resnet_fused::batch_norm_add_relu_backward")
+    def _(grad_out, out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight, mode, res_stride,
+          pad_front, relu):
+        c, acc = y.shape[1], _acc(y)
+        dy = torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_layout(y))
+        if mode == 0:
+            dr = y.new_empty((0,), dtype=acc)
+        else:
+            dr = torch.empty(residual.shape, dtype=residual.dtype, device=y.device, memory_format=_layout(residual))
+        dw = y.new_empty((c,), dtype=weight.dtype) if weight is not None else y.new_empty((0,), dtype=acc)
+        proj = mode == 3
+        drw = y.new_empty((c,), dtype=res_weight.dtype) if proj and res_weight is not None else y.new_empty(
+            (0,), dtype=acc)
+        return dy, dw, y.new_empty((c,), dtype=acc), dr, drw, y.new_empty((c if proj else 0,), dtype=acc)
+
+    def _bnar_setup(ctx, inputs, output):
+        (y, mean, invstd, weight, bias, residual, res_mean, res_invstd, res_weight, res_bias, mode, res_stride,
+         pad_front, relu) = inputs
+        for name, t in (("mean", mean), ("invstd", invstd), ("res_mean", res_mean), ("res_invstd", res_invstd)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(f"batch_norm_add_relu: {name} requires grad, but its gradient is folded into the "
+                                   f"input's (it must be the batch statistic of y, computed under no_grad)")
+        ctx.save_for_backward(output, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight)
+        ctx.args = (mode, res_stride, pad_front, relu)
+        ctx.has = (weight is not None, bias is not None, res_weight is not None, res_bias is not None)
+
+    def _bnar_backward(ctx, grad_out):
+        out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight = ctx.saved_tensors
+        mode = ctx.args[0]
+        dy, dw, db, dr, drw, drb = ops.batch_norm_add_relu_backward(grad_out, out, y, mean, invstd, weight, residual,
+                                                                    res_mean, res_invstd, res_weight, *ctx.args)
+        hw, hb, hrw, hrb = ctx.has
+        proj = mode == 3
+        return (dy, None, None, dw if hw else None, db if hb else None, dr if mode else None, None, None,
+                drw if proj and hrw else None, drb if proj and hrb else None, None, None, None, None)
+
+    torch.library.register_autograd("resnet_fused::batch_norm_add_relu", _bnar_backward, setup_context=_bnar_setup)

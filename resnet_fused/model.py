@@ -4,6 +4,7 @@ Training mode (backend "triton"), per BasicBlock:
     y1, mean1, var1 = conv_bn_stats(x, W1)                          conv1, BN1 statistics in its epilogue
     y2, mean2, var2 = conv_bn_stats(y1, W2, scale1, shift1)         BN1 + ReLU applied on load, BN2 statistics
     out = bn_add_relu(y2, scale2, shift2, shortcut)                 BN2 + shortcut (identity / A / B) + ReLU
+For option B, conv_bn_stats_proj computes y2 and the 1x1 projection of x (each with its statistics) in one launch.
 with scale = gamma * rsqrt(var + eps), shift = beta - mean * scale as tiny per-channel tensor ops, so autograd
 carries gradients to gamma, beta and through the statistics; bn_running_update updates the running buffers
 exactly as nn.BatchNorm2d. The stem is conv_bn_stats + bn_add_relu (mode 0); pooling and the head are PyTorch.
@@ -13,8 +14,9 @@ conv_bn_act kernel per conv with bias, shortcut (identity, option A by index mat
 the same tile) and ReLU in its epilogue.
 
 Backends: "triton" (the kernels above; on CPU tensors only under TRITON_INTERPRET=1), "cuda" / "cpu" (ATen
-convolutions + the C++/CUDA operators of resnet_fused._C: bn_stats, bn_finalize, scale_shift_add_relu; in eval BN
-folded into the weights), "auto" (triton on CUDA tensors; cpu on CPU tensors, or the plain PyTorch composition
+convolutions + the C++/CUDA operators of resnet_fused._C: bn_stats and bn_finalize outside autograd, then
+batch_norm_add_relu, whose backward includes the statistics' gradient; in eval BN folded into the weights and
+scale_shift_add_relu; channels_last throughout), "auto" (triton on CUDA tensors; cpu on CPU tensors, or the plain PyTorch composition
 when the extension is not built). ``RESNET_FUSED_BACKEND`` sets the default.
 """
 from __future__ import annotations
@@ -45,16 +47,23 @@ def _acc(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _shortcut_args(blk, x, conv_bn):
-    """(residual, res_scale, res_shift, mode, res_stride, pad_front) of a training block's final fused op;
-    conv_bn(x, conv, bn) -> (y, (scale, shift)) runs the option-B projection."""
+def _shortcut_args(blk, x):
+    """(residual, res_scale, res_shift, mode, res_stride, pad_front) of a training block's final fused op for the
+    parameter-free shortcuts (none, identity, option A); option B has its own path."""
     kind = blk.shortcut_kind
-    if kind == "B":
-        y, (rs, rt) = conv_bn(x, blk.shortcut.conv, blk.shortcut.bn)
-        return y, rs, rt, 3, blk.stride, 0
     if kind == "none":
         return None, None, None, 0, blk.stride, 0
     return x, None, None, _SHORTCUT_MODE[kind], blk.stride, blk.shortcut.pad_front if kind == "A" else 0
+
+
+def _channels_last(x):
+    """x in channels_last, with strides that say so even for one channel: ATen reads an (N, 1, H, W) tensor's
+    strides as NCHW, and its convolution would then return NCHW activations for the rest of the network."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    if x.shape[1] == 1 and x.stride(1) != 1:
+        n, c, h, w = x.shape
+        x = x.as_strided(x.shape, (h * w * c, 1, w * c, c))
+    return x
 
 
 def triton_interpreting() -> bool:
@@ -153,6 +162,9 @@ class FusedResNet(ResNet):
         if backend in ("cpu", "cuda"):
             if not self.training and torch.is_grad_enabled() and self._needs_grad(x):
                 return super().forward(x)
+            # channels_last throughout: oneDNN's convolutions are up to 4x faster in it on CPU, and the C++
+            # operators work on NHWC rows in place (an NCHW operand costs them a layout copy each way)
+            x = _channels_last(x)
             feats = self._features_ext_train(x) if self.training else self._features_ext_eval(x)
             return self.fc(torch.flatten(F.adaptive_avg_pool2d(feats, 1), 1))
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -174,25 +186,38 @@ class FusedResNet(ResNet):
     # ---- the C++/CUDA backends: ATen convolutions + resnet_fused._C operators ------------------------------
 
     def _ext_conv_bn(self, x, conv, bn):
-        """conv (ATen), batch statistics (bn_stats), running update (bn_finalize), scale/shift with autograd."""
+        """conv (ATen), then y's batch statistics (bn_stats) and the running update (bn_finalize) outside autograd:
+        batch_norm_add_relu's backward carries the gradient through the statistics itself."""
         y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
-        mean, var = torch.ops.resnet_fused.bn_stats(y)
-        if bn.track_running_stats and bn.running_mean is not None:
-            torch.ops.resnet_fused.bn_finalize(mean.detach(), var.detach(), bn.running_mean, bn.running_var,
-                                               bn.num_batches_tracked, y.shape[0] * y.shape[2] * y.shape[3],
-                                               0.0 if bn.momentum is None else float(bn.momentum),
-                                               bn.momentum is None, bn.eps)
-        return y, self._scale_shift(bn, mean, var)
+        with torch.no_grad():
+            mean, var = torch.ops.resnet_fused.bn_stats(y)
+            if bn.track_running_stats and bn.running_mean is not None:
+                invstd = torch.ops.resnet_fused.bn_finalize(
+                    mean, var, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                    y.shape[0] * y.shape[2] * y.shape[3], 0.0 if bn.momentum is None else float(bn.momentum),
+                    bn.momentum is None, bn.eps)
+            else:
+                invstd = torch.rsqrt(var + bn.eps)
+        return y, (mean, invstd, bn.weight, bn.bias)
 
     def _features_ext_train(self, x):
-        ssar = torch.ops.resnet_fused.scale_shift_add_relu
-        y, (s, t) = self._ext_conv_bn(x, self.conv1, self.bn1)
-        a = ssar(y, s, t, None, None, None, 0, 1, 0, True)
+        bnar = torch.ops.resnet_fused.batch_norm_add_relu
+        none = (None, None, None, None, None)
+        y, st = self._ext_conv_bn(x, self.conv1, self.bn1)
+        a = bnar(y, *st, *none, 0, 1, 0, True)
         for blk in self.blocks():
-            y1, (s1, t1) = self._ext_conv_bn(a, blk.conv1, blk.bn1)
-            h = ssar(y1, s1, t1, None, None, None, 0, 1, 0, True)
-            y2, (s2, t2) = self._ext_conv_bn(h, blk.conv2, blk.bn2)
-            a = ssar(y2, s2, t2, *_shortcut_args(blk, a, self._ext_conv_bn), True)
+            y1, st1 = self._ext_conv_bn(a, blk.conv1, blk.bn1)
+            h = bnar(y1, *st1, *none, 0, 1, 0, True)
+            y2, st2 = self._ext_conv_bn(h, blk.conv2, blk.bn2)
+            kind = blk.shortcut_kind
+            if kind == "B":
+                r, rst = self._ext_conv_bn(a, blk.shortcut.conv, blk.shortcut.bn)
+                a = bnar(y2, *st2, r, *rst, 3, blk.stride, 0, True)
+            elif kind == "none":
+                a = bnar(y2, *st2, *none, 0, 1, 0, True)
+            else:
+                pad_front = blk.shortcut.pad_front if kind == "A" else 0
+                a = bnar(y2, *st2, a, None, None, None, None, _SHORTCUT_MODE[kind], blk.stride, pad_front, True)
         return a
 
     def _features_ext_eval(self, x):
@@ -244,9 +269,17 @@ class FusedResNet(ResNet):
         a = ops.bn_add_relu(y, s, t, None, None, None, 0, 1, 0, True)
         for blk in self.blocks():
             y1, (s1, t1) = self._conv_stats(a, blk.conv1, blk.bn1, dtype)
+            if blk.shortcut_kind == "B":  # conv2 and the projection shortcut in one launch, both with statistics
+                y2, m2, v2, ys, ms, vs = ops.conv_bn_stats_proj(y1, blk.conv2.weight.to(dtype), s1, t1, a,
+                                                                blk.shortcut.conv.weight.to(dtype), blk.stride)
+                count = y2.shape[0] * y2.shape[2] * y2.shape[3]
+                self._update_running(blk.bn2, m2, v2, count)
+                self._update_running(blk.shortcut.bn, ms, vs, count)
+                (s2, t2), (rs, rt) = self._scale_shift(blk.bn2, m2, v2), self._scale_shift(blk.shortcut.bn, ms, vs)
+                a = ops.bn_add_relu(y2, s2, t2, ys, rs, rt, 3, blk.stride, 0, True)
+                continue
             y2, (s2, t2) = self._conv_stats(y1, blk.conv2, blk.bn2, dtype, s1, t1)
-            proj = lambda x_, conv, bn: self._conv_stats(x_, conv, bn, dtype)  # noqa: E731
-            a = ops.bn_add_relu(y2, s2, t2, *_shortcut_args(blk, a, proj), True)
+            a = ops.bn_add_relu(y2, s2, t2, *_shortcut_args(blk, a), True)
         return a
 
     # ---- inference -------------------------------------------------------------------------------------------

@@ -111,6 +111,73 @@ def test_scale_shift_add_relu(device, dtype, layout, mode, cin, stride, scaled):
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
+def _bnar_inputs(device, dtype, layout, mode, cin, stride, affine=True):
+    c, n, h, w = 13, 3, 7, 5
+    y = make((n, c, h, w), dtype, device, layout, 1).requires_grad_()
+    wb = [(torch.rand(c, dtype=dtype, device=device) + 0.5).requires_grad_(),
+          torch.randn(c, dtype=dtype, device=device).requires_grad_()] if affine else [None, None]
+    r, rwb, pf = None, [None, None], (c - cin) // 2 if mode == 2 else 0
+    if mode == 2:
+        r = make((n, cin, h * 2 - 1, w * 2), dtype, device, layout, 2).requires_grad_()
+    elif mode:
+        r = make((n, c, h, w), dtype, device, layout, 3).requires_grad_()
+    if mode == 3 and affine:
+        rwb = [(torch.rand(c, dtype=dtype, device=device) + 0.5).requires_grad_(),
+               torch.randn(c, dtype=dtype, device=device).requires_grad_()]
+    return y, wb, r, rwb, pf
+
+
+def _stats(t, eps=1e-5):
+    with torch.no_grad():
+        mean, var = ops.bn_stats(t)
+        return mean, (var + eps).rsqrt()
+
+
+@pytest.mark.parametrize("composite", [False, True], ids=["device-kernel", "composite"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("mode,cin,stride,affine", [(0, 13, 1, True), (0, 13, 1, False), (1, 13, 1, True),
+                                                    (2, 5, 2, True), (2, 6, 2, True), (3, 13, 1, True),
+                                                    (3, 13, 1, False)])
+def test_batch_norm_add_relu_matches_batchnorm(device, dtype, layout, mode, cin, stride, affine, composite):
+    """relu(BN_train(y) + shortcut) against F.batch_norm: output and the gradients of y, weight, bias, the residual
+    and (option B) the projection's weight and bias; the statistics' gradient is carried inside the op's VJP.
+    ``composite`` runs the backward's device-independent kernel (the one the CUDA backend uses) on this device."""
+    y, (w, b), r, (rw, rb), pf = _bnar_inputs(device, dtype, layout, mode, cin, stride, affine)
+    mean, invstd = _stats(y)
+    rmean, rinvstd = _stats(r) if mode == 3 else (None, None)
+    out = ops.batch_norm_add_relu(y, mean, invstd, w, b, r, rmean, rinvstd, rw, rb, mode, stride, pf, True)
+    ref_sc = F.batch_norm(r, None, None, rw, rb, True, 0.0, 1e-5) if mode == 3 else r
+    ref = ref_ssar(F.batch_norm(y, None, None, w, b, True, 0.0, 1e-5), None, None, ref_sc,
+                   torch.ones_like(mean) if mode == 3 else None, torch.zeros_like(mean) if mode == 3 else None,
+                   mode, stride, pf)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    g = torch.randn_like(ref)
+    inputs = [v for v in (y, w, b, r, rw, rb) if v is not None]
+    want = torch.autograd.grad(ref, inputs, g)
+    if composite:
+        bw = ops.batch_norm_add_relu_backward.default._op_dk
+        dy, dw, db, dr, drw, drb = bw("CompositeExplicitAutograd", g, out.detach(), y.detach(), mean, invstd,
+                                      w, r, rmean, rinvstd, rw, mode, stride, pf, True)
+        got = [dy] + ([dw, db] if affine else []) + ([dr] if mode else []) + ([drw, drb] if mode == 3 and affine
+                                                                              else [])
+    else:
+        got = torch.autograd.grad(out, inputs, g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, **TOL[dtype])
+
+
+def test_batch_norm_add_relu_rejects_statistics_with_grad(device):
+    y = make((2, 6, 4, 4), torch.float32, device, "cl").requires_grad_()
+    mean, var = ops.bn_stats(y)  # with autograd: their gradient would be dropped silently
+    with pytest.raises(RuntimeError, match="mean requires grad"):
+        ops.batch_norm_add_relu(y, mean, (var + 1e-5).rsqrt(), None, None, None, None, None, None, None, 0, 1, 0,
+                                True)
+    with pytest.raises(RuntimeError, match="option-B shortcut needs res_mean and res_invstd"):
+        m, i = _stats(y)
+        ops.batch_norm_add_relu(y, m, i, None, None, y, None, None, None, None, 3, 1, 0, True)
+
+
 def test_opcheck_every_operator(device):
     y = make((2, 6, 4, 4), torch.float32, device, "cl").requires_grad_()
     r = make((2, 6, 4, 4), torch.float32, device, "cl", 1)
@@ -128,6 +195,22 @@ def test_opcheck_every_operator(device):
     v = v.detach()
     torch.library.opcheck(ops.scale_shift_add_relu_backward.default, (torch.randn_like(out), out, y.detach(), v, r,
                                                                        v, 3, 1, 0, True))
+    outA = ops.scale_shift_add_relu(y.detach(), v, v, rA, None, None, 2, 2, 1, True)
+    torch.library.opcheck(ops.scale_shift_add_relu_backward.default, (torch.randn_like(outA), outA, y.detach(), v,
+                                                                       rA, None, 2, 2, 1, True))
+    m, i = _stats(y)
+    w = (torch.rand(6, device=device) + 0.5).requires_grad_()
+    for mode, res, stride, pf in ((0, None, 1, 0), (1, r, 1, 0), (2, rA, 2, 1), (3, r, 1, 0)):
+        rm, ri = _stats(res) if mode == 3 else (None, None)
+        rw = w if mode == 3 else None
+        res = res.detach().requires_grad_() if res is not None else None
+        torch.library.opcheck(ops.batch_norm_add_relu.default, (y, m, i, w, w, res, rm, ri, rw, rw, mode, stride, pf,
+                                                                True))
+        out = ops.batch_norm_add_relu(y, m, i, w, w, res, rm, ri, rw, rw, mode, stride, pf, True).detach()
+        torch.library.opcheck(ops.batch_norm_add_relu_backward.default,
+                              (torch.randn_like(out), out, y.detach(), m, i, w.detach(),
+                               res.detach() if res is not None else None, rm, ri,
+                               rw.detach() if rw is not None else None, mode, stride, pf, True))
 
 
 def test_bad_operands_are_clear_errors(device):

@@ -49,6 +49,45 @@ def test_conv_bn_stats_forward_and_backward(dev, shape, prologue):
         close(g, r, rtol=2e-4, atol=1e-4, msg=f"grad {name}")
 
 
+# (batch, c_in of the block, c_out, h, w of the block input, stride)
+PROJ_SHAPES = [(2, 4, 8, 9, 9, 2), (1, 5, 12, 7, 7, 1), (3, 16, 16, 8, 6, 2)]
+
+
+@pytest.mark.parametrize("shape", PROJ_SHAPES, ids=str)
+def test_conv_bn_stats_proj_forward_and_backward(dev, shape):
+    """conv2 (3x3 on relu(h*s+t)) and the option-B projection (1x1, stride) of x from one launch, each with its
+    statistics, against two separate PyTorch convolutions; every input's gradient."""
+    torch.manual_seed(0)
+    nb, ci, co, hh, ww, st = shape
+    x = nhwc(torch.randn(nb, ci, hh, ww, device=dev)).requires_grad_()
+    oh, ow = (hh - 1) // st + 1, (ww - 1) // st + 1
+    h = nhwc(torch.randn(nb, co, oh, ow, device=dev)).requires_grad_()
+    w2 = torch.randn(co, co, 3, 3, device=dev, requires_grad=True)
+    wp = torch.randn(co, ci, 1, 1, device=dev, requires_grad=True)
+    sc = (torch.rand(co, device=dev) + 0.5).requires_grad_()
+    sh = (torch.randn(co, device=dev) * 0.5).requires_grad_()
+    got = ops.conv_bn_stats_proj(h, w2, sc, sh, x, wp, st)
+    want = ref_conv_bn_stats(h, w2, sc, sh, 1, 1) + ref_conv_bn_stats(x, wp, None, None, st, 0)
+    for name, a, b in zip(["y", "mean", "var", "ys", "mean_s", "var_s"], got, want):
+        close(a, b, msg=name)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert got[3].is_contiguous(memory_format=torch.channels_last)
+    grads = [torch.randn_like(t) for t in want]
+    inputs = [h, w2, sc, sh, x, wp]
+    for name, a, b in zip(["h", "w2", "scale", "shift", "x", "w_proj"], torch.autograd.grad(got, inputs, grads),
+                          torch.autograd.grad(want, inputs, grads)):
+        close(a, b, rtol=2e-4, atol=1e-4, msg=f"grad {name}")
+
+
+def test_conv_bn_stats_proj_rejects_mismatched_branches(dev):
+    h = nhwc(torch.randn(2, 8, 5, 5, device=dev))
+    x = nhwc(torch.randn(2, 4, 9, 9, device=dev))
+    w2, wp = torch.randn(8, 8, 3, 3, device=dev), torch.randn(8, 4, 1, 1, device=dev)
+    s = torch.ones(8, device=dev)
+    with pytest.raises(ValueError, match="must give outputs of one shape"):
+        ops.conv_bn_stats_proj(h, w2, s, s, x, wp, 1)  # stride 1 gives 9x9, not 5x5
+
+
 def test_conv_bn_stats_non_contiguous_input(dev):
     torch.manual_seed(1)
     big = torch.randn(2, 6, 10, 12, device=dev)
@@ -147,6 +186,16 @@ def test_every_conv_config(dev, cfg):
     dy = nhwc(torch.randn(2, 24, 5, 5, device=dev))
     gx, _, _ = ig.conv_launch(dy, ig.weight_matrix(w, True), 3, 3, 2, 1, (9, 9), transposed=True, config=config)
     close(gx, torch.nn.grad.conv2d_input(x.shape, w, dy, stride=2, padding=1))
+    # the dual-output (option-B train) variant of the same kernel
+    h = nhwc(torch.randn(2, 24, 5, 5, device=dev))
+    w2 = torch.randn(24, 24, 3, 3, device=dev)
+    wp = torch.randn(24, 16, 1, 1, device=dev)
+    (y2, ys), part, tile = ig.conv_launch(h, ig.weight_matrix(w2), 3, 3, 1, 1, (5, 5), x2=x,
+                                          w2_mat=ig.weight_matrix(wp), stride2=2, dual_out=True, stats=1,
+                                          config=config)
+    close(y2, F.conv2d(h, w2, padding=1)), close(ys, F.conv2d(x, wp, stride=2))
+    from resnet_fused.ops.conv_bn_stats import bn_stats_finalize
+    close(bn_stats_finalize(part[1], 50, tile)[1], ys.var((0, 2, 3), unbiased=False))
 
 
 @pytest.mark.parametrize("cfg", range(len(ig.WGRAD_CONFIGS)))
@@ -197,3 +246,13 @@ def test_opcheck_backward_ops(dev):
                            True, True))
     out = ops.bn_add_relu(y, mean, var, None, None, None, 0, 1, 0, True)
     torch.library.opcheck(ops.bn_add_relu_backward.default, (g, out, y, mean, None, None, 0, 1, 0, True))
+
+
+def test_opcheck_conv_bn_stats_proj(dev):
+    torch.manual_seed(0)
+    x = nhwc(torch.randn(2, 4, 7, 7, device=dev)).requires_grad_()
+    h = nhwc(torch.randn(2, 8, 4, 4, device=dev)).requires_grad_()
+    w2 = torch.randn(8, 8, 3, 3, device=dev, requires_grad=True)
+    wp = torch.randn(8, 4, 1, 1, device=dev, requires_grad=True)
+    s, t = (torch.rand(8, device=dev) + 0.5).requires_grad_(), torch.randn(8, device=dev).requires_grad_()
+    torch.library.opcheck(ops.conv_bn_stats_proj.default, (h, w2, s, t, x, wp, 2))

@@ -19,6 +19,13 @@ mean/var -> invstd -> scale/shift. dy_total is never materialised: it is the A-o
     dW = dy_total^T @ im2col(a)          (weight gradient, split over rows, fp32 partials)
 and when the input went through relu(x*scale+shift), the input-gradient's epilogue applies the ReLU mask and
 returns dL/dx = g * scale with the per-tile sums of g*x and g, i.e. dL/dscale and dL/dshift (STATS 2).
+
+conv_bn_stats_proj: the last conv of an option-B block and its 1x1 projection shortcut in one launch. Each output
+tile runs both implicit GEMMs (the 3x3 conv of relu(h*scale+shift), and the 1x1 stride-s conv of the block input x)
+into two accumulators and writes both outputs with their tile statistics (DUAL 2 in implicit_gemm.py):
+    y  = conv2d(relu(h*scale + shift), W),  (mean, var) of y
+    ys = conv2d(x, Ws, stride=s),           (mean_s, var_s) of ys
+Its backward is the two conv_bn_stats backwards (the branches share no operand).
 """
 from __future__ import annotations
 
@@ -88,6 +95,23 @@ def conv_bn_stats_forward(x, weight, in_scale, in_shift, stride, padding, config
                                 pa=in_scale, pb=in_shift, stats=1, out_dtype=x.dtype, config=config)
     mean, var = bn_stats_finalize(part, y.shape[0] * oh * ow, tile)
     return y, mean, var
+
+
+def conv_bn_stats_proj_forward(h, weight, in_scale, in_shift, x, proj_weight, proj_stride, config=None):
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh, ow = _out_hw(h.shape[2], h.shape[3], kh, 1, kh // 2)
+    ohs, ows = _out_hw(x.shape[2], x.shape[3], 1, proj_stride, 0)
+    if (oh, ow) != (ohs, ows) or weight.shape[0] != proj_weight.shape[0] or h.shape[0] != x.shape[0]:
+        raise ValueError(f"conv_bn_stats_proj: the conv of {tuple(h.shape)} by {tuple(weight.shape)} and the "
+                         f"projection of {tuple(x.shape)} by {tuple(proj_weight.shape)} (stride {proj_stride}) "
+                         f"must give outputs of one shape")
+    (y, ys), part, tile = conv_launch(h, weight_matrix(weight), kh, kw, 1, kh // 2, (oh, ow), pro=1, pa=in_scale,
+                                      pb=in_shift, x2=x, w2_mat=weight_matrix(proj_weight), stride2=proj_stride,
+                                      dual_out=True, stats=1, out_dtype=h.dtype, config=config)
+    m = y.shape[0] * oh * ow
+    mean, var = bn_stats_finalize(part[0], m, tile)
+    mean_s, var_s = bn_stats_finalize(part[1], m, tile)
+    return y, mean, var, ys, mean_s, var_s
 
 
 def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride,
@@ -174,3 +198,42 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
 
 
 conv_bn_stats.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("resnet_fused::conv_bn_stats_proj", mutates_args=())
+def conv_bn_stats_proj(h: Tensor, weight: Tensor, in_scale: Tensor, in_shift: Tensor, x: Tensor, proj_weight: Tensor,
+                       proj_stride: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, var, ys, mean_s, var_s): y = conv2d(relu(h*in_scale+in_shift), weight, padding k//2) and the
+    option-B projection ys = conv2d(x, proj_weight, stride=proj_stride), both with batch statistics, one launch."""
+    return conv_bn_stats_proj_forward(h, weight, in_scale, in_shift, x, proj_weight, proj_stride)
+
+
+@conv_bn_stats_proj.register_fake
+def _(h, weight, in_scale, in_shift, x, proj_weight, proj_stride):
+    oh, ow = _out_hw(h.shape[2], h.shape[3], weight.shape[2], 1, weight.shape[2] // 2)
+    y = empty_nhwc(h.shape[0], weight.shape[0], oh, ow, h.dtype, h.device)
+    stat = h.new_empty((weight.shape[0],), dtype=torch.float32)
+    return y, stat, torch.empty_like(stat), torch.empty_like(y), torch.empty_like(stat), torch.empty_like(stat)
+
+
+def _proj_setup_context(ctx, inputs, output):
+    h, weight, in_scale, in_shift, x, proj_weight, proj_stride = inputs
+    y, mean, _, ys, mean_s, _ = output
+    ctx.save_for_backward(h, weight, in_scale, in_shift, y, mean, x, proj_weight, ys, mean_s)
+    ctx.proj_stride = proj_stride
+
+
+def _proj_backward(ctx, grad_y, grad_mean, grad_var, grad_ys, grad_mean_s, grad_var_s):
+    h, weight, in_scale, in_shift, y, mean, x, proj_weight, ys, mean_s = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    bwd = torch.ops.resnet_fused.conv_bn_stats_backward
+    k = weight.shape[2]
+    gh, gw, gs, gt = bwd(grad_y if grad_y is not None else torch.zeros_like(y), grad_mean, grad_var, h, weight,
+                         in_scale, in_shift, y, mean, 1, k // 2, any(need[0:1] + need[2:4]), need[1])
+    gx, gpw, _, _ = bwd(grad_ys if grad_ys is not None else torch.zeros_like(ys), grad_mean_s, grad_var_s, x,
+                        proj_weight, None, None, ys, mean_s, ctx.proj_stride, 0, need[4], need[5])
+    return (gh if need[0] else None, gw if need[1] else None, gs if need[2] else None, gt if need[3] else None,
+            gx if need[4] else None, gpw if need[5] else None, None)
+
+
+conv_bn_stats_proj.register_autograd(_proj_backward, setup_context=_proj_setup_context)

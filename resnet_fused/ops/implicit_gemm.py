@@ -96,7 +96,10 @@ def _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,
 #   BIAS       + bias[n]                           (eval: BatchNorm folded into the weights and this bias)
 #   RES == 1   + res[m, n]                         identity shortcut
 #   RES == 2   + x[img, n - pad_front, oh*s, ow*s] option A: strided subsample + zero channel padding, by index
-#   DUAL       + second implicit GEMM              option B (eval): the 1x1 projection, BN folded, same tile
+#   DUAL == 1  + second implicit GEMM              option B (eval): the 1x1 projection, BN folded, same tile
+#   DUAL == 2  second implicit GEMM into its own   option B (train): the 1x1 projection of the block input, from
+#              accumulator, written to out2        the same launch as conv2; with STATS == 1 its tile statistics go
+#                                                  to the second half of the partials ([2, tiles, 2, N])
 #   RELU
 #   STATS == 1 per-tile channel mean and M2 of the output (train: BatchNorm statistics, reduced deterministically
 #              by bn_stats_finalize; the tile count is min(BLOCK_M, M - tile * BLOCK_M))
@@ -108,7 +111,7 @@ def _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,
 # multiples of 16 the gathers and stores vectorise along channels. Measured on an H100 (bench/results, run 2):
 # turning that off made the ResNet-20 train step about 4x slower, for fewer compiled variants.
 @triton.jit
-def conv_kernel(out_ptr, stats_ptr,                          # out [M, N] rows of NHWC; fp32 partials [tiles, 2, N]
+def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows of NHWC; fp32 partials [tiles, 2, N]
                 a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,        # A source(s), prologue vectors, B [KTOT, N]
                 bias_ptr, res_ptr, x2_ptr, w2_ptr, ex_ptr, es_ptr, et_ptr,  # epilogue operands
                 M, N, DH, DW, SH, SW, C,                     # rows, cols, dest / source spatial, source channels
@@ -137,11 +140,24 @@ def conv_kernel(out_ptr, stats_ptr,                          # out [M, N] rows o
     acc = _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr, n_img, dh, dw, m_ok, offs_n, N,
                              SH, SW, C, s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT,
                              KW, STRIDE, PAD, TRANSPOSED, PRO, BLOCK_K, PRECISION)
-    if DUAL:
+    if DUAL == 1:
         acc = _implicit_gemm_acc(acc, x2_ptr, x2_ptr, pa_ptr, pb_ptr, w2_ptr, n_img, dh, dw, m_ok, offs_n, N,
                                  SH2, SW2, C2, x_n, x_h, x_w, x_c, x_n, x_h, x_w, x_c, C2,
                                  1, STRIDE2, 0, False, 0, BLOCK_K, PRECISION)
     mask = m_ok[:, None] & n_ok[None, :]
+    if DUAL == 2:
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = _implicit_gemm_acc(acc2, x2_ptr, x2_ptr, pa_ptr, pb_ptr, w2_ptr, n_img, dh, dw, m_ok, offs_n, N,
+                                  SH2, SW2, C2, x_n, x_h, x_w, x_c, x_n, x_h, x_w, x_c, C2,
+                                  1, STRIDE2, 0, False, 0, BLOCK_K, PRECISION)
+        if STATS == 1:
+            cnt2 = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+            mean2 = tl.sum(tl.where(mask, acc2, 0.0), axis=0) / cnt2
+            d2 = tl.where(mask, acc2 - mean2[None, :], 0.0)
+            sbase2 = stats_ptr + (tl.num_programs(0) + pid_m) * 2 * N + offs_n
+            tl.store(sbase2, mean2, mask=n_ok)
+            tl.store(sbase2 + N, tl.sum(d2 * d2, axis=0), mask=n_ok)
+        tl.store(out2_ptr + offs_m[:, None] * N + offs_n[None, :], acc2.to(out2_ptr.dtype.element_ty), mask=mask)
     if BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RES == 1:
@@ -304,10 +320,13 @@ def empty_nhwc(n, c, h, w, dtype, device):
 
 def conv_launch(src, w_mat, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0, pa=None, pb=None, a2=None,
                 bias=None, residual=None, res_mode=0, res_stride=1, pad_front=0, x2=None, w2_mat=None,
-                stride2=1, relu=False, stats=0, ex=None, es=None, et=None, out_dtype=None, config=None):
+                stride2=1, dual_out=False, relu=False, stats=0, ex=None, es=None, et=None, out_dtype=None,
+                config=None):
     """Run conv_kernel. src is the gathered tensor (NCHW logical, any strides), w_mat [kh*kw*C_src, N].
 
-    Returns (out [NB, N, DH, DW] channels_last, fp32 partials [tiles, 2, N] or None, rows per tile).
+    Returns (out [NB, N, DH, DW] channels_last, fp32 partials [tiles, 2, N] or None, rows per tile). With x2 the
+    1x1 projection GEMM (x2, w2_mat, stride2) is added into the same tile (eval), or with ``dual_out`` written as a
+    second output: then out is a pair and the partials are [2, tiles, 2, N] (conv, projection).
     """
     nb, c_src, sh, sw = src.shape
     dh, dw = dest_hw
@@ -317,7 +336,9 @@ def conv_launch(src, w_mat, kh, kw, stride, pad, dest_hw, *, transposed=False, p
     cfg = conv_config(m, n_out, ktot, dev, config)
     out = empty_nhwc(nb, n_out, dh, dw, out_dtype or src.dtype, dev)
     tiles = triton.cdiv(m, cfg["BLOCK_M"])
-    part = torch.empty((tiles, 2, n_out), dtype=torch.float32, device=dev) if stats else None
+    out2 = empty_nhwc(nb, n_out, dh, dw, out_dtype or src.dtype, dev) if dual_out else None
+    part = torch.empty(((2,) if dual_out else ()) + (tiles, 2, n_out), dtype=torch.float32, device=dev) \
+        if stats else None
     dummy = out
     a2 = a2 if a2 is not None else src
     res = residual if residual is not None else dummy
@@ -329,7 +350,7 @@ def conv_launch(src, w_mat, kh, kw, stride, pad, dest_hw, *, transposed=False, p
     grid = (tiles, triton.cdiv(n_out, cfg["BLOCK_N"]))
     with device_guard(src):
         conv_kernel[grid](
-            out, part if part is not None else dummy,
+            out, part if part is not None else dummy, out2 if out2 is not None else dummy,
             src, a2, pa if pa is not None else dummy, pb if pb is not None else dummy, w_mat,
             bias if bias is not None else dummy, res, x2_, w2_mat if w2_mat is not None else w_mat,
             ex_, es if es is not None else dummy, et if et is not None else dummy,
@@ -340,11 +361,11 @@ def conv_launch(src, w_mat, kh, kw, stride, pad, dest_hw, *, transposed=False, p
             *nhwc_strides(ex_),
             ktot,
             KW=kw, STRIDE=stride, PAD=pad, STRIDE2=stride2 if x2 is not None else res_stride,
-            TRANSPOSED=transposed, PRO=pro, BIAS=bias is not None, RES=res_mode, DUAL=x2 is not None,
+            TRANSPOSED=transposed, PRO=pro, BIAS=bias is not None, RES=res_mode, DUAL=(2 if dual_out else 1) if x2 is not None else 0,
             RELU=relu, STATS=stats, PRECISION=dot_precision(w_mat.dtype, dev),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return out, part, cfg["BLOCK_M"]
+    return ((out, out2) if dual_out else out), part, cfg["BLOCK_M"]
 
 
 def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=None, xt=None, config=None):
