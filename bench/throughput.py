@@ -9,7 +9,9 @@ launches per step (profiler) and the fraction of a roofline bound reached.
 
 Timing: warm-up steps first (compile / autotune / graph capture time is reported separately as setup_s), then
 ``--repeats`` timed windows of ``--iters`` steps each, CUDA events on a GPU (perf_counter on a CPU); inputs rotate
-over 4 distinct random buffers, never zeros. A train step is forward + cross-entropy + backward + SGD(momentum) step.
+over 4 distinct random buffers, never zeros. On a CPU the rows compared with each other (same model, mode,
+precision and batch) are timed round-robin, one window each per repeat (``--interleave``), so that drifting load
+on a shared machine does not favour whichever row ran in a quiet moment. A train step is forward + cross-entropy + backward + SGD(momentum) step.
 
 Roofline model (documented, deliberately simple): FLOPs = 2*MACs of every conv and the head (forward), x3 for a train
 step (forward, input gradient, weight gradient). Bytes = every conv reading its input and writing its output once
@@ -225,11 +227,12 @@ def build_step(model, impl, mode, prec, dev, xs, ys):
     return step, time.perf_counter() - t0
 
 
-def bench_one(name, mode, prec, impl, bs, dev, args, peaks):
+def prepare_one(name, mode, prec, impl, bs, dev, args):
+    """(row, prepared): the row's identity and, when it can run, its step callable and setup time."""
     row = dict(model=name, mode=mode, precision=prec, impl=impl, batch=bs)
     reason = skip_reason(impl, dev)
     if reason:
-        return dict(row, status="skipped", reason=reason)
+        return dict(row, status="skipped", reason=reason), None
     cl = prec == "bf16" or impl.startswith("fused") or impl == "eager-channels-last"
     in_ch, hw = args.channels, args.size
     try:
@@ -242,21 +245,65 @@ def bench_one(name, mode, prec, impl, bs, dev, args, peaks):
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         step, setup_s = build_step(model, impl, mode, prec, dev, xs, ys)
-        times = time_windows(step, dev, args.iters, args.repeats)
-        peak_mem = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-        launches = count_launches(step, dev) if args.launches else None
     except Exception as e:  # a failing configuration is reported, not fatal
-        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        return dict(row, status="error", reason=msg)
+        return error_row(row, e), None
+    return row, dict(step=step, setup_s=setup_s)
+
+
+def error_row(row, e):
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    return dict(row, status="error", reason=msg)
+
+
+def finish_one(row, prep, times, dev, args, peaks):
+    """The measured row from the timed windows (seconds per step) of a prepared configuration."""
+    try:
+        peak_mem = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        launches = count_launches(prep["step"], dev) if args.launches else None
+    except Exception as e:
+        return error_row(row, e)
     med = statistics.median(times)
+    prec, in_ch, hw, bs = row["precision"], args.channels, args.size, row["batch"]
     esize = 2 if prec == "bf16" else 4
-    flops, nbytes = work_model(build_model(name, in_channels=in_ch), (bs, in_ch, hw, hw), mode == "train", esize)
+    flops, nbytes = work_model(build_model(row["model"], in_channels=in_ch), (bs, in_ch, hw, hw),
+                               row["mode"] == "train", esize)
     bound = max(flops / peaks[prec], nbytes / peaks["bandwidth"])
     return dict(row, status="ok", step_ms=med * 1e3, step_ms_p20=quantile(times, 0.2) * 1e3,
-                step_ms_p80=quantile(times, 0.8) * 1e3, images_per_s=bs / med, setup_s=setup_s,
+                step_ms_p80=quantile(times, 0.8) * 1e3, images_per_s=bs / med, setup_s=prep["setup_s"],
                 peak_mem_mb=peak_mem / 2 ** 20 if peak_mem is not None else None, launches_per_step=launches,
                 gflop_per_step=flops / 1e9, mb_per_step=nbytes / 1e6, roofline_ms=bound * 1e3,
                 fraction_of_roofline=bound / med)
+
+
+def bench_one(name, mode, prec, impl, bs, dev, args, peaks):
+    """One configuration: prepare, time ``repeats`` windows back to back, finish."""
+    row, prep = prepare_one(name, mode, prec, impl, bs, dev, args)
+    if prep is None:
+        return row
+    try:
+        times = time_windows(prep["step"], dev, args.iters, args.repeats)
+    except Exception as e:
+        return error_row(row, e)
+    return finish_one(row, prep, times, dev, args, peaks)
+
+
+def bench_interleaved(group, dev, args, peaks):
+    """The configurations of one (model, mode, precision, batch) prepared together and timed round-robin, one
+    window each per repeat: on a machine whose speed drifts (shared CPUs) every implementation sees the same
+    conditions, so the ratios between rows stay honest."""
+    preps = [prepare_one(*cfg, dev, args) for cfg in group]
+    times = [[] for _ in preps]
+    failed = {}
+    for _ in range(args.repeats):
+        for i, (row, prep) in enumerate(preps):
+            if prep is None or i in failed:
+                continue
+            try:
+                times[i] += time_windows(prep["step"], dev, args.iters, 1)
+            except Exception as e:
+                failed[i] = error_row(row, e)
+    return [row if prep is None else failed.get(i) or finish_one(row, prep, times[i], dev, args, peaks)
+            for i, (row, prep) in enumerate(preps)]
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
@@ -305,6 +352,9 @@ def build_parser():
     p.add_argument("--iters", type=int, help="steps per timed window")
     p.add_argument("--repeats", type=int, help="timed windows (median and 20/80th percentiles over them)")
     p.add_argument("--device", default=None)
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the rows of one model/mode/precision/batch round-robin (default on a CPU, whose "
+                        "speed drifts with other load; off on a GPU, where each row runs alone)")
     p.add_argument("--no-launches", dest="launches", action="store_false", help="skip the profiler launch count")
     p.add_argument("--json", default=None, help="output JSON path")
     p.add_argument("--png", default=None, help="output bar chart path ('' to skip)")
@@ -395,15 +445,25 @@ def main(argv=None):
                if "@" not in i or i.split("@")[1] == p]
     from tqdm import tqdm
     rows = []
+    interleave = args.interleave if args.interleave is not None else dev.type == "cpu"
     result = dict(environment=env, peaks=peaks, settings=dict(size=args.size, channels=args.channels,
-                                                              iters=args.iters, repeats=args.repeats),
+                                                              iters=args.iters, repeats=args.repeats,
+                                                              interleave=interleave),
                   rows=rows, complete=False)
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    for cfg in tqdm(configs, disable=args.no_progress, desc="benchmark", file=sys.stderr):
-        rows.append(bench_one(*cfg, dev, args, peaks))
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        write_json(result, json_path)  # after every row: a run cut short still leaves its numbers
+    if interleave:  # groups of rows that are compared with each other, timed round-robin
+        groups = {}
+        for cfg in configs:
+            groups.setdefault((cfg[0], cfg[1], cfg[2], cfg[4]), []).append(cfg)
+        for group in tqdm(list(groups.values()), disable=args.no_progress, desc="benchmark", file=sys.stderr):
+            rows.extend(bench_interleaved(group, dev, args, peaks))
+            write_json(result, json_path)
+    else:
+        for cfg in tqdm(configs, disable=args.no_progress, desc="benchmark", file=sys.stderr):
+            rows.append(bench_one(*cfg, dev, args, peaks))
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            write_json(result, json_path)  # after every row: a run cut short still leaves its numbers
     print_table(rows)
     result["complete"] = True
     write_json(result, json_path)

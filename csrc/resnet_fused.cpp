@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -169,6 +170,36 @@ struct ShortcutGeometry {
   int64_t h, w, rc, rh, rw;
 };
 
+// Rows [r0, r1) of out = relu(y*sc + sh + shortcut), with the shortcut mode a compile-time constant and restrict
+// pointers so the channel loops vectorise (option A reads the subsampled row of r and adds it to channels
+// [pad_front, pad_front + rc)).
+template <int64_t kMode, typename scalar_t, typename acc_t>
+void ssar_rows(scalar_t* __restrict__ out, const scalar_t* __restrict__ y, const scalar_t* __restrict__ r,
+               const acc_t* __restrict__ sc, const acc_t* __restrict__ sh, const acc_t* __restrict__ rs,
+               const acc_t* __restrict__ rt, int64_t c, int64_t r0, int64_t r1, const ShortcutGeometry& g,
+               int64_t stride, int64_t pad_front, bool relu) {
+  const acc_t lo = relu ? acc_t(0) : -std::numeric_limits<acc_t>::infinity();
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t o = row * c;
+    if constexpr (kMode == kPadA) {
+      const int64_t n = row / (g.h * g.w), hh = (row / g.w) % g.h, ww = row % g.w;
+      const scalar_t* __restrict__ rr = r + ((n * g.rh + hh * stride) * g.rw + ww * stride) * g.rc;
+      for (int64_t j = 0; j < c; ++j) {
+        const int64_t jr = j - pad_front;
+        const acc_t add = (jr >= 0 && jr < g.rc) ? static_cast<acc_t>(rr[jr < 0 ? 0 : (jr < g.rc ? jr : 0)]) : 0;
+        out[o + j] = static_cast<scalar_t>(std::max(static_cast<acc_t>(y[o + j]) * sc[j] + sh[j] + add, lo));
+      }
+    } else {
+      for (int64_t j = 0; j < c; ++j) {
+        acc_t v = static_cast<acc_t>(y[o + j]) * sc[j] + sh[j];
+        if constexpr (kMode == kIdentity) v += static_cast<acc_t>(r[o + j]);
+        if constexpr (kMode == kProjB) v += static_cast<acc_t>(r[o + j]) * rs[j] + rt[j];
+        out[o + j] = static_cast<scalar_t>(std::max(v, lo));
+      }
+    }
+  }
+}
+
 at::Tensor scale_shift_add_relu_cpu(const at::Tensor& y_in, const c10::optional<at::Tensor>& scale,
                                     const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& residual,
                                     const c10::optional<at::Tensor>& res_scale,
@@ -187,24 +218,20 @@ at::Tensor scale_shift_add_relu_cpu(const at::Tensor& y_in, const c10::optional<
     const scalar_t* py = y.data_ptr<scalar_t>();
     const scalar_t* pr = r.data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
+    const acc_t *psc = sc.data(), *psh = sh.data(), *prs = rs.data(), *prt = rt.data();
     at::parallel_for(0, p, 64, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> v(c);
-      for (int64_t row = begin; row < end; ++row) {
-        const scalar_t* yr = py + row * c;
-        for (int64_t j = 0; j < c; ++j) v[j] = static_cast<acc_t>(yr[j]) * sc[j] + sh[j];
-        if (mode == kIdentity) {
-          const scalar_t* rr = pr + row * c;
-          for (int64_t j = 0; j < c; ++j) v[j] += static_cast<acc_t>(rr[j]);
-        } else if (mode == kProjB) {
-          const scalar_t* rr = pr + row * c;
-          for (int64_t j = 0; j < c; ++j) v[j] += static_cast<acc_t>(rr[j]) * rs[j] + rt[j];
-        } else if (mode == kPadA) {
-          const int64_t n = row / (g.h * g.w), hh = (row / g.w) % g.h, ww = row % g.w;
-          const scalar_t* rr = pr + ((n * g.rh + hh * res_stride) * g.rw + ww * res_stride) * g.rc;
-          for (int64_t j = 0; j < g.rc; ++j) v[pad_front + j] += static_cast<acc_t>(rr[j]);
-        }
-        scalar_t* orow = po + row * c;
-        for (int64_t j = 0; j < c; ++j) orow[j] = static_cast<scalar_t>(relu ? std::max(v[j], acc_t(0)) : v[j]);
+      switch (mode) {
+        case kIdentity:
+          ssar_rows<kIdentity>(po, py, pr, psc, psh, prs, prt, c, begin, end, g, 1, 0, relu);
+          break;
+        case kPadA:
+          ssar_rows<kPadA>(po, py, pr, psc, psh, prs, prt, c, begin, end, g, res_stride, pad_front, relu);
+          break;
+        case kProjB:
+          ssar_rows<kProjB>(po, py, pr, psc, psh, prs, prt, c, begin, end, g, 1, 0, relu);
+          break;
+        default:
+          ssar_rows<kNone>(po, py, pr, psc, psh, prs, prt, c, begin, end, g, 1, 0, relu);
       }
     });
   });

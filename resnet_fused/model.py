@@ -66,6 +66,35 @@ def _channels_last(x):
     return x
 
 
+# oneDNN convolutions with bias, residual add and ReLU fused as post-ops: the primitives torch.compile's CPU backend
+# uses (checked once here: the check itself must not be traced)
+_HAS_ONEDNN_POST_OPS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def _use_onednn_post_ops(x, dtype):
+    """fp32 CPU tensors in eager mode, when this torch has the fused oneDNN primitives (they have no fake
+    implementation for torch.compile, whose CPU backend makes the same fusions itself)."""
+    return (_HAS_ONEDNN_POST_OPS and x.device.type == "cpu" and dtype == torch.float32
+            and not torch.compiler.is_compiling())
+
+
+def _onednn_conv(x, w, b, stride, pad, relu=False, add=None):
+    """relu?(conv2d(x, w, b) + add?) as one oneDNN primitive (no separate pass over the output for add/ReLU)."""
+    s, p, d = [stride, stride], [pad, pad], [1, 1]
+    if add is not None:
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, add, w, b, p, s, d, 1, "add", None,
+                                                              "relu" if relu else None, [], None)
+    return torch.ops.mkldnn._convolution_pointwise(x, w, b, p, s, d, 1, "relu" if relu else "none", [], "")
+
+
+def _aten_conv(x, w, b, stride, pad, relu=False, add=None):
+    """The same with ATen's convolution and the C++ fused add + ReLU (CUDA, fp64, low precision)."""
+    y = F.conv2d(x, w, b, stride, pad)
+    if add is not None:
+        return torch.ops.resnet_fused.scale_shift_add_relu(y, None, None, add, None, None, 1, 1, 0, relu)
+    return torch.relu_(y) if relu else y
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -224,23 +253,25 @@ class FusedResNet(ResNet):
         """BN folded into the conv weights (cached): conv + bias + ReLU, and conv + bias + shortcut + ReLU."""
         ssar = torch.ops.resnet_fused.scale_shift_add_relu
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        conv = _onednn_conv if _use_onednn_post_ops(x, dtype) else _aten_conv
         folded = iter(self._folded_weights(dtype))
         w, b = next(folded)
-        a = torch.relu_(F.conv2d(x.to(dtype), w, b.to(dtype), 1, 1))
+        a = conv(x.to(dtype), w, b.to(dtype), 1, 1, relu=True)
         for blk in self.blocks():
             w1, b1 = next(folded)
-            h = torch.relu_(F.conv2d(a, w1, b1.to(dtype), blk.stride, 1))
+            h = conv(a, w1, b1.to(dtype), blk.stride, 1, relu=True)
             f2 = next(folded)
-            y2 = F.conv2d(h, f2[0], f2[1].to(dtype), 1, 1)  # for option B the bias holds both folded shifts
             kind = blk.shortcut_kind
-            if kind == "B":
-                ysc = F.conv2d(a, f2[2], None, blk.stride, 0)
-                a = ssar(y2, None, None, ysc, None, None, 1, 1, 0, True)
+            if kind == "B":  # the bias holds both folded shifts; the projection is a second conv
+                ysc = conv(a, f2[2], None, blk.stride, 0)
+                a = conv(h, f2[0], f2[1].to(dtype), 1, 1, relu=True, add=ysc)
             elif kind == "none":
-                a = torch.relu_(y2)
-            else:
-                pad_front = blk.shortcut.pad_front if kind == "A" else 0
-                a = ssar(y2, None, None, a, None, None, _SHORTCUT_MODE[kind], blk.stride, pad_front, True)
+                a = conv(h, f2[0], f2[1].to(dtype), 1, 1, relu=True)
+            elif kind == "identity":
+                a = conv(h, f2[0], f2[1].to(dtype), 1, 1, relu=True, add=a)
+            else:  # option A: subsample + zero channel padding by index math in scale_shift_add_relu
+                y2 = conv(h, f2[0], f2[1].to(dtype), 1, 1)
+                a = ssar(y2, None, None, a, None, None, _SHORTCUT_MODE[kind], blk.stride, blk.shortcut.pad_front, True)
         return a
 
     # ---- training --------------------------------------------------------------------------------------------
@@ -287,7 +318,7 @@ class FusedResNet(ResNet):
     @staticmethod
     def _fold(conv, bn, dtype):
         s = _acc(bn.weight) * torch.rsqrt(_acc(bn.running_var) + bn.eps)
-        w = (_acc(conv.weight) * s[:, None, None, None]).to(dtype)
+        w = _channels_last((_acc(conv.weight) * s[:, None, None, None]).to(dtype))  # oneDNN's layout: no reorder
         return w, _acc(bn.bias) - _acc(bn.running_mean) * s
 
     def _folded_weights(self, dtype):
