@@ -273,6 +273,38 @@ def test_fused_resnet_ext_backend_matches_reference(device, dtype, shortcut, pla
             torch.testing.assert_close(fused(x), ref(x), **tol)
 
 
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_ext_backend_under_bf16_autocast(device, shortcut):
+    """Under torch.autocast(bfloat16) the fused backend's error against an fp32 reference stays within twice
+    PyTorch's own bf16 error (+ atol): train-mode output and every parameter gradient, eval output."""
+    ref32 = _reference(14, shortcut, False, device, torch.float32, widths=(8, 16, 32))
+    ref16 = copy.deepcopy(ref32)
+    fused = FusedResNet.from_reference(ref32, backend=device.type)
+    x = make((8, 1, 12, 12), torch.float32, device, "nchw", 4)
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def run(m, amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = m(x)
+        F.cross_entropy(out.float(), y).backward()
+        return out.float().detach()
+
+    o32, o16, of = run(ref32, False), run(ref16, True), run(fused, True)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+    assert rel(of, o32) <= 2 * rel(o16, o32) + 1e-2
+    for (name, p32), p16, pf in zip(ref32.named_parameters(), ref16.parameters(), fused.parameters()):
+        assert rel(pf.grad, p32.grad) <= 2 * rel(p16.grad, p32.grad) + 2e-2, name
+    for m in (ref32, ref16, fused):
+        m.eval()
+    with torch.no_grad():
+        e32 = ref32(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            e16, ef = ref16(x).float(), fused(x).float()
+    assert rel(ef, e32) <= 2 * rel(e16, e32) + 1e-2
+
+
 def test_backend_errors_name_what_is_missing():
     m = FusedResNet(8, widths=[4, 8, 16], backend="cpu")
     if torch.cuda.is_available():
