@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .implicit_gemm import device_guard, empty_nhwc, nhwc_strides
+from .implicit_gemm import cdiv, device_guard, empty_nhwc, next_pow2, nhwc_strides
 
 
 @triton.jit
@@ -115,7 +115,7 @@ def bn_add_relu_bwd_kernel(gy_ptr, gr_ptr, part_ptr,               # dL/dy, dL/d
 
 
 def _blocks(c):
-    block_c = max(16, min(64, triton.next_power_of_2(c)))
+    block_c = max(16, min(64, next_pow2(c)))
     return max(16, 4096 // block_c), block_c
 
 
@@ -126,7 +126,7 @@ def bn_add_relu_forward(y, scale, shift, residual, res_scale, res_shift, mode, r
     p = nb * h * w
     bp, bc = _blocks(c)
     with device_guard(y):
-        bn_add_relu_fwd_kernel[(triton.cdiv(p, bp), triton.cdiv(c, bc))](
+        bn_add_relu_fwd_kernel[(cdiv(p, bp), cdiv(c, bc))](
             out, y, scale, shift, r, res_scale if res_scale is not None else scale,
             res_shift if res_shift is not None else shift, p, c, h, w, r.shape[1],
             *nhwc_strides(y), *nhwc_strides(r), pad_front,
@@ -138,13 +138,13 @@ def bn_add_relu_backward_impl(grad_out, out, y, scale, residual, res_scale, mode
     nb, c, h, w = y.shape
     p = nb * h * w
     bp, bc = _blocks(c)
-    tiles = triton.cdiv(p, bp)
+    tiles = cdiv(p, bp)
     gy = empty_nhwc(nb, c, h, w, y.dtype, y.device)
     gr = empty_nhwc(nb, c, h, w, residual.dtype, y.device) if mode else gy
     part = torch.empty((tiles, 3, c), dtype=torch.float32, device=y.device)
     r = residual if mode == 3 else y
     with device_guard(y):
-        bn_add_relu_bwd_kernel[(tiles, triton.cdiv(c, bc))](
+        bn_add_relu_bwd_kernel[(tiles, cdiv(c, bc))](
             gy, gr, part, grad_out, out, y, scale, r, res_scale if res_scale is not None else scale,
             p, c, h, w, *nhwc_strides(grad_out), *nhwc_strides(out), *nhwc_strides(y), *nhwc_strides(r),
             MODE=mode, RELU=relu, BLOCK_P=bp, BLOCK_C=bc)

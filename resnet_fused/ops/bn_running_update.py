@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .implicit_gemm import device_guard
+from .implicit_gemm import device_guard, next_pow2
 
 
 @triton.jit(do_not_specialize=["C", "COUNT", "MOMENTUM"])
@@ -53,7 +53,7 @@ def bn_running_update(running_mean: Tensor, running_var: Tensor, num_batches_tra
     with device_guard(running_mean):
         bn_running_update_kernel[(1,)](running_mean, running_var, num_batches_tracked, mean, var, c, count,
                                        float(momentum), CUMULATIVE=cumulative,
-                                       BLOCK_C=max(16, min(1024, triton.next_power_of_2(c))))
+                                       BLOCK_C=max(16, min(1024, next_pow2(c))))
 
 
 @bn_running_update.register_fake

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .implicit_gemm import conv_launch, device_guard, empty_nhwc, wgrad_launch, weight_matrix
+from .implicit_gemm import cdiv, conv_launch, device_guard, empty_nhwc, next_pow2, wgrad_launch, weight_matrix
 
 
 # ---- statistics finalize: tile (mean, M2) partials -> channel mean and biased variance ----------------------
@@ -74,9 +74,9 @@ def bn_stats_finalize(part, m, tile):
     t, _, n = part.shape
     mean = torch.empty(n, dtype=torch.float32, device=part.device)
     var = torch.empty_like(mean)
-    block_c = max(16, min(64, triton.next_power_of_2(n)))
+    block_c = max(16, min(64, next_pow2(n)))
     with device_guard(part):
-        bn_stats_finalize_kernel[(triton.cdiv(n, block_c),)](mean, var, part, m, n, t, tile, BLOCK_T=32,
+        bn_stats_finalize_kernel[(cdiv(n, block_c),)](mean, var, part, m, n, t, tile, BLOCK_T=32,
                                                              BLOCK_C=block_c)
     return mean, var
 

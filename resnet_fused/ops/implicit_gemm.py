@@ -278,6 +278,16 @@ WGRAD_CONFIGS = [
 ]
 
 
+def cdiv(a, b):
+    """ceil(a / b) for host-side launch math. (triton.cdiv / next_power_of_2 are constexpr functions in Triton 3.8,
+    ~14 us per host call: a few hundred of them per training step cost milliseconds.)"""
+    return -(-a // b)
+
+
+def next_pow2(n):
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
 def device_guard(t):
     """Make t's device current (Triton launches on the current device and its current stream)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
@@ -296,7 +306,7 @@ def dot_precision(dtype, device) -> str:
 
 
 def _pow2_clamp(n, lo, hi):
-    return max(lo, min(hi, triton.next_power_of_2(max(1, int(n)))))
+    return max(lo, min(hi, next_pow2(max(1, int(n)))))
 
 
 def conv_config(M, N, ktot, device, config=None):
@@ -335,7 +345,7 @@ def conv_launch(src, w_mat, kh, kw, stride, pad, dest_hw, *, transposed=False, p
     dev = src.device
     cfg = conv_config(m, n_out, ktot, dev, config)
     out = empty_nhwc(nb, n_out, dh, dw, out_dtype or src.dtype, dev)
-    tiles = triton.cdiv(m, cfg["BLOCK_M"])
+    tiles = cdiv(m, cfg["BLOCK_M"])
     out2 = empty_nhwc(nb, n_out, dh, dw, out_dtype or src.dtype, dev) if dual_out else None
     part = torch.empty(((2,) if dual_out else ()) + (tiles, 2, n_out), dtype=torch.float32, device=dev) \
         if stats else None
@@ -347,7 +357,7 @@ def conv_launch(src, w_mat, kh, kw, stride, pad, dest_hw, *, transposed=False, p
     r_n, r_c, r_h, r_w = res.stride() if res.dim() == 4 else (0, 0, 0, 0)
     rc, rh, rw = (res.shape[1], res.shape[2], res.shape[3]) if res.dim() == 4 else (0, 0, 0)
     c2_, sh2, sw2 = (x2_.shape[1], x2_.shape[2], x2_.shape[3])
-    grid = (tiles, triton.cdiv(n_out, cfg["BLOCK_N"]))
+    grid = (tiles, cdiv(n_out, cfg["BLOCK_N"]))
     with device_guard(src):
         conv_kernel[grid](
             out, part if part is not None else dummy, out2 if out2 is not None else dummy,
@@ -381,16 +391,16 @@ def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=Non
     cfg = dict(config)
     cfg["BLOCK_CO"] = _pow2_clamp(cout, 16, cfg["BLOCK_CO"])
     cfg["BLOCK_R"] = _pow2_clamp(ktot, 16, cfg["BLOCK_R"])
-    tiles = triton.cdiv(cout, cfg["BLOCK_CO"]) * triton.cdiv(ktot, cfg["BLOCK_R"])
+    tiles = cdiv(cout, cfg["BLOCK_CO"]) * cdiv(ktot, cfg["BLOCK_R"])
     # enough programs to fill the GPU (about 4 waves), each with at least a few BLOCK_P steps
     target = 4 * (_sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
                   if dev.type == "cuda" else 2)
-    split = max(1, min(triton.cdiv(p, 4 * cfg["BLOCK_P"]), triton.cdiv(target, tiles)))
-    per = triton.cdiv(triton.cdiv(p, split), cfg["BLOCK_P"]) * cfg["BLOCK_P"]
-    split = triton.cdiv(p, per)
+    split = max(1, min(cdiv(p, 4 * cfg["BLOCK_P"]), cdiv(target, tiles)))
+    per = cdiv(cdiv(p, split), cfg["BLOCK_P"]) * cfg["BLOCK_P"]
+    split = cdiv(p, per)
     part = torch.empty((split, cout, ktot), dtype=torch.float32, device=dev)
     y_ = y if y is not None else dy
-    grid = (triton.cdiv(cout, cfg["BLOCK_CO"]), triton.cdiv(ktot, cfg["BLOCK_R"]), split)
+    grid = (cdiv(cout, cfg["BLOCK_CO"]), cdiv(ktot, cfg["BLOCK_R"]), split)
     with device_guard(dy):
         conv_wgrad_kernel[grid](
             part, dy, y_, c1 if c1 is not None else part, c2 if c2 is not None else part,
