@@ -11,7 +11,8 @@ Timing: warm-up steps first (compile / autotune / graph capture time is reported
 ``--repeats`` timed windows of ``--iters`` steps each, CUDA events on a GPU (perf_counter on a CPU); inputs rotate
 over 4 distinct random buffers, never zeros. On a CPU the rows compared with each other (same model, mode,
 precision and batch) are timed round-robin, one window each per repeat (``--interleave``), so that drifting load
-on a shared machine does not favour whichever row ran in a quiet moment. A train step is forward + cross-entropy + backward + SGD(momentum) step.
+on a shared machine does not favour whichever row ran in a quiet moment. A train step is forward + cross-entropy +
+backward + SGD(momentum) step.
 
 Roofline model (documented, deliberately simple): FLOPs = 2*MACs of every conv and the head (forward), x3 for a train
 step (forward, input gradient, weight gradient). Bytes = every conv reading its input and writing its output once

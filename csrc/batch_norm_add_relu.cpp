@@ -226,7 +226,7 @@ Grads batch_norm_add_relu_backward_cpu(const at::Tensor& grad_out_in, const at::
         write_grads<0, scalar_t, acc_t>(pdy, nullptr, pgo, po, py, nullptr, pc, c, r0, r1, relu);
     });
   });
-  at::Tensor dres = at::empty({0}, y.options());
+  at::Tensor dres = at::empty({0}, y.options().dtype(acc));  // no shortcut: an empty accumulation-dtype tensor
   if (mode != kNone)  // option B's gr is already d residual; identity and option A go through shortcut_grads
     dres = std::get<0>(shortcut_grads(gr, sums, residual, proj ? int64_t(kIdentity) : mode, res_stride, pad_front));
   return finish_grads(in_layout_of(dy, y_in), dres, sums, cy, cr, weight, res_weight, mode);

@@ -15,9 +15,10 @@ the same tile) and ReLU in its epilogue.
 
 Backends: "triton" (the kernels above; on CPU tensors only under TRITON_INTERPRET=1), "cuda" / "cpu" (ATen
 convolutions + the C++/CUDA operators of resnet_fused._C: bn_stats and bn_finalize outside autograd, then
-batch_norm_add_relu, whose backward includes the statistics' gradient; in eval BN folded into the weights and
-scale_shift_add_relu; channels_last throughout), "auto" (triton on CUDA tensors; cpu on CPU tensors, or the plain PyTorch composition
-when the extension is not built). ``RESNET_FUSED_BACKEND`` sets the default.
+batch_norm_add_relu, whose backward includes the statistics' gradient; in eval BN folded into the weights, with
+oneDNN's conv + bias + add + ReLU primitives on fp32 CPU tensors and scale_shift_add_relu otherwise; channels_last
+throughout), "auto" (triton on CUDA tensors; cpu on CPU tensors, or the plain PyTorch composition when the
+extension is not built). ``RESNET_FUSED_BACKEND`` sets the default.
 """
 from __future__ import annotations
 
@@ -271,7 +272,8 @@ class FusedResNet(ResNet):
                 a = conv(h, f2[0], f2[1].to(dtype), 1, 1, relu=True, add=a)
             else:  # option A: subsample + zero channel padding by index math in scale_shift_add_relu
                 y2 = conv(h, f2[0], f2[1].to(dtype), 1, 1)
-                a = ssar(y2, None, None, a, None, None, _SHORTCUT_MODE[kind], blk.stride, blk.shortcut.pad_front, True)
+                a = ssar(y2, None, None, a, None, None, _SHORTCUT_MODE[kind], blk.stride, blk.shortcut.pad_front,
+                         True)
         return a
 
     # ---- training --------------------------------------------------------------------------------------------

@@ -371,7 +371,8 @@ def conv_launch(src, w_mat, kh, kw, stride, pad, dest_hw, *, transposed=False, p
             *nhwc_strides(ex_),
             ktot,
             KW=kw, STRIDE=stride, PAD=pad, STRIDE2=stride2 if x2 is not None else res_stride,
-            TRANSPOSED=transposed, PRO=pro, BIAS=bias is not None, RES=res_mode, DUAL=(2 if dual_out else 1) if x2 is not None else 0,
+            TRANSPOSED=transposed, PRO=pro, BIAS=bias is not None, RES=res_mode,
+            DUAL=(2 if dual_out else 1) if x2 is not None else 0,
             RELU=relu, STATS=stats, PRECISION=dot_precision(w_mat.dtype, dev),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
