@@ -5,8 +5,8 @@ Training mode (backend "triton"), per BasicBlock:
     y2, mean2, var2 = conv_bn_stats(y1, W2, scale1, shift1)         BN1 + ReLU applied on load, BN2 statistics
     out = bn_add_relu(y2, scale2, shift2, shortcut)                 BN2 + shortcut (identity / A / B) + ReLU
 For option B, conv_bn_stats_proj computes y2 and the 1x1 projection of x (each with its statistics) in one launch.
-with scale = gamma * rsqrt(var + eps), shift = beta - mean * scale as tiny per-channel tensor ops, so autograd
-carries gradients to gamma, beta and through the statistics; bn_running_update updates the running buffers
+with scale = gamma * rsqrt(var + eps), shift = beta - mean * scale from bn_scale_shift (one launch each way), so
+autograd carries gradients to gamma, beta and through the statistics; bn_running_update updates the running buffers
 exactly as nn.BatchNorm2d. The stem is conv_bn_stats + bn_add_relu (mode 0); pooling and the head are PyTorch.
 
 Inference mode: BN folded into the conv weights (cached while parameters and buffers are unchanged), one
@@ -33,6 +33,7 @@ from .reference import ResNet
 try:  # importing the op modules registers the resnet_fused:: custom ops
     from .ops import bn_add_relu as _bn_add_relu_mod  # noqa: F401
     from .ops import bn_running_update as _bn_running_update_mod  # noqa: F401
+    from .ops import bn_scale_shift as _bn_scale_shift_mod  # noqa: F401
     from .ops import conv_bn_act as _conv_bn_act_mod  # noqa: F401
     from .ops import conv_bn_stats as _conv_bn_stats_mod  # noqa: F401
     TRITON_IMPORT_ERROR = None
@@ -280,8 +281,8 @@ class FusedResNet(ResNet):
 
     @staticmethod
     def _scale_shift(bn, mean, var):
-        scale = _acc(bn.weight) * torch.rsqrt(var + bn.eps)
-        return scale, _acc(bn.bias) - mean * scale
+        """(gamma * rsqrt(var + eps), beta - mean * scale): one launch, one for its VJP (bn_scale_shift)."""
+        return torch.ops.resnet_fused.bn_scale_shift(mean, var, bn.weight, bn.bias, bn.eps)
 
     @staticmethod
     def _update_running(bn, mean, var, count):

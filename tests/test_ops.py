@@ -135,6 +135,33 @@ def test_bn_add_relu(dev, mode, cin, c, stride):
         close(a, b, msg=f"grad {name}")
 
 
+@pytest.mark.parametrize("c", [1, 13, 64, 1500])
+@pytest.mark.parametrize("affine", [True, False])
+def test_bn_scale_shift_and_its_gradient(dev, c, affine):
+    """(scale, shift) from the batch statistics, and the VJP to mean, var, weight and bias, against the PyTorch
+    formula under autograd; c = 1500 spans two channel blocks."""
+    torch.manual_seed(c)
+    mean = torch.randn(c, device=dev, requires_grad=True)
+    var = (torch.rand(c, device=dev) * 3).requires_grad_()
+    w = (torch.rand(c, device=dev) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(c, device=dev, requires_grad=True) if affine else None
+    scale, shift = ops.bn_scale_shift(mean, var, w, b, 1e-5)
+    rs = torch.rsqrt(var + 1e-5) * (w if affine else 1.0)
+    rt = (b if affine else 0.0) - mean * rs
+    close(scale, rs, msg="scale"), close(shift, rt, msg="shift")
+    inputs = [mean, var] + ([w, b] if affine else [])
+    gs, gt = torch.randn(c, device=dev), torch.randn(c, device=dev)
+    for outs, grads in (((scale, shift), (gs, gt)), ((scale,), (gs,)), ((shift,), (gt,))):
+        ref_outs = (rs, rt) if len(outs) == 2 else ((rs,) if outs[0] is scale else (rt,))
+        got = torch.autograd.grad(outs, inputs, grads, retain_graph=True, allow_unused=True)
+        want = torch.autograd.grad(ref_outs, inputs, grads, retain_graph=True, allow_unused=True)
+        for name, a, r in zip(["mean", "var", "weight", "bias"], got, want):
+            if r is None:
+                assert a is None or not a.abs().any(), name
+            else:
+                close(a, r, msg=f"grad {name}")
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_bn_running_update_matches_batchnorm(dev, momentum):
     torch.manual_seed(0)
@@ -246,6 +273,15 @@ def test_opcheck_backward_ops(dev):
                            True, True))
     out = ops.bn_add_relu(y, mean, var, None, None, None, 0, 1, 0, True)
     torch.library.opcheck(ops.bn_add_relu_backward.default, (g, out, y, mean, None, None, 0, 1, 0, True))
+
+
+def test_opcheck_bn_scale_shift(dev):
+    m, v = torch.randn(6, device=dev).requires_grad_(), (torch.rand(6, device=dev) + 0.1).requires_grad_()
+    w, b = (torch.rand(6, device=dev) + 0.5).requires_grad_(), torch.randn(6, device=dev).requires_grad_()
+    torch.library.opcheck(ops.bn_scale_shift.default, (m, v, w, b, 1e-5))
+    torch.library.opcheck(ops.bn_scale_shift.default, (m, v, None, None, 1e-3))
+    g = torch.randn(6, device=dev)
+    torch.library.opcheck(ops.bn_scale_shift_backward.default, (g, None, m.detach(), v.detach(), w.detach(), 1e-5))
 
 
 def test_opcheck_conv_bn_stats_proj(dev):
