@@ -27,7 +27,7 @@ from resnet_fused.data import DeviceLoader, load_splits  # noqa: E402
 from resnet_fused.train import autocast_ctx, evaluate_split, lr_factor  # noqa: E402
 
 sys.path.insert(0, HERE)
-from throughput import environment  # noqa: E402
+from throughput import environment, write_json  # noqa: E402
 
 
 def sync(dev):
@@ -132,18 +132,21 @@ def main(argv=None):
     env = environment(dev)
     print(f"# {env['device_name']} | torch {env['torch']} | {args.model}, batch {args.batch_size}, amp {args.amp}, "
           f"{args.schedule} lr {args.lr}, {args.epochs} epochs")
-    results = [run_one(impl, data, args, dev) for impl in args.impls.split(",")]
+    tag = "".join(c if c.isalnum() else "-" for c in env["device_name"].lower()).strip("-")[:40]
+    path = args.json or os.path.join(HERE, "results", f"time-to-accuracy-{datetime.date.today()}-{tag}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    results = []
+    out = dict(environment=env, settings={k: v for k, v in vars(args).items()}, results=results, complete=False)
+    for impl in args.impls.split(","):
+        results.append(run_one(impl, data, args, dev))
+        write_json(out, path)  # after every implementation: a run cut short keeps what it measured
+    out["complete"] = True
     print(f"{'impl':10s} {'warmup s':>9s} " + " ".join(f"{'to ' + k:>10s}" for k in results[0]["seconds_to"])
           + f" {'final acc':>9s}")
     for r in results:
         cells = " ".join(f"{v:10.2f}" if v is not None else f"{'not reached':>10s}" for v in r["seconds_to"].values())
         print(f"{r['impl']:10s} {r['warmup_s']:9.1f} {cells} {100 * r['final_test_acc']:8.2f}%")
-    out = dict(environment=env, settings={k: v for k, v in vars(args).items()}, results=results)
-    tag = "".join(c if c.isalnum() else "-" for c in env["device_name"].lower()).strip("-")[:40]
-    path = args.json or os.path.join(HERE, "results", f"time-to-accuracy-{datetime.date.today()}-{tag}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(out, path)
     print(f"# wrote {path}")
     return out
 

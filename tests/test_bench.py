@@ -43,6 +43,7 @@ def test_time_to_accuracy_tiny_cpu(tmp_path, mnist_root):
                            "--epochs", "1", "--batch-size", "64", "--amp", "off", "--data-root", mnist_root,
                            "--json", str(out)])
     d = json.loads(out.read_text())
+    assert d["complete"] is True
     r = d["results"][0]
     assert r["impl"] == "reference" and r["warmup_s"] > 0 and len(r["history"]) == 1
     assert set(r["seconds_to"]) == {"99.0%", "99.5%"} and 0 <= r["final_test_acc"] <= 1
