@@ -3,8 +3,8 @@
 #
 # On a GPU machine with torch, triton and nvcc but no network: installs resnet_fused against that machine's torch,
 # runs the GPU tests, the headline throughput comparison (ResNet-20, 28x28, batch 512, fp32 and bf16, train and
-# inference, eager vs torch.compile vs FusedResNet), the reference ResNet-20 default-recipe training run (accuracy)
-# and a short time-to-accuracy run. Everything lands in OUTDIR (at most 8 files): device_check.log (all stages),
+# inference, eager vs torch.compile vs FusedResNet) and a short time-to-accuracy run (STAGES=...,accuracy adds the
+# reference ResNet-20 default-recipe training run). Everything lands in OUTDIR (at most 8 files): device_check.log (all stages),
 # throughput.json/.png, time_to_accuracy.json, train_metrics.json/.csv, train_curves.png. Each stage has its own
 # time limit so that a stuck stage cannot eat the others' time; the limits add up to 470 s (110 install, 110 + 60
 # tests, 130 throughput, 60 time-to-accuracy with the fused row first: the reference's was measured in run 1),
