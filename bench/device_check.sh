@@ -44,6 +44,7 @@ stage() {  # stage NAME LIMIT_S CMD...
   echo "===== $line" >> "$LOG"
   SUMMARY="$SUMMARY$line"$'\n'
   echo "$line"
+  return $rc
 }
 
 { nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"; } >> "$LOG" 2>&1
@@ -53,7 +54,10 @@ has() { case ",$STAGES," in *",$1,"*) return 0;; esac; return 1; }
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"  # Triton compiles every kernel variant: spread it over cores
 
-has install && stage install ${INSTALL_LIMIT:-140} $PY -m pip install --no-build-isolation --no-deps -e .
+# if the extension does not build here, install the Python package alone so that everything else still runs
+# (the log keeps the compiler's error; the CUDA extension's tests then skip)
+has install && { stage install ${INSTALL_LIMIT:-140} $PY -m pip install --no-build-isolation --no-deps -e . ||
+  stage install-without-extension 30 env RESNET_FUSED_BUILD_EXT=0 $PY -m pip install --no-build-isolation --no-deps -e .; }
 # GPU tests in two stages, the GPU-only ones first (low precision, CUDA graphs, 50-step MNIST parity, the CUDA
 # extension's kernels: few Triton variants to compile), then the op/model suites on CUDA (many shapes: compile-bound)
 PYTEST="$PY -m pytest -v -rs -p no:benchmark -p no:cacheprovider --durations=15"
