@@ -117,9 +117,10 @@ Grads finish_grads(const at::Tensor& dy, const at::Tensor& dres, const at::Tenso
 
 // ---- backward, CPU: two passes over the rows --------------------------------------------------------------------
 
-// sums[0..c) += g, sums[c..2c) += g*(y - mean), sums[2c..3c) += g*(r - mean_r) over rows [r0, r1); g = dout*[out>0].
+// sums[0..c) = sum g, sums[c..2c) = sum g*(y - mean), and with kProj sums[2c..3c) = sum g*(r - mean_r), over rows
+// [r0, r1); g = dout*[out>0] (zeros in the third part otherwise).
 // Rows are processed in blocks of channel-contiguous values with restrict pointers so the inner loops vectorise.
-template <typename scalar_t, typename acc_t>
+template <bool kProj, typename scalar_t, typename acc_t>
 void reduce_chunk(acc_t* __restrict__ sums, const scalar_t* __restrict__ go, const scalar_t* __restrict__ out,
                   const scalar_t* __restrict__ y, const acc_t* __restrict__ mean, const scalar_t* __restrict__ r,
                   const acc_t* __restrict__ rmean, int64_t c, int64_t r0, int64_t r1, bool relu) {
@@ -134,13 +135,7 @@ void reduce_chunk(acc_t* __restrict__ sums, const scalar_t* __restrict__ go, con
       const acc_t g = (!relu || o_j > acc_t(0)) ? go_j : acc_t(0);  // both loads unconditional: a vector select
       s_g[j] += g;
       s_gy[j] += g * (static_cast<acc_t>(y[o + j]) - mean[j]);
-    }
-    if (r != nullptr) {
-      for (int64_t j = 0; j < c; ++j) {
-        const acc_t o_j = static_cast<acc_t>(out[o + j]), go_j = static_cast<acc_t>(go[o + j]);
-        const acc_t g = (!relu || o_j > acc_t(0)) ? go_j : acc_t(0);
-        s_gr[j] += g * (static_cast<acc_t>(r[o + j]) - rmean[j]);
-      }
+      if constexpr (kProj) s_gr[j] += g * (static_cast<acc_t>(r[o + j]) - rmean[j]);
     }
   }
   std::copy(buf.begin(), buf.end(), sums);
@@ -202,9 +197,13 @@ Grads batch_norm_add_relu_backward_cpu(const at::Tensor& grad_out_in, const at::
     acc_t* pp = part.data_ptr<acc_t>();
     // pass 1: per chunk, sum g, sum g*(y - mean) and (option B) sum g*(r - mean_r)
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k)
-        reduce_chunk<scalar_t, acc_t>(pp + k * 3 * c, pgo, po, py, pm, proj ? pr : nullptr, prm, c,
-                                      k * kChunkRows, std::min(p, (k + 1) * kChunkRows), relu);
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t r0 = k * kChunkRows, r1 = std::min(p, (k + 1) * kChunkRows);
+        if (proj)
+          reduce_chunk<true, scalar_t, acc_t>(pp + k * 3 * c, pgo, po, py, pm, pr, prm, c, r0, r1, relu);
+        else
+          reduce_chunk<false, scalar_t, acc_t>(pp + k * 3 * c, pgo, po, py, pm, pr, prm, c, r0, r1, relu);
+      }
     });
     sums = part.sum(0);  // [sum g, sum g*(y - mean), sum g*(r - mean_r)], fixed chunk order
     cy = coefficients(y, mean, invstd, weight, sums[0], sums[1], p);

@@ -186,7 +186,8 @@ void ssar_rows(scalar_t* __restrict__ out, const scalar_t* __restrict__ y, const
       const scalar_t* __restrict__ rr = r + ((n * g.rh + hh * stride) * g.rw + ww * stride) * g.rc;
       for (int64_t j = 0; j < c; ++j) {
         const int64_t jr = j - pad_front;
-        const acc_t add = (jr >= 0 && jr < g.rc) ? static_cast<acc_t>(rr[jr < 0 ? 0 : (jr < g.rc ? jr : 0)]) : 0;
+        const bool in = jr >= 0 && jr < g.rc;                          // a channel of r, or zero padding
+        const acc_t add = in ? static_cast<acc_t>(rr[in ? jr : 0]) : 0;  // in-bounds index: no branch needed
         out[o + j] = static_cast<scalar_t>(std::max(static_cast<acc_t>(y[o + j]) * sc[j] + sh[j] + add, lo));
       }
     } else {
