@@ -62,3 +62,5 @@ def test_host_overhead_tool(tmp_path):
     # resnet8: 7 convs (each a conv and a statistics-finalize launch forward, input and weight gradients
     # backward) and the BN / shortcut / running-statistics kernels: a few dozen launches, never zero
     assert 20 <= d["triton_launches_per_step"] <= 200
+    assert d["kernel_ops_per_step"] == sum(d["kernel_ops"].values()) > 0
+    assert any(k.startswith("resnet_fused.") for k in d["kernel_ops"])
