@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from .checkpoint import UserError, atomic_write_text, load_checkpoint, load_model_state, run_cli
 from .data import DeviceLoader, load_splits
 from .train import evaluate_split, make_model, pick_device
