@@ -1,9 +1,10 @@
 """The C++/CUDA operators of ``resnet_fused._C`` (csrc/): fake implementations and autograd.
 
-The operators are defined in C++ with TORCH_LIBRARY (schemas and math: csrc/resnet_fused.cpp); importing
-``resnet_fused._C`` registers them as ``torch.ops.resnet_fused.{bn_stats, bn_stats_backward, bn_finalize,
-scale_shift_add_relu, scale_shift_add_relu_backward}``. Here they get fake (meta) implementations for
-torch.compile and autograd formulas made of the registered backward operators.
+The operators are defined in C++ with TORCH_LIBRARY (schemas and math: csrc/*.cpp); importing ``resnet_fused._C``
+registers them as ``torch.ops.resnet_fused.{bn_stats, bn_stats_backward, bn_finalize, scale_shift_add_relu,
+scale_shift_add_relu_backward, batch_norm_add_relu, batch_norm_add_relu_backward, conv3x3_winograd}``. Here they
+get fake (meta) implementations for torch.compile and autograd formulas made of the registered backward operators
+(conv3x3_winograd is inference-only: no autograd; its filter transform is ``winograd_weight``).
 
 The package works without the extension: ``available()`` says whether it was built, ``has_cuda()`` whether the
 build includes the CUDA kernels, and ``require(backend)`` raises an error naming what is missing.
@@ -156,3 +157,31 @@ if available():
                 drw if proj and hrw else None, drb if proj and hrb else None, None, None, None, None)
 
     torch.library.register_autograd("resnet_fused::batch_norm_add_relu", _bnar_backward, setup_context=_bnar_setup)
+
+    # -- conv3x3_winograd: inference-only 3x3 convolution (Winograd F(2x2, 3x3)) + bias + shortcut + ReLU -----------
+
+    @torch.library.register_fake("resnet_fused::conv3x3_winograd")
+    def _(x, weight_t, bias, residual, mode, res_stride, pad_front, relu):
+        n, _, h, w = x.shape
+        return torch.empty((n, weight_t.shape[2], h, w), dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last)
+
+
+def winograd_supported() -> bool:
+    """Whether conv3x3_winograd runs here: the extension built for x86-64 and a CPU with AVX2 and FMA."""
+    return (available() and hasattr(torch.ops.resnet_fused, "conv3x3_winograd")
+            and bool(torch.ops.resnet_fused.conv3x3_winograd_supported()))
+
+
+# Winograd F(2x2, 3x3) filter transform G (4x3): U = G w G^T per (output, input) channel pair
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The (16, C_in, C_out) fp32 operand of conv3x3_winograd for a (C_out, C_in, 3, 3) weight: G w G^T computed
+    in fp64, position-major so that each of the 16 positions is one (C_in x C_out) GEMM operand."""
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"winograd_weight expects a (C_out, C_in, 3, 3) weight, got shape {tuple(weight.shape)}")
+    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ia,kcab,jb->ijck", g, weight.detach().to(torch.float64), g)
+    return u.reshape(16, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()

@@ -1,0 +1,295 @@
+// conv3x3_winograd: the 3x3 / stride 1 / padding 1 convolutions of FusedResNet's CPU inference path, by Winograd's
+// minimal filtering F(2x2, 3x3), with the folded BatchNorm's bias, the shortcut and the ReLU in the output transform.
+//
+// For each 2x2 output tile (input patch d: 4x4 pixels at rows 2*th-1 .. 2*th+2, zero outside the image) and each
+// output channel k:
+//     Y[k] = A^T [ sum_c U[k, c] (.) V[c] ] A,    V[c] = B^T d[c] B,    U[k, c] = G w[k, c] G^T  (4x4 each)
+//     B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1],
+//     A^T = [1 1 1 0; 0 1 -1 -1]
+// so each of the 16 positions of the 4x4 transformed tile is one GEMM over channels, M[p] = V[p] (tiles x C) @
+// U[p] (C x K): 16 * C * K multiply-adds per 4 outputs instead of the direct method's 36 * C * K (2.25x fewer).
+// out = relu?(Y + bias + shortcut), shortcut = 0 | r (identity) | r[n, k - pad_front, h*s, w*s] (option A, the
+// zero-padded subsample read by index math). U is made once per weight (resnet_fused.ext.winograd_weight, cached
+// with the folded weights); all arithmetic is fp32 (U is computed in fp64 then rounded).
+//
+// Layout: x, r and out are NHWC (channels_last) fp32; C and K multiples of 8 (one AVX2 vector of channels).
+// Work: blocks of T tiles (T sized so V and M of a block stay in L1/L2) spread over threads with at::parallel_for;
+// per block: input transform -> V[16][T][C], 16 GEMMs with a 6-tile x 16-channel register tile -> M[16][T][K],
+// output transform + epilogue straight into out. Kernels are compiled for AVX2 + FMA (function target attributes);
+// the operator refuses CPUs without them, and FusedResNet only calls it where torch reports AVX2 or better.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "checks.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define RESNET_FUSED_WINOGRAD 1
+#endif
+
+namespace resnet_fused {
+namespace {
+
+#ifdef RESNET_FUSED_WINOGRAD
+#define RF_AVX2 __attribute__((target("avx2,fma")))
+
+constexpr int64_t kRows = 6;  // tiles per register tile of the GEMM micro-kernel
+
+struct Geometry {
+  int64_t n, h, w, c, k;   // x: (n, h, w, c) NHWC; out: (n, h, w, k)
+  int64_t th, tw, tiles;   // 2x2 output tiles per column / row, and in all
+  int64_t block;           // tiles per block (a multiple of kRows)
+};
+
+struct Shortcut {
+  const float* r = nullptr;
+  int64_t mode = kNone, rc = 0, rh = 0, rw = 0, stride = 1, pad_front = 0;
+};
+
+// Walks the tiles t0, t0+1, ... of a block in order without a division per tile.
+struct TileCursor {
+  int64_t n, th, tw;
+  TileCursor(const Geometry& g, int64_t t) : n(t / (g.th * g.tw)), th((t / g.tw) % g.th), tw(t % g.tw) {}
+  void next(const Geometry& g) {
+    if (++tw == g.tw) {
+      tw = 0;
+      if (++th == g.th) th = 0, ++n;
+    }
+  }
+};
+
+// V[p][i][:] = (B^T d B)[p] for 8 channels of one tile, d[a][b] the patch's pixel rows (zero outside the image).
+RF_AVX2 inline void transform_patch(__m256 d[4][4], float* v, int64_t pos_stride) {
+  __m256 u[4][4];
+  for (int b = 0; b < 4; ++b) {  // B^T d
+    u[0][b] = _mm256_sub_ps(d[0][b], d[2][b]);
+    u[1][b] = _mm256_add_ps(d[1][b], d[2][b]);
+    u[2][b] = _mm256_sub_ps(d[2][b], d[1][b]);
+    u[3][b] = _mm256_sub_ps(d[1][b], d[3][b]);
+  }
+  for (int a = 0; a < 4; ++a) {  // (B^T d) B
+    float* va = v + a * 4 * pos_stride;
+    _mm256_storeu_ps(va, _mm256_sub_ps(u[a][0], u[a][2]));
+    _mm256_storeu_ps(va + pos_stride, _mm256_add_ps(u[a][1], u[a][2]));
+    _mm256_storeu_ps(va + 2 * pos_stride, _mm256_sub_ps(u[a][2], u[a][1]));
+    _mm256_storeu_ps(va + 3 * pos_stride, _mm256_sub_ps(u[a][1], u[a][3]));
+  }
+}
+
+// V[p][i][:] = (B^T d B)[p] for the tiles t0 .. t0+nt-1 of a block (i = t - t0).
+RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int64_t nt, float* V) {
+  const int64_t C = g.c, T = g.block, row = g.w * C;
+  const __m256 zero = _mm256_setzero_ps();
+  TileCursor cur(g, t0);
+  for (int64_t i = 0; i < nt; ++i, cur.next(g)) {
+    const int64_t ih0 = cur.th * 2 - 1, iw0 = cur.tw * 2 - 1;
+    float* v = V + i * C;
+    if (ih0 >= 0 && ih0 + 4 <= g.h && iw0 >= 0 && iw0 + 4 <= g.w) {  // interior: no bounds checks
+      const float* p = x + ((cur.n * g.h + ih0) * g.w + iw0) * C;
+      for (int64_t c0 = 0; c0 < C; c0 += 8) {
+        __m256 d[4][4];
+        for (int a = 0; a < 4; ++a)
+          for (int b = 0; b < 4; ++b) d[a][b] = _mm256_loadu_ps(p + a * row + b * C + c0);
+        transform_patch(d, v + c0, T * C);
+      }
+      continue;
+    }
+    const float* px[4][4];
+    for (int a = 0; a < 4; ++a) {
+      for (int b = 0; b < 4; ++b) {
+        const int64_t ih = ih0 + a, iw = iw0 + b;
+        px[a][b] = (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w) ? x + ((cur.n * g.h + ih) * g.w + iw) * C : nullptr;
+      }
+    }
+    for (int64_t c0 = 0; c0 < C; c0 += 8) {
+      __m256 d[4][4];
+      for (int a = 0; a < 4; ++a)
+        for (int b = 0; b < 4; ++b) d[a][b] = px[a][b] ? _mm256_loadu_ps(px[a][b] + c0) : zero;
+      transform_patch(d, v + c0, T * C);
+    }
+  }
+}
+
+// M (T x K) = V (T x C) @ U (C x K) for one transform position; T a multiple of kRows, K of 8.
+RF_AVX2 void gemm_position(const float* V, const float* U, float* M, int64_t T, int64_t C, int64_t K) {
+  for (int64_t i = 0; i < T; i += kRows) {
+    const float* a = V + i * C;
+    int64_t k0 = 0;
+    for (; k0 + 16 <= K; k0 += 16) {
+      __m256 acc[kRows][2];
+      for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < C; ++c) {
+        const __m256 b0 = _mm256_loadu_ps(U + c * K + k0), b1 = _mm256_loadu_ps(U + c * K + k0 + 8);
+        for (int r = 0; r < kRows; ++r) {
+          const __m256 av = _mm256_broadcast_ss(a + r * C + c);
+          acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+        _mm256_storeu_ps(M + (i + r) * K + k0, acc[r][0]);
+        _mm256_storeu_ps(M + (i + r) * K + k0 + 8, acc[r][1]);
+      }
+    }
+    if (k0 < K) {  // the last 8 channels when K is not a multiple of 16
+      __m256 acc[kRows];
+      for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < C; ++c) {
+        const __m256 b0 = _mm256_loadu_ps(U + c * K + k0);
+        for (int r = 0; r < kRows; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + r * C + c), b0, acc[r]);
+      }
+      for (int r = 0; r < kRows; ++r) _mm256_storeu_ps(M + (i + r) * K + k0, acc[r]);
+    }
+  }
+}
+
+// The shortcut's 8 channels k0 .. k0+7 at output pixel (n, oh, ow).
+template <int64_t Mode>
+RF_AVX2 inline __m256 load_shortcut(const Shortcut& s, int64_t n, int64_t oh, int64_t ow, int64_t h, int64_t w,
+                                    int64_t k, int64_t k0) {
+  if constexpr (Mode == kIdentity) {
+    return _mm256_loadu_ps(s.r + ((n * h + oh) * w + ow) * k + k0);
+  } else {  // option A: channel j of y reads channel j - pad_front of r (zero outside [0, rc))
+    const float* p = s.r + ((n * s.rh + oh * s.stride) * s.rw + ow * s.stride) * s.rc;
+    const int64_t j0 = k0 - s.pad_front;
+    if (j0 >= 0 && j0 + 8 <= s.rc) return _mm256_loadu_ps(p + j0);
+    if (j0 + 8 <= 0 || j0 >= s.rc) return _mm256_setzero_ps();
+    alignas(32) float tmp[8];
+    for (int q = 0; q < 8; ++q) tmp[q] = (j0 + q >= 0 && j0 + q < s.rc) ? p[j0 + q] : 0.f;
+    return _mm256_load_ps(tmp);
+  }
+}
+
+// out[tile] = relu?(A^T M A + bias + shortcut) for the tiles t0 .. t0+nt-1 of a block.
+template <int64_t Mode, bool Relu>
+RF_AVX2 void output_transform(const float* M, const Geometry& g, int64_t t0, int64_t nt, const float* bias,
+                              const Shortcut& s, float* out) {
+  const int64_t K = g.k, T = g.block;
+  const __m256 zero = _mm256_setzero_ps();
+  TileCursor cur(g, t0);
+  for (int64_t i = 0; i < nt; ++i, cur.next(g)) {
+    const int64_t oh0 = cur.th * 2, ow0 = cur.tw * 2, n = cur.n;
+    const int rows = oh0 + 1 < g.h ? 2 : 1, cols = ow0 + 1 < g.w ? 2 : 1;
+    for (int64_t k0 = 0; k0 < K; k0 += 8) {
+      __m256 m[4][4], sa[2][4];
+      for (int a = 0; a < 4; ++a)
+        for (int b = 0; b < 4; ++b) m[a][b] = _mm256_loadu_ps(M + ((a * 4 + b) * T + i) * K + k0);
+      for (int b = 0; b < 4; ++b) {  // A^T m
+        sa[0][b] = _mm256_add_ps(_mm256_add_ps(m[0][b], m[1][b]), m[2][b]);
+        sa[1][b] = _mm256_sub_ps(_mm256_sub_ps(m[1][b], m[2][b]), m[3][b]);
+      }
+      const __m256 bv = bias ? _mm256_loadu_ps(bias + k0) : zero;
+      for (int a = 0; a < rows; ++a) {
+        const int64_t oh = oh0 + a;
+        __m256 y[2];  // (A^T m) A
+        y[0] = _mm256_add_ps(_mm256_add_ps(sa[a][0], sa[a][1]), sa[a][2]);
+        y[1] = _mm256_sub_ps(_mm256_sub_ps(sa[a][1], sa[a][2]), sa[a][3]);
+        for (int b = 0; b < cols; ++b) {
+          const int64_t ow = ow0 + b;
+          __m256 v = _mm256_add_ps(y[b], bv);
+          if constexpr (Mode != kNone) v = _mm256_add_ps(v, load_shortcut<Mode>(s, n, oh, ow, g.h, g.w, K, k0));
+          if constexpr (Relu) v = _mm256_max_ps(v, zero);
+          _mm256_storeu_ps(out + ((n * g.h + oh) * g.w + ow) * K + k0, v);
+        }
+      }
+    }
+  }
+}
+
+template <int64_t Mode, bool Relu>
+void winograd_forward(const float* x, const float* U, const float* bias, const Shortcut& s, const Geometry& g,
+                      float* out) {
+  const int64_t nblocks = (g.tiles + g.block - 1) / g.block;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> V(16 * g.block * g.c, 0.f), M(16 * g.block * g.k);  // zeroed: rows past nt stay finite
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * g.block, nt = std::min(g.block, g.tiles - t0);
+      input_transform(x, g, t0, nt, V.data());
+      for (int p = 0; p < 16; ++p)
+        gemm_position(V.data() + p * g.block * g.c, U + p * g.c * g.k, M.data() + p * g.block * g.k, g.block,
+                      g.c, g.k);
+      output_transform<Mode, Relu>(M.data(), g, t0, nt, bias, s, out);
+    }
+  });
+}
+
+bool cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+#else
+bool cpu_supported() { return false; }
+#endif
+
+at::Tensor nhwc(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
+
+at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight_t, const c10::optional<at::Tensor>& bias,
+                                const c10::optional<at::Tensor>& residual, int64_t mode, int64_t res_stride,
+                                int64_t pad_front, bool relu) {
+  TORCH_CHECK(x_in.dim() == 4, "resnet_fused: conv3x3_winograd: x must be 4-D (N, C, H, W), got shape ",
+              x_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight_t.scalar_type() == at::kFloat,
+              "resnet_fused: conv3x3_winograd computes in float32, got x ", x_in.scalar_type(), " and weight_t ",
+              weight_t.scalar_type());
+  TORCH_CHECK(weight_t.device() == x_in.device(), "resnet_fused: conv3x3_winograd: weight_t is on ",
+              weight_t.device(), " but x is on ", x_in.device());
+  const int64_t n = x_in.size(0), c = x_in.size(1), h = x_in.size(2), w = x_in.size(3);
+  TORCH_CHECK(weight_t.dim() == 3 && weight_t.size(0) == 16 && weight_t.size(1) == c,
+              "resnet_fused: conv3x3_winograd: weight_t must be the (16, C_in=", c, ", C_out) transform from "
+              "resnet_fused.ext.winograd_weight, got shape ", weight_t.sizes());
+  const int64_t k = weight_t.size(2);
+  TORCH_CHECK(c % 8 == 0 && k % 8 == 0 && c > 0 && k > 0, "resnet_fused: conv3x3_winograd needs input and output "
+              "channels that are multiples of 8, got ", c, " -> ", k, " (use a direct convolution for these)");
+  TORCH_CHECK(mode == kNone || mode == kIdentity || mode == kPadA, "resnet_fused: conv3x3_winograd: shortcut mode "
+              "must be 0 (none), 1 (identity) or 2 (option A), got ", mode);
+  at::Tensor out = at::empty({n, k, h, w}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // the shortcut and bias checks of scale_shift_add_relu, against the output's shape
+  check_scale_shift_add_relu(out, bias, bias, residual, c10::nullopt, c10::nullopt, mode, res_stride, pad_front);
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat, "resnet_fused: conv3x3_winograd: bias must be float32, got ",
+                bias->scalar_type());
+  TORCH_CHECK(cpu_supported(), "resnet_fused: conv3x3_winograd needs an x86-64 CPU with AVX2 and FMA");
+  if (out.numel() == 0) return out;
+#ifdef RESNET_FUSED_WINOGRAD
+  const at::Tensor x = nhwc(x_in), U = weight_t.contiguous();
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor(), r;
+  Shortcut s;
+  s.mode = mode;
+  if (mode != kNone) {
+    r = nhwc(*residual);
+    s.r = r.data_ptr<float>();
+    s.rc = r.size(1), s.rh = r.size(2), s.rw = r.size(3), s.stride = res_stride, s.pad_front = pad_front;
+  }
+  Geometry g{n, h, w, c, k, (h + 1) / 2, (w + 1) / 2, 0, 0};
+  g.tiles = n * g.th * g.tw;
+  // V (16*T*C) and M (16*T*K) floats of a block in ~48 KB, so they stay in L1/L2 between the three steps
+  // (24-48 KB measured best on the 2-core AVX2 EPYC for 16-64 channels; 200 KB was slower)
+  g.block = std::max<int64_t>(kRows, (48 * 1024 / (16 * 4 * (c + k))) / kRows * kRows);
+  const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* po = out.data_ptr<float>();
+  const float* px = x.data_ptr<float>();
+  const float* pu = U.data_ptr<float>();
+  if (mode == kIdentity)
+    relu ? winograd_forward<kIdentity, true>(px, pu, pb, s, g, po) : winograd_forward<kIdentity, false>(px, pu, pb, s, g, po);
+  else if (mode == kPadA)
+    relu ? winograd_forward<kPadA, true>(px, pu, pb, s, g, po) : winograd_forward<kPadA, false>(px, pu, pb, s, g, po);
+  else
+    relu ? winograd_forward<kNone, true>(px, pu, pb, s, g, po) : winograd_forward<kNone, false>(px, pu, pb, s, g, po);
+#endif
+  return out;
+}
+
+bool winograd_supported() { return cpu_supported(); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
+  m.def("conv3x3_winograd(Tensor x, Tensor weight_t, Tensor? bias, Tensor? residual, int mode, int res_stride, "
+        "int pad_front, bool relu) -> Tensor");
+  m.def("conv3x3_winograd_supported() -> bool", &winograd_supported);
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) { m.impl("conv3x3_winograd", &conv3x3_winograd_cpu); }
+
+}  // namespace resnet_fused

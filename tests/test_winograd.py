@@ -1,0 +1,160 @@
+"""conv3x3_winograd (the CPU inference convolution) against F.conv2d in fp64, and FusedResNet's CPU inference path
+that uses it (Winograd convolutions + batch slicing) against the reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused.model as model_mod
+from resnet_fused import FusedResNet, ResNet, ext
+
+if not ext.available():
+    pytest.skip(f"resnet_fused._C is not built: {ext.EXT_IMPORT_ERROR}", allow_module_level=True)
+if not ext.winograd_supported():
+    pytest.skip("conv3x3_winograd needs an x86-64 CPU with AVX2 and FMA", allow_module_level=True)
+
+ops = torch.ops.resnet_fused
+
+
+def make(shape, layout="cl", seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+    return t.float().contiguous(memory_format=torch.channels_last) if layout == "cl" else t.float()
+
+
+def reference(x, w, b, r, mode, stride, pad_front, relu):
+    """relu?(conv2d(x, w, b, padding=1) + shortcut) in fp64, the shortcut built the way the reference ResNet does."""
+    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    if mode == 1:
+        y = y + r.double()
+    elif mode == 2:
+        sub = r.double()[:, :, ::stride, ::stride]
+        y = y + F.pad(sub, (0, 0, 0, 0, pad_front, y.shape[1] - sub.shape[1] - pad_front))
+    return y.relu() if relu else y
+
+
+def assert_close_scaled(got, want):
+    """fp32 Winograd vs an fp64 direct convolution: errors scale with the output's magnitude."""
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6 * (want.abs().max().item() + 1))
+
+
+# (N, C_in, C_out, H, W): batch 1, 7x7, odd sizes (partial 2x2 tiles), 1x1 and 2x3 images, channels 8/24/40
+SHAPES = [(1, 8, 8, 7, 7), (2, 16, 24, 5, 9), (3, 24, 8, 1, 1), (2, 8, 16, 2, 3), (1, 40, 16, 28, 28),
+          (4, 16, 16, 14, 14)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_winograd_conv_matches_conv2d(shape, bias, relu, layout):
+    n, c, k, h, w = shape
+    x = make((n, c, h, w), layout)
+    wt = make((k, c, 3, 3), "nchw", 1, scale=0.3)
+    b = make((k,), "nchw", 2) if bias else None
+    out = ops.conv3x3_winograd(x, ext.winograd_weight(wt), b, None, 0, 1, 0, relu)
+    assert out.shape == (n, k, h, w) and out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_scaled(out, reference(x, wt, b, None, 0, 1, 0, relu))
+
+
+@pytest.mark.parametrize("mode,cr,stride,pad_front", [(1, None, 1, 0), (2, 8, 2, 4), (2, 16, 2, 8), (2, 8, 1, 3),
+                                                      (2, 24, 2, 0), (2, 8, 3, 8)])
+@pytest.mark.parametrize("hw", [(7, 7), (6, 10)], ids=str)
+def test_winograd_conv_shortcuts(mode, cr, stride, pad_front, hw):
+    """Identity and option A (subsample + zero channel padding, aligned and unaligned to 8 channels) in the epilogue."""
+    n, c, k = 3, 16, 32 if mode == 2 else 16
+    h, w = hw
+    x = make((n, c, h, w))
+    wt = make((k, c, 3, 3), "nchw", 1, scale=0.3)
+    b = make((k,), "nchw", 2)
+    r = make((n, k, h, w), "cl", 3) if mode == 1 else make((n, cr, (h - 1) * stride + 1, (w - 1) * stride + 1), "nchw",
+                                                           3)
+    out = ops.conv3x3_winograd(x, ext.winograd_weight(wt), b, r, mode, stride, pad_front, True)
+    assert_close_scaled(out, reference(x, wt, b, r, mode, stride, pad_front, True))
+
+
+def test_winograd_weight_transform():
+    """G w G^T: the transform of a filter with a single 1 at (a, b) is the outer product of G's columns a and b."""
+    g = torch.tensor(ext._WINOGRAD_G, dtype=torch.float64)
+    w = torch.zeros(2, 3, 3, 3)
+    w[1, 2, 0, 2] = 1.0
+    u = ext.winograd_weight(w)
+    assert u.shape == (16, 3, 2) and u.dtype == torch.float32 and u.is_contiguous()
+    torch.testing.assert_close(u[:, 2, 1].double().reshape(4, 4), torch.outer(g[:, 0], g[:, 2]))
+    assert u[:, :2].abs().sum() == 0 and u[:, 2, 0].abs().sum() == 0
+    with pytest.raises(ValueError, match="3, 3"):
+        ext.winograd_weight(torch.zeros(4, 4, 5, 5))
+
+
+def test_opcheck_winograd_conv():
+    x = make((2, 8, 5, 6))
+    u = ext.winograd_weight(make((16, 8, 3, 3), "nchw", 1))
+    b = make((16,), "nchw", 2)
+    torch.library.opcheck(ops.conv3x3_winograd.default, (x, u, b, None, 0, 1, 0, True))
+    torch.library.opcheck(ops.conv3x3_winograd.default, (x, u, b, make((2, 16, 5, 6), "cl", 3), 1, 1, 0, False))
+    torch.library.opcheck(ops.conv3x3_winograd.default, (x, u, None, make((2, 8, 9, 11), "cl", 3), 2, 2, 4, True))
+
+
+def test_winograd_conv_bad_operands_are_clear_errors():
+    x = make((2, 8, 5, 5))
+    u = ext.winograd_weight(make((16, 8, 3, 3), "nchw", 1))
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        ops.conv3x3_winograd(make((2, 4, 5, 5)), ext.winograd_weight(make((16, 4, 3, 3), "nchw")), None, None, 0, 1,
+                             0, True)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.conv3x3_winograd(x.double(), u, None, None, 0, 1, 0, True)
+    with pytest.raises(RuntimeError, match=r"\(16, C_in=8, C_out\)"):
+        ops.conv3x3_winograd(x, u[:, :4], None, None, 0, 1, 0, True)
+    with pytest.raises(RuntimeError, match="identity shortcut must have the shape"):
+        ops.conv3x3_winograd(x, u, None, make((2, 8, 5, 5)), 1, 1, 0, True)
+    with pytest.raises(RuntimeError, match="one value per channel"):
+        ops.conv3x3_winograd(x, u, torch.zeros(8), None, 0, 1, 0, True)
+    with pytest.raises(RuntimeError, match="shortcut mode"):
+        ops.conv3x3_winograd(x, u, None, make((2, 16, 5, 5)), 3, 1, 0, True)
+    with pytest.raises(RuntimeError, match="option-A shortcut"):
+        ops.conv3x3_winograd(x, u, None, make((2, 16, 9, 9)), 2, 2, 4, True)
+
+
+def _reference_net(widths, shortcut, plain=False, depth=14):
+    torch.manual_seed(0)
+    ref = ResNet(depth, shortcut=shortcut, widths=list(widths), plain=plain)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("widths,shortcut,plain", [((8, 16, 32), "A", False), ((16, 32, 64), "A", False),
+                                                   ((8, 16, 32), "B", False), ((8, 16, 24), "A", True)])
+def test_cpu_inference_with_winograd_and_batch_slices(monkeypatch, widths, shortcut, plain):
+    """FusedResNet's CPU eval path (Winograd convs, batch slices) == the reference, and the cache follows weights."""
+    ref = _reference_net(widths, shortcut, plain)
+    fused = FusedResNet.from_reference(ref, backend="cpu").eval()
+    x = make((11, 1, 10, 9), "nchw", 5)
+    # slices of 4 images (4, 4, 3): each slice's first activation (10*9*width*4 bytes) is over a quarter of this
+    monkeypatch.setattr(model_mod, "_CPU_EVAL_SLICE_BYTES", 4 * 10 * 9 * widths[0] * 4)
+    assert [c.shape[0] for c in fused._eval_chunks(model_mod._channels_last(x))] == [4, 4, 3]
+    tol = dict(rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), **tol)
+        used = [u is not None for u in fused._wino[1]]
+        assert used[0] is False and sum(used) >= len(used) - 3  # the 1-channel stem and stride-2 convs are not 3x3/s1
+        for p in list(ref.parameters()) + list(fused.parameters()):
+            p.mul_(1.1)  # in place: the folded weights and their transforms must be refreshed
+        torch.testing.assert_close(fused(x), ref(x), **tol)
+        torch.testing.assert_close(fused(x[:1]), ref(x[:1]), **tol)  # batch 1, one slice
+
+
+def test_winograd_off_gives_the_same_numbers(monkeypatch):
+    """The Winograd path and the oneDNN direct convolutions agree (FusedResNet picks Winograd where it can)."""
+    ref = _reference_net((16, 32, 64), "B", depth=8)
+    fused = FusedResNet.from_reference(ref, backend="cpu").eval()
+    x = make((5, 1, 12, 12), "nchw", 6)
+    with torch.no_grad():
+        a = fused(x)
+        monkeypatch.setattr(model_mod, "_WINOGRAD", False)
+        b = fused(x)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
