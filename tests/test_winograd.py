@@ -158,3 +158,29 @@ def test_winograd_off_gives_the_same_numbers(monkeypatch):
         monkeypatch.setattr(model_mod, "_WINOGRAD", False)
         b = fused(x)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_output_buffers_are_reused_only_when_nobody_holds_them():
+    """The operator recycles its output buffers (no page faults on fresh memory), but never one still referenced,
+    through the returned tensor or a view of it."""
+    x = make((2, 8, 6, 6))
+    x2 = make((2, 8, 6, 6), seed=1)
+    u = ext.winograd_weight(make((8, 8, 3, 3), "nchw", 1))
+
+    def run(inp):
+        return ops.conv3x3_winograd(inp, u, None, None, 0, 1, 0, False)
+    a = run(x)
+    a_before = a.clone()
+    b = run(x2)
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, a_before)  # a is held: not overwritten
+    freed = b.data_ptr()
+    del b
+    c = run(x2)
+    assert c.data_ptr() == freed  # b's buffer, free again, is reused
+    view = c[:, :4]
+    del c
+    d = run(x)
+    assert d.data_ptr() not in (freed, a.data_ptr())  # a view keeps the buffer alive
+    torch.testing.assert_close(view, run(x2)[:, :4])
+    torch.testing.assert_close(a, a_before)
+    torch.testing.assert_close(d, a_before)
