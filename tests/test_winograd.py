@@ -184,3 +184,18 @@ def test_winograd_output_buffers_are_reused_only_when_nobody_holds_them():
     torch.testing.assert_close(view, run(x2)[:, :4])
     torch.testing.assert_close(a, a_before)
     torch.testing.assert_close(d, a_before)
+
+
+def test_cpu_inference_alternating_inference_mode_and_no_grad(monkeypatch):
+    """Recycled buffers cross inference_mode / no_grad boundaries without errors or wrong numbers."""
+    ref = _reference_net((8, 16, 32), "A", depth=8)
+    fused = FusedResNet.from_reference(ref, backend="cpu").eval()
+    x = make((9, 1, 8, 8), "nchw", 7)
+    monkeypatch.setattr(model_mod, "_CPU_EVAL_SLICE_BYTES", 3 * 8 * 8 * 8 * 4)  # slices of 3
+    with torch.no_grad():
+        want = ref(x)
+    for ctx in (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad):
+        with ctx():
+            got = fused(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    got.add_(1)  # a no_grad output is an ordinary tensor
