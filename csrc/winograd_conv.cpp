@@ -13,7 +13,7 @@
 // with the folded weights); all arithmetic is fp32 (U is computed in fp64 then rounded).
 //
 // Layout: x, r and out are NHWC (channels_last) fp32; C and K multiples of 8 (one AVX2 vector of channels).
-// Work: blocks of T tiles (T sized so V and M of a block stay in L1/L2) spread over threads with at::parallel_for;
+// Work: blocks of T tiles (T sized so V and M of a block stay in L1/L2) handed out to at::parallel_for's threads;
 // per block: input transform -> V[16][T][C], 16 GEMMs with a 6-tile x 16-channel register tile -> M[16][T][K],
 // output transform + epilogue straight into out. Kernels are compiled for AVX2 + FMA (function target attributes);
 // the operator refuses CPUs without them, and FusedResNet only calls it where torch reports AVX2 or better.
@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "checks.h"
@@ -204,9 +205,13 @@ template <int64_t Mode, bool Relu>
 void winograd_forward(const float* x, const float* U, const float* bias, const Shortcut& s, const Geometry& g,
                       float* out) {
   const int64_t nblocks = (g.tiles + g.block - 1) / g.block;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  // blocks handed out one at a time (each writes its own tiles: the result does not depend on who computes what),
+  // so a thread slowed by another process on its core does not leave the others waiting at the end
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> V(16 * g.block * g.c, 0.f), M(16 * g.block * g.k);  // zeroed: rows past nt stay finite
-    for (int64_t blk = b0; blk < b1; ++blk) {
+    for (int64_t blk; (blk = next.fetch_add(1, std::memory_order_relaxed)) < nblocks;) {
       const int64_t t0 = blk * g.block, nt = std::min(g.block, g.tiles - t0);
       input_transform(x, g, t0, nt, V.data());
       for (int p = 0; p < 16; ++p)
