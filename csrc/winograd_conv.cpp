@@ -16,16 +16,18 @@
 // Work: blocks of T tiles (T sized so V and M of a block stay in L1/L2) handed out to at::parallel_for's threads;
 // per block: input transform -> V[16][T][C], 16 GEMMs with a 6-tile x 16-channel register tile -> M[16][T][K],
 // output transform + epilogue straight into out. Kernels are compiled for AVX2 + FMA (function target attributes);
-// the operator refuses CPUs without them, and FusedResNet only calls it where torch reports AVX2 or better.
+// the operator refuses CPUs without them, and FusedResNet calls it only where conv3x3_winograd_supported() is true.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "layout.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -227,8 +229,6 @@ bool cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_su
 bool cpu_supported() { return false; }
 #endif
 
-at::Tensor nhwc(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
-
 // Output buffers of this thread's recent calls, reused once nobody else holds them (the storage referenced only
 // from here). Batch-sliced inference allocates one ~1.6 MB activation per layer and slice; fresh allocations of
 // that size come from mmap or a just-trimmed heap, and touching them page-faults the whole buffer every time
@@ -258,9 +258,9 @@ at::Tensor new_output(const at::TensorOptions& options, at::IntArrayRef sizes) {
   return fresh(out.storage());
 }
 
-at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight_t, const c10::optional<at::Tensor>& bias,
-                                const c10::optional<at::Tensor>& residual, int64_t mode, int64_t res_stride,
-                                int64_t pad_front, bool relu) {
+at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight_t,
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+                                int64_t mode, int64_t res_stride, int64_t pad_front, bool relu) {
   TORCH_CHECK(x_in.dim() == 4, "resnet_fused: conv3x3_winograd: x must be 4-D (N, C, H, W), got shape ",
               x_in.sizes());
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight_t.scalar_type() == at::kFloat,
@@ -286,12 +286,12 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   TORCH_CHECK(cpu_supported(), "resnet_fused: conv3x3_winograd needs an x86-64 CPU with AVX2 and FMA");
   if (out.numel() == 0) return out;
 #ifdef RESNET_FUSED_WINOGRAD
-  const at::Tensor x = nhwc(x_in), U = weight_t.contiguous();
+  const at::Tensor x = as_nhwc(x_in), U = weight_t.contiguous();
   at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor(), r;
   Shortcut s;
   s.mode = mode;
   if (mode != kNone) {
-    r = nhwc(*residual);
+    r = as_nhwc(*residual);
     s.r = r.data_ptr<float>();
     s.rc = r.size(1), s.rh = r.size(2), s.rw = r.size(3), s.stride = res_stride, s.pad_front = pad_front;
   }
@@ -304,24 +304,26 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   float* po = out.data_ptr<float>();
   const float* px = x.data_ptr<float>();
   const float* pu = U.data_ptr<float>();
+  const auto run = [&](auto mode_c) {  // the shortcut mode and ReLU as template arguments of the epilogue
+    constexpr int64_t kMode = decltype(mode_c)::value;
+    relu ? winograd_forward<kMode, true>(px, pu, pb, s, g, po) : winograd_forward<kMode, false>(px, pu, pb, s, g, po);
+  };
   if (mode == kIdentity)
-    relu ? winograd_forward<kIdentity, true>(px, pu, pb, s, g, po) : winograd_forward<kIdentity, false>(px, pu, pb, s, g, po);
+    run(std::integral_constant<int64_t, kIdentity>{});
   else if (mode == kPadA)
-    relu ? winograd_forward<kPadA, true>(px, pu, pb, s, g, po) : winograd_forward<kPadA, false>(px, pu, pb, s, g, po);
+    run(std::integral_constant<int64_t, kPadA>{});
   else
-    relu ? winograd_forward<kNone, true>(px, pu, pb, s, g, po) : winograd_forward<kNone, false>(px, pu, pb, s, g, po);
+    run(std::integral_constant<int64_t, kNone>{});
 #endif
   return out;
 }
-
-bool winograd_supported() { return cpu_supported(); }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
   m.def("conv3x3_winograd(Tensor x, Tensor weight_t, Tensor? bias, Tensor? residual, int mode, int res_stride, "
         "int pad_front, bool relu) -> Tensor");
-  m.def("conv3x3_winograd_supported() -> bool", &winograd_supported);
+  m.def("conv3x3_winograd_supported() -> bool", &cpu_supported);
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) { m.impl("conv3x3_winograd", &conv3x3_winograd_cpu); }
