@@ -132,7 +132,7 @@ void reduce_chunk(acc_t* __restrict__ sums, const scalar_t* __restrict__ go, con
     const int64_t o = row * c;
     for (int64_t j = 0; j < c; ++j) {
       const acc_t o_j = static_cast<acc_t>(out[o + j]), go_j = static_cast<acc_t>(go[o + j]);
-      const acc_t g = (!relu || o_j > acc_t(0)) ? go_j : acc_t(0);  // both loads unconditional: a vector select
+      const acc_t g = (relu && o_j <= acc_t(0)) ? acc_t(0) : go_j;  // both loads unconditional: a vector select
       s_g[j] += g;
       s_gy[j] += g * (static_cast<acc_t>(y[o + j]) - mean[j]);
       if constexpr (kProj) s_gr[j] += g * (static_cast<acc_t>(r[o + j]) - rmean[j]);
@@ -153,7 +153,7 @@ void write_grads(scalar_t* __restrict__ dy, scalar_t* __restrict__ dr, const sca
     const int64_t o = row * c;
     for (int64_t j = 0; j < c; ++j) {
       const acc_t o_j = static_cast<acc_t>(out[o + j]), go_j = static_cast<acc_t>(go[o + j]);
-      const acc_t g = (!relu || o_j > acc_t(0)) ? go_j : acc_t(0);  // both loads unconditional: a vector select
+      const acc_t g = (relu && o_j <= acc_t(0)) ? acc_t(0) : go_j;  // both loads unconditional: a vector select
       dy[o + j] = static_cast<scalar_t>(s[j] * g + a[j] + b[j] * static_cast<acc_t>(y[o + j]));
       if constexpr (kDr == 1) dr[o + j] = static_cast<scalar_t>(g);
       if constexpr (kDr == 2)

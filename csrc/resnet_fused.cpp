@@ -273,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           const int64_t o = row * c;
           for (int64_t j = 0; j < c; ++j) {
             const acc_t go_j = static_cast<acc_t>(pgo[o + j]);  // loaded unconditionally: a select, no branch
-            const acc_t g = (!relu || static_cast<acc_t>(po[o + j]) > 0) ? go_j : acc_t(0);
+            const acc_t g = (relu && static_cast<acc_t>(po[o + j]) <= 0) ? acc_t(0) : go_j;
             pgy[o + j] = static_cast<scalar_t>(g * sc[j]);
             s_gy[j] += g * static_cast<acc_t>(py[o + j]);
             s_g[j] += g;

@@ -195,7 +195,7 @@ RF_AVX2 void output_transform(const float* M, const Geometry& g, int64_t t0, int
           const int64_t ow = ow0 + b;
           __m256 v = _mm256_add_ps(y[b], bv);
           if constexpr (Mode != kNone) v = _mm256_add_ps(v, load_shortcut<Mode>(s, n, oh, ow, g.h, g.w, K, k0));
-          if constexpr (Relu) v = _mm256_max_ps(v, zero);
+          if constexpr (Relu) v = _mm256_max_ps(zero, v);  // maxps returns its 2nd operand for NaN: NaN stays
           _mm256_storeu_ps(out + ((n * g.h + oh) * g.w + ow) * K + k0, v);
         }
       }

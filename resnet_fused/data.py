@@ -10,42 +10,75 @@ augmentation come from a generator seeded with (seed, epoch), so a resumed run s
 """
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DATASETS", "DataNotFoundError", "Split", "DeviceLoader", "default_data_root", "load_dataset",
-           "load_splits"]
+__all__ = ["DATASETS", "DataFormatError", "DataNotFoundError", "DatasetError", "Split", "DeviceLoader",
+           "default_data_root", "load_dataset", "load_splits", "read_idx"]
 
 
-class DataNotFoundError(RuntimeError):
+class DatasetError(RuntimeError):
+    """A dataset that cannot be used as it is: missing, or files that are not what they should be."""
+
+
+class DataNotFoundError(DatasetError):
     """The dataset files are not under the root (and downloading was not asked for)."""
 
 
-# name -> (torchvision class, constructor kwargs, folder under root, files expected)
-DATASETS = {
-    "mnist": ("MNIST", {}, "MNIST/raw",
-              ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-               "t10k-labels-idx1-ubyte"]),
-    "fashionmnist": ("FashionMNIST", {}, "FashionMNIST/raw",
-                     ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                      "t10k-labels-idx1-ubyte"]),
-    "kmnist": ("KMNIST", {}, "KMNIST/raw",
-               ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                "t10k-labels-idx1-ubyte"]),
-    "emnist-balanced": ("EMNIST", {"split": "balanced"}, "EMNIST/raw",
-                        ["emnist-balanced-{train,test}-{images-idx3,labels-idx1}-ubyte"]),
-    "emnist-digits": ("EMNIST", {"split": "digits"}, "EMNIST/raw",
-                      ["emnist-digits-{train,test}-{images-idx3,labels-idx1}-ubyte"]),
-    "emnist-letters": ("EMNIST", {"split": "letters"}, "EMNIST/raw",
-                       ["emnist-letters-{train,test}-{images-idx3,labels-idx1}-ubyte"]),
-    "qmnist": ("QMNIST", {"what": None}, "QMNIST/raw",
-               ["qmnist-train-images-idx3-ubyte", "qmnist-train-labels-idx2-int", "qmnist-test-images-idx3-ubyte",
-                "qmnist-test-labels-idx2-int"]),
-    "usps": ("USPS", {}, "", ["usps.bz2", "usps.t.bz2"]),
-}
+class DataFormatError(DatasetError):
+    """A dataset file is there but not a valid one (bad magic, truncated, counts or labels out of range)."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset's files are and how to read them."""
+    tv_class: str                       # torchvision class (for --download and USPS)
+    folder: str                         # under the root
+    files: dict                         # "train"/"test" -> (images file, labels file)
+    classes: tuple
+    tv_kwargs: tuple = ()               # extra torchvision constructor arguments (for --download)
+    transposed: bool = False            # EMNIST stores images transposed
+    label_column: int | None = None     # QMNIST: 2-D label records, column 0 is the class
+
+
+def _mnist_like(tv_class, classes):
+    return DatasetSpec(tv_class, f"{tv_class}/raw", dict(train=("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                                                         test=("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
+                       tuple(classes))
+
+
+def _emnist(split):
+    import torchvision.datasets as tvd
+    return DatasetSpec("EMNIST", "EMNIST/raw",
+                       {w: (f"emnist-{split}-{w}-images-idx3-ubyte", f"emnist-{split}-{w}-labels-idx1-ubyte")
+                        for w in ("train", "test")},
+                       tuple(tvd.EMNIST.classes_split_dict[split]), (("split", split),), transposed=True)
+
+
+def _specs():
+    import torchvision.datasets as tvd
+    return {
+        "mnist": _mnist_like("MNIST", tvd.MNIST.classes),
+        "fashionmnist": _mnist_like("FashionMNIST", tvd.FashionMNIST.classes),
+        "kmnist": _mnist_like("KMNIST", tvd.KMNIST.classes),
+        "emnist-balanced": _emnist("balanced"),
+        "emnist-digits": _emnist("digits"),
+        "emnist-letters": _emnist("letters"),
+        "qmnist": DatasetSpec("QMNIST", "QMNIST/raw",
+                              {w: (f"qmnist-{w}-images-idx3-ubyte", f"qmnist-{w}-labels-idx2-int")
+                               for w in ("train", "test")}, tuple(tvd.QMNIST.classes), label_column=0),
+        "usps": DatasetSpec("USPS", "", dict(train=("usps.bz2", None), test=("usps.t.bz2", None)),
+                            tuple(str(i) for i in range(10))),
+    }
+
+
+DATASETS = ("mnist", "fashionmnist", "kmnist", "emnist-balanced", "emnist-digits", "emnist-letters", "qmnist", "usps")
 
 
 def default_data_root(root: str | None = None) -> str:
@@ -76,52 +109,149 @@ class Split:
         return Split(self.images[index], self.labels[index])
 
 
+# ---- IDX files ------------------------------------------------------------------------------------------------
+# The MNIST family's format: 2 zero bytes, a type code, the number of dimensions, each dimension as a big-endian
+# uint32, then the values (big-endian). Read here (not through torchvision) so that every fault is named: a missing
+# file, a bad magic number, a truncated or over-long file; and so that a root holding only the gzip-compressed
+# files ("*-ubyte.gz", as most mirrors ship them) works without writing into it.
+
+_IDX_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def _find(path):
+    """The file, or its .gz beside it; None if neither exists."""
+    for p in (path, path + ".gz"):
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (or its .gz) as a numpy array; DataFormatError naming the file and the fault."""
+    found = _find(path)
+    if found is None:
+        raise DataNotFoundError(f"{path} (or {os.path.basename(path)}.gz) not found")
+    try:
+        if found.endswith(".gz"):
+            with gzip.open(found, "rb") as f:
+                raw = f.read()
+        else:
+            with open(found, "rb") as f:
+                raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataFormatError(f"{found} cannot be read: {e}") from None
+    if len(raw) < 4:
+        raise DataFormatError(f"{found} is {'empty' if not raw else 'too short'} ({len(raw)} bytes): not an IDX file")
+    if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES or raw[3] == 0:
+        raise DataFormatError(f"{found} is not an IDX file: bad magic number 0x{raw[:4].hex()} (expected 0x0000 "
+                              f"then a type code and the number of dimensions)")
+    dtype, ndim = _IDX_TYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataFormatError(f"{found} is truncated: {len(raw)} bytes, shorter than its {header}-byte header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "longer than its header says"
+        raise DataFormatError(f"{found} is {what}: its header says {'x'.join(map(str, shape))} values of "
+                              f"{dtype.itemsize} byte(s) ({expected:,} bytes with the header), the file has "
+                              f"{len(raw):,} bytes")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _read_split(spec: DatasetSpec, where: str, which: str) -> Split:
+    img_file, lbl_file = (os.path.join(where, f) for f in spec.files[which])
+    images, labels = read_idx(img_file), read_idx(lbl_file)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataFormatError(f"{_find(img_file)} holds {images.dtype} values of shape {images.shape}; images are "
+                              f"uint8 [N, H, W]")
+    if spec.label_column is not None and labels.ndim == 2:
+        labels = labels[:, spec.label_column]
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataFormatError(f"{_find(lbl_file)} holds {labels.dtype} values of shape {labels.shape}; labels are "
+                              f"integers [N]")
+    if labels.shape[0] != images.shape[0]:
+        raise DataFormatError(f"{_find(img_file)} has {images.shape[0]:,} images but {_find(lbl_file)} has "
+                              f"{labels.shape[0]:,} labels")
+    img = torch.from_numpy(images.copy()).unsqueeze(1)
+    if spec.transposed:
+        img = img.transpose(2, 3).contiguous()
+    return Split(img, torch.from_numpy(labels.astype(np.int64)))
+
+
+def _check_labels(split: Split, spec: DatasetSpec, source: str):
+    if len(split) == 0:
+        raise DataFormatError(f"{source} holds no images")
+    lo, hi = int(split.labels.min()), int(split.labels.max())
+    if lo < 0 or hi >= len(spec.classes):
+        bad = lo if lo < 0 else hi
+        raise DataFormatError(f"{source} has label {bad}, outside 0..{len(spec.classes) - 1} for its "
+                              f"{len(spec.classes)} classes")
+
+
 def load_dataset(name: str, train: bool, root: str | None = None, download: bool = False):
-    """(Split on CPU, class names) for one split of a dataset, read through torchvision."""
+    """(Split on CPU, class names) for one split of a dataset."""
+    key = _canonical(name)
+    spec = _specs()[key]
+    root = default_data_root(root)
+    which = "train" if train else "test"
+    where = os.path.join(os.path.abspath(root), spec.folder)
+    missing = [f for f in spec.files[which] if f and _find(os.path.join(where, f)) is None]
+    if missing or spec.tv_class == "USPS":
+        split = _load_torchvision(key, spec, root, train, download, missing, where)
+        source = os.path.join(where, spec.files[which][0])
+    else:
+        split = _read_split(spec, where, which)
+        source = _find(os.path.join(where, spec.files[which][1]))
+    _check_labels(split, spec, source)
+    return split, list(spec.classes)
+
+
+def _load_torchvision(key, spec, root, train, download, missing, where):
+    """USPS (bz2 libsvm files), and the download of any dataset: through torchvision."""
     import torchvision.datasets as tvd
 
-    key = _canonical(name)
-    cls_name, kwargs, folder, files = DATASETS[key]
-    root = default_data_root(root)
-    kwargs = dict(kwargs)
-    if cls_name == "QMNIST":
+    if missing and not download:
+        raise DataNotFoundError(
+            f"dataset {key!r} not found under {os.path.abspath(root)}: expected "
+            f"{', '.join(f for pair in spec.files.values() for f in pair if f)} (or their .gz) in {where} "
+            f"(torchvision layout); point --data-root or RESNET_FUSED_DATA at it, or pass --download")
+    kwargs = dict(spec.tv_kwargs)
+    if spec.tv_class == "QMNIST":
         kwargs["what"] = "train" if train else "test"
     else:
         kwargs["train"] = train
     try:
-        ds = getattr(tvd, cls_name)(root=root, download=download, **kwargs)
+        ds = getattr(tvd, spec.tv_class)(root=root, download=download, **kwargs)
     except (RuntimeError, FileNotFoundError, OSError) as e:
-        where = os.path.join(os.path.abspath(root), folder)
-        raise DataNotFoundError(
-            f"dataset {key!r} not found under {os.path.abspath(root)}: expected {', '.join(files)} in {where} "
-            f"(torchvision layout); point --data-root or RESNET_FUSED_DATA at it, or pass --download "
-            f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from None
-    data = ds.data
-    images = data.clone() if isinstance(data, torch.Tensor) else torch.as_tensor(data)
-    targets = ds.targets
-    labels = torch.as_tensor(targets, dtype=torch.int64)
-    if labels.dim() == 2:  # QMNIST keeps extended labels; column 0 is the class
-        labels = labels[:, 0].contiguous()
-    if cls_name == "EMNIST":  # stored transposed relative to MNIST
-        images = images.transpose(1, 2).contiguous()
-    images = images.to(torch.uint8).unsqueeze(1).contiguous()
-    return Split(images, labels), list(getattr(ds, "classes", [str(i) for i in range(int(labels.max()) + 1)]))
+        raise DataNotFoundError(f"dataset {key!r} could not be loaded from {os.path.abspath(root)} "
+                                f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from None
+    if spec.tv_class != "USPS":  # downloaded: read the files it wrote, with every check
+        return _read_split(spec, where, "train" if train else "test")
+    images = torch.as_tensor(ds.data).to(torch.uint8).unsqueeze(1).contiguous()
+    return Split(images, torch.as_tensor(ds.targets, dtype=torch.int64))
 
 
 def load_splits(name: str, root: str | None = None, download: bool = False, val_size: int = 0,
                 subset: int | None = None, seed: int = 0, device="cpu"):
-    """dict(train=Split, val=Split|None, test=Split, classes=list, mean=float, std=float) on ``device``.
+    """dict(train=Split, val=Split|None, test=Split, classes=list, mean=float, std=float, n_train_all=int) on
+    ``device``.
 
     ``val_size`` images are carved out of train by a fixed permutation (seeded); ``subset`` keeps the first
     ``subset`` training images after that (and at most as many test images), for quick runs and tests.
-    mean/std are those of the training images (in [0, 1]).
+    mean/std are those of the training images (in [0, 1]); n_train_all counts the training file's images.
     """
+    if subset is not None and subset < 0:
+        raise ValueError(f"subset (--subset) must be 0 (all) or positive, got {subset}")
     train, classes = load_dataset(name, True, root, download)
     test, _ = load_dataset(name, False, root, download)
+    n_train_all = len(train)
     val = None
     if val_size:
         if not 0 < val_size < len(train):
-            raise ValueError(f"val_size must be between 1 and {len(train) - 1}, got {val_size}")
+            raise ValueError(f"val_size (--val-size) must be between 1 and {len(train) - 1} for the {len(train)} "
+                             f"training images, got {val_size}")
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 12345))
         val, train = train.subset(perm[:val_size]), train.subset(perm[val_size:])
     if subset:
@@ -132,7 +262,7 @@ def load_splits(name: str, root: str | None = None, download: bool = False, val_
     pix = train.images.float().div_(255)
     mean, std = pix.mean().item(), pix.std().item()
     out = dict(train=train.to(device), val=val.to(device) if val is not None else None, test=test.to(device),
-               classes=classes, mean=mean, std=std)
+               classes=classes, mean=mean, std=std, n_train_all=n_train_all)
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .checkpoint import UserError, atomic_write_text, load_checkpoint, load_model_state, run_cli
+from .checkpoint import UserError, atomic_write_text, check_output_file, load_checkpoint, load_model_state, run_cli
 from .data import DeviceLoader, load_splits
 from .train import evaluate_split, make_model, pick_device
 
@@ -30,6 +30,10 @@ def build_parser():
 
 def evaluate(argv=None):
     args = build_parser().parse_args(argv)
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.json:
+        check_output_file(args.json, "--json")
     ckpt = load_checkpoint(args.checkpoint)
     cfg = dict(ckpt["config"])
     if args.model is not None and args.model != cfg.get("model"):

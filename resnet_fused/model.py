@@ -124,7 +124,7 @@ class FusedResNet(ResNet):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.backend = backend
-        self._folded = None  # (key, folded weights) cache for inference
+        self._folded = None  # (key, folded weights, all finite) cache for inference
         self._wino = None  # (folded weights, their Winograd transforms) cache for CPU inference
 
     # ---- conversions -----------------------------------------------------------------------------------------
@@ -189,9 +189,13 @@ class FusedResNet(ResNet):
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise RuntimeError(f"input dtype {x.dtype} does not match the weight dtype {w.dtype}; convert one of "
                                f"them (or run under torch.autocast)")
+        if self.training and x.shape[0] == 0:
+            raise ValueError(f"FusedResNet got an empty batch (input shape {tuple(x.shape)}); training needs at "
+                             f"least one image (BatchNorm statistics of no values are undefined)")
         if self.training and x.shape[0] * self._min_spatial(x) <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                             f"{tuple(x.shape)} (spatial size 1x1 after the last stage with batch 1)")
+                             f"{tuple(x.shape)} (spatial size 1x1 after the last stage with batch "
+                             f"{x.shape[0]})")
 
     def _min_spatial(self, x):
         h, w = x.shape[2], x.shape[3]
@@ -273,9 +277,12 @@ class FusedResNet(ResNet):
         (option A by index math) and ReLU in its output transform; the others are oneDNN primitives with post-ops."""
         ssar = torch.ops.resnet_fused.scale_shift_add_relu
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        onednn = _use_onednn_post_ops(x, dtype)
-        base = _onednn_conv if onednn else _aten_conv
         folded = self._folded_weights(dtype)
+        # oneDNN's ReLU post-op turns NaN into 0, and Winograd's transforms turn an Inf into NaN where a direct
+        # convolution keeps it: with a non-finite input or weight the ATen convolutions run instead, so NaN and
+        # Inf come out exactly as in PyTorch (one cheap pass over the input; the weights' flag is cached)
+        onednn = _use_onednn_post_ops(x, dtype) and self._folded[2] and bool(torch.isfinite(x).all())
+        base = _onednn_conv if onednn else _aten_conv
         wino = self._winograd_weights(folded) if onednn and _WINOGRAD else [None] * len(folded)
         wg = torch.ops.resnet_fused.conv3x3_winograd
 
@@ -378,11 +385,25 @@ class FusedResNet(ResNet):
         w = _channels_last((_acc(conv.weight) * s[:, None, None, None]).to(dtype))  # oneDNN's layout: no reorder
         return w, _acc(bn.bias) - _acc(bn.running_mean) * s
 
-    def _folded_weights(self, dtype):
-        """Per conv: (folded weight, bias); cached until a parameter or buffer changes (or the dtype)."""
+    def _cache_key(self, dtype):
+        """What the folded weights depend on: every parameter and buffer (storage and version: optimizer steps,
+        in-place edits, load_state_dict and replaced tensors change it), each BatchNorm's eps, and the dtype.
+        Edits through ``.data`` bypass the version counter: call invalidate_caches() after them."""
         tensors = list(self.parameters()) + list(self.buffers())
+        eps = tuple(m.eps for m in self.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+        return dtype, eps, tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def invalidate_caches(self):
+        """Drop the inference caches (BatchNorm folded into the conv weights, their Winograd transforms). Needed
+        only after changing a weight or buffer in a way PyTorch does not record (``p.data[...] = ...``,
+        ``p.data.copy_(...)``); optimizer steps, in-place ops on the parameters, load_state_dict, ``.to()`` and
+        changes of eps are seen by themselves."""
+        self._folded = self._wino = None
+
+    def _folded_weights(self, dtype):
+        """Per conv: (folded weight, bias); cached until a parameter, buffer or eps changes (or the dtype)."""
         compiling = torch.compiler.is_compiling()
-        key = None if compiling else (dtype, tuple((t.data_ptr(), t._version) for t in tensors))
+        key = None if compiling else self._cache_key(dtype)
         if key is not None and self._folded is not None and self._folded[0] == key:
             return self._folded[1]
         folded = [self._fold(self.conv1, self.bn1, dtype)]
@@ -394,8 +415,8 @@ class FusedResNet(ResNet):
                 folded.append((w2, b2 + bsc, wsc))
             else:
                 folded.append((w2, b2))
-        if key is not None:
-            self._folded = (key, folded)
+        if key is not None:  # with whether every folded tensor is finite (see _features_ext_eval)
+            self._folded = (key, folded, all(bool(torch.isfinite(t).all()) for f in folded for t in f))
         return folded
 
     def _features_eval(self, x, dtype):
@@ -418,5 +439,5 @@ class FusedResNet(ResNet):
         return a
 
     def _apply(self, fn, *args, **kwargs):
-        self._folded = self._wino = None  # .to() / .cuda() / .half() replace tensors: drop the inference caches
+        self.invalidate_caches()  # .to() / .cuda() / .half() replace tensors
         return super()._apply(fn, *args, **kwargs)

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (UserError, atomic_save, atomic_write_bytes, atomic_write_text, check_writable_dir, clean_state_dict,
-                         load_checkpoint, load_model_state, run_cli)
+from .checkpoint import (UserError, atomic_save, atomic_write_bytes, atomic_write_text, check_writable_dir,
+                         clean_stale_temp_files, clean_state_dict, load_checkpoint, load_model_state, run_cli, seal)
 from .data import DATASETS, DeviceLoader, load_splits
 from .reference import MODEL_NAMES, build_model, parse_model_name
 
@@ -106,7 +106,11 @@ def lr_factor(step, steps_per_epoch, cfg):
 
 
 def rng_state():
-    s = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state())
+    """Every generator's state as tensors and plain values (what a weights_only checkpoint may hold)."""
+    ns = np.random.get_state(legacy=False)
+    numpy_state = dict(bit_generator=ns["bit_generator"], key=torch.from_numpy(ns["state"]["key"].astype(np.int64)),
+                       pos=int(ns["state"]["pos"]), has_gauss=int(ns["has_gauss"]), gauss=float(ns["gauss"]))
+    s = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=numpy_state)
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -115,7 +119,10 @@ def rng_state():
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    ns = s["numpy"]
+    np.random.set_state(dict(bit_generator=ns["bit_generator"],
+                             state=dict(key=ns["key"].numpy().astype(np.uint32), pos=ns["pos"]),
+                             has_gauss=ns["has_gauss"], gauss=ns["gauss"]))
     if "cuda" in s and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -186,7 +193,7 @@ def write_metrics(history, out):
 
 def resolve_config(args):
     """The run's recipe: flags over (on --resume) the checkpoint's config over DEFAULTS."""
-    ckpt = None
+    ckpt, path = None, None
     if args.resume:
         path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
         ckpt = load_checkpoint(path)
@@ -209,10 +216,41 @@ def resolve_config(args):
     if cfg["dataset"].lower().replace("_", "-") not in DATASETS and cfg["dataset"].lower() not in (
             "fashion-mnist", "emnist"):
         raise UserError(f"unknown dataset {cfg['dataset']!r}; choose from {', '.join(DATASETS)}")
-    for k in ("epochs", "batch_size"):
-        if cfg[k] <= 0:
-            raise UserError(f"--{k.replace('_', '-')} must be positive, got {cfg[k]}")
-    return cfg, ckpt
+    validate_config(cfg)
+    if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
+        raise UserError(f"--stop-after-epoch must be at least 1, got {args.stop_after_epoch}")
+    return cfg, ckpt, path if args.resume else None
+
+
+# flag -> (lowest, highest, whether the lowest itself is allowed); None = unbounded
+_RANGES = dict(epochs=(1, None, True), batch_size=(1, None, True), lr=(0.0, None, False), momentum=(0.0, None, True),
+               wd=(0.0, None, True), warmup_epochs=(0.0, None, True), label_smoothing=(0.0, 1.0, True),
+               max_shift=(0, None, True), val_size=(0, None, True), subset=(0, None, True), seed=(0, 2**31 - 1, True))
+
+
+def validate_config(cfg):
+    """Every recipe value in range and finite, checked before anything is loaded or written (UserError)."""
+    for k, (lo, hi, lo_ok) in _RANGES.items():
+        v, flag = cfg[k], "--" + k.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"{flag} must be a finite number, got {v}")
+        if (v < lo if lo_ok else v <= lo) or (hi is not None and v > hi):
+            where = (f"at least {lo}" if lo_ok else f"greater than {lo}") + (f" and at most {hi}" if hi else "")
+            raise UserError(f"{flag} must be {where}, got {v}")
+    if cfg["momentum"] >= 1.0:
+        raise UserError(f"--momentum must be below 1 (SGD diverges at 1 and above), got {cfg['momentum']}")
+    if cfg["warmup_epochs"] > cfg["epochs"]:
+        raise UserError(f"--warmup-epochs {cfg['warmup_epochs']} is longer than the run (--epochs {cfg['epochs']})")
+
+
+def validate_data(cfg, data, n_train_all):
+    """The flags that depend on the dataset's size (checked after loading, before anything is written)."""
+    h, w = data["train"].images.shape[-2:]
+    if cfg["max_shift"] >= min(h, w):
+        raise UserError(f"--max-shift {cfg['max_shift']} must be smaller than the {h}x{w} images")
+    if cfg["subset"] > n_train_all:
+        raise UserError(f"--subset {cfg['subset']} is more than the {n_train_all} training images of "
+                        f"{cfg['dataset']} (0 = all)")
 
 
 def make_model(cfg, in_channels, num_classes, device):
@@ -229,24 +267,46 @@ def make_model(cfg, in_channels, num_classes, device):
     return model
 
 
+# the files a run writes in --out (their stale temp files are cleaned at start)
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "metrics.json", "curves.png")
+
+
+def check_out_dir(args, resume_path):
+    """--out may hold another run's checkpoints only when that run is the one being resumed (or --overwrite)."""
+    if args.overwrite:
+        return
+    same_run = resume_path is not None and os.path.realpath(os.path.dirname(os.path.abspath(resume_path))) == \
+        os.path.realpath(args.out)
+    if same_run:
+        return
+    for name in ("last.pt", "best.pt"):
+        existing = os.path.join(args.out, name)
+        if os.path.exists(existing):
+            how = (f"resuming {resume_path!r} would replace it: choose an empty --out, or pass --overwrite"
+                   if resume_path else "pass --resume to continue that run, --overwrite to replace it, or choose "
+                   "another --out")
+            raise UserError(f"{existing} exists: {how}")
+
+
 def train(argv=None):
     args = build_parser().parse_args(argv)
-    cfg, ckpt = resolve_config(args)
-    out = check_writable_dir(args.out)
-    if ckpt is None and not args.overwrite:
-        for name in ("last.pt", "best.pt"):
-            if os.path.exists(os.path.join(out, name)):
-                raise UserError(f"{os.path.join(out, name)} exists: pass --resume to continue that run, "
-                                f"--overwrite to replace it, or choose another --out")
+    cfg, ckpt, resume_path = resolve_config(args)
+    check_out_dir(args, resume_path)
     device = pick_device(args.device)
     seed_all(cfg["seed"])
-    data = load_splits(cfg["dataset"], args.data_root, args.download, val_size=cfg["val_size"],
-                       subset=cfg["subset"] or None, seed=cfg["seed"], device=device)
+    try:
+        data = load_splits(cfg["dataset"], args.data_root, args.download, val_size=cfg["val_size"],
+                           subset=cfg["subset"] or None, seed=cfg["seed"], device=device)
+    except ValueError as e:  # --val-size out of range for this dataset
+        raise UserError(str(e)) from None
+    validate_data(cfg, data, data["n_train_all"])
     num_classes = len(data["classes"])
     in_ch = data["train"].images.shape[1]
     model = make_model(cfg, in_ch, num_classes, device)
     cfg.update(in_channels=in_ch, num_classes=num_classes, mean=data["mean"], std=data["std"],
                arch=model.config() if hasattr(model, "config") else None)
+    out = check_writable_dir(args.out)  # the first thing written: every check above has passed
+    clean_stale_temp_files(out, RUN_FILES)
 
     decay, no_decay = [], []
     for n_, p in model.named_parameters():
@@ -265,13 +325,14 @@ def train(argv=None):
 
     start_epoch, history, best = 0, [], -1.0
     if ckpt is not None:
-        load_model_state(model, ckpt["model"], f"checkpoint {args.resume!r}")
+        load_model_state(model, ckpt["model"], f"checkpoint {resume_path!r}")
         try:
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
         except (KeyError, ValueError, RuntimeError) as e:
-            raise UserError(f"checkpoint optimizer/scheduler state does not fit this run: {e}") from None
+            raise UserError(f"checkpoint {resume_path!r}: optimizer/scheduler state does not fit this run: {e}") \
+                from None
         start_epoch, history, best = ckpt["epoch"], ckpt.get("history", []), ckpt.get("best", -1.0)
         set_rng_state(ckpt["rng"])
         if start_epoch >= cfg["epochs"]:
@@ -281,6 +342,9 @@ def train(argv=None):
 
     run_model = torch.compile(model) if cfg["compile"] else model
     progress = not args.no_progress and sys.stderr.isatty() or os.environ.get("RESNET_FUSED_PROGRESS") == "1"
+    # the loss is checked for NaN/Inf at every step where reading it costs nothing (CPU) and every
+    # DIVERGENCE_CHECK_STEPS steps elsewhere (a host sync); the error names the first bad step either way
+    check_every = 1 if device.type == "cpu" else DIVERGENCE_CHECK_STEPS
     from tqdm import tqdm
 
     for epoch in range(start_epoch, cfg["epochs"]):
@@ -289,6 +353,7 @@ def train(argv=None):
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
+        first_bad = torch.full((), -1, device=device, dtype=torch.int64)  # first step with a non-finite loss
         seen = 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not progress, leave=False,
                    dynamic_ncols=True)
@@ -296,6 +361,9 @@ def train(argv=None):
             with autocast_ctx(device, cfg["amp"]):
                 logits = run_model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), i, first_bad)
+            if (i + 1) % check_every == 0 or i == steps - 1:
+                check_divergence(first_bad, epoch, steps, cfg)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -309,8 +377,6 @@ def train(argv=None):
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}",
                                 img_s=f"{seen / el:.0f}")
         train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
-        if not math.isfinite(train_loss):
-            raise UserError(f"training diverged at epoch {epoch + 1} (loss {train_loss}); lower --lr")
         train_time = time.perf_counter() - t0
         test_loss, test_acc, _ = evaluate_split(run_model, test_loader, device, cfg["amp"], num_classes)
         row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], train_loss=train_loss, train_acc=train_acc,
@@ -323,13 +389,15 @@ def train(argv=None):
         score = row.get("val_acc", test_acc)
         is_best = score > best
         best = max(best, score)
-        state = dict(model=clean_state_dict(model.state_dict()), optimizer=opt.state_dict(),
-                     scheduler=sched.state_dict(), scaler=scaler.state_dict(), epoch=epoch + 1, best=best,
-                     history=history, rng=rng_state(), config=cfg, torch_version=torch.__version__)
-        write_metrics(history, out)
+        state = seal(dict(model=clean_state_dict(model.state_dict()), optimizer=opt.state_dict(),
+                          scheduler=sched.state_dict(), scaler=scaler.state_dict(), epoch=epoch + 1, best=best,
+                          history=history, rng=rng_state(), config=cfg, torch_version=str(torch.__version__)))
+        # checkpoints first, then the metrics that describe them: metrics.csv never shows an epoch that no
+        # checkpoint holds
         atomic_save(state, os.path.join(out, "last.pt"))
         if is_best:
             atomic_save(state, os.path.join(out, "best.pt"))
+        write_metrics(history, out)
         extra = f" val_acc {row['val_acc']:.4f}" if "val_acc" in row else ""
         print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  loss {train_loss:.4f}  train_acc {train_acc:.4f}  "
               f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}{extra}  {seen / train_time:,.0f} img/s  "
@@ -340,6 +408,18 @@ def train(argv=None):
     if not args.no_plot and history:
         plot_curves(history, os.path.join(out, "curves.png"), f"{cfg['model']} on {cfg['dataset']}")
     return history
+
+
+DIVERGENCE_CHECK_STEPS = 20
+
+
+def check_divergence(first_bad, epoch, steps, cfg):
+    """UserError naming the first step whose loss was NaN/Inf (nothing of that epoch has been saved)."""
+    bad = int(first_bad)
+    if bad >= 0:
+        raise UserError(f"training diverged: non-finite loss at epoch {epoch + 1}, step {bad + 1} of {steps} "
+                        f"(global step {epoch * steps + bad + 1}); nothing of this epoch was saved. Lower --lr "
+                        f"(now {cfg['lr']}) or check the data")
 
 
 def main(argv=None):

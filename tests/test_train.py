@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from resnet_fused import evaluate, train
-from resnet_fused.checkpoint import load_checkpoint
+from resnet_fused.checkpoint import load_checkpoint, seal
 
 pytestmark = pytest.mark.slow
 
@@ -83,10 +83,10 @@ def test_checkpoints_are_never_silently_replaced_or_mismatched(mnist_root, tmp_p
     assert "does not match" in err
     assert "holds a resnet8" in cli_error(capsys, evaluate.main, [str(out / "last.pt"), "--model", "resnet14"])
     # a checkpoint whose weights belong to another architecture than its config says
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     from resnet_fused import resnet14
     ckpt["model"] = resnet14().state_dict()
-    torch.save(ckpt, tmp_path / "other.pt")
+    torch.save(seal(ckpt), tmp_path / "other.pt")  # sealed again, as a tool that edits checkpoints would
     err = cli_error(capsys, evaluate.main, [str(tmp_path / "other.pt"), "--data-root", mnist_root, "--device", "cpu"])
     assert "does not match the model architecture" in err
     assert (out / "last.pt").read_bytes() == before

@@ -216,7 +216,7 @@ __global__ void scale_shift_add_relu_kernel(scalar_t* __restrict__ out, const sc
         v += static_cast<acc_t>(r[((b * rh + hh * stride) * rw + ww * stride) * rc + jr]);
       }
     }
-    out[i] = static_cast<scalar_t>(relu && !(v > acc_t(0)) ? acc_t(0) : v);
+    out[i] = static_cast<scalar_t>(relu && v <= acc_t(0) ? acc_t(0) : v);  // NaN stays NaN (torch.relu)
   }
 }
 
@@ -259,7 +259,7 @@ __global__ void scale_shift_add_relu_backward_kernel(
   for (int64_t row = k * kRows; row < min(p, (k + 1) * kRows); ++row) {
     const int64_t i = row * c + j;
     acc_t g = static_cast<acc_t>(go[i]);
-    if (relu && !(static_cast<acc_t>(out[i]) > acc_t(0))) g = 0;
+    if (relu && static_cast<acc_t>(out[i]) <= acc_t(0)) g = 0;  // threshold_backward's mask
     gy[i] = static_cast<scalar_t>(g * scale);
     s_gy += g * static_cast<acc_t>(y[i]);
     s_g += g;

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .implicit_gemm import cdiv, device_guard, empty_nhwc, next_pow2, nhwc_strides
+from .implicit_gemm import cdiv, device_guard, empty_nhwc, next_pow2, nhwc_strides, relu
 
 
 @triton.jit
@@ -77,7 +77,7 @@ def bn_add_relu_fwd_kernel(out_ptr,                                 # [P, C] row
         rt = tl.load(rt_ptr + offs_c, mask=c_ok, other=0.0)
         v += r * rs[None, :] + rt[None, :]
     if RELU:
-        v = tl.maximum(v, 0.0)
+        v = relu(v)
     tl.store(out_ptr + offs_p[:, None] * C + offs_c[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -94,7 +94,7 @@ def bn_add_relu_bwd_kernel(gy_ptr, gr_ptr, part_ptr,               # dL/dy, dL/d
     if RELU:
         o = tl.load(out_ptr + n[:, None] * o_n + h[:, None] * o_h + w[:, None] * o_w + c64 * o_c, mask=mask,
                     other=0.0).to(tl.float32)
-        go = tl.where(o > 0, go, 0.0)
+        go = tl.where(o <= 0, 0.0, go)  # torch's threshold_backward: a NaN output passes its gradient
     g = tl.where(mask, go, 0.0)
     y = tl.load(y_ptr + n[:, None] * y_n + h[:, None] * y_h + w[:, None] * y_w + c64 * y_c, mask=mask,
                 other=0.0).to(tl.float32)

@@ -29,6 +29,12 @@ import triton.language as tl
 
 
 @triton.jit
+def relu(v):
+    """max(v, 0) that keeps NaN, as torch.relu does (Triton's default maximum turns NaN into 0)."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr,               # source, second source (PRO 2), prologue vectors
               n_img, dh, dw, m_ok, kk,                      # [BM] row coords, [BK] reduction indices
               SH, SW, C,                                    # source spatial size and channels
@@ -59,7 +65,7 @@ def _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr,               # source, second sour
     if PRO == 1:
         scale = tl.load(pa_ptr + c, mask=kk < KTOT, other=0.0)
         shift = tl.load(pb_ptr + c, mask=kk < KTOT, other=0.0)
-        a = tl.maximum(a * scale[None, :] + shift[None, :], 0.0)
+        a = relu(a * scale[None, :] + shift[None, :])
         a = tl.where(ok, a, 0.0)
     elif PRO == 2:
         y = tl.load(a2_ptr + n64 * t_n + sh64 * t_h + sw64 * t_w + c64 * t_c, mask=ok, other=0.0).to(tl.float32)
@@ -171,7 +177,7 @@ def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows o
                     + rc[None, :].to(tl.int64) * r_c, mask=rmask, other=0.0)
         acc += r.to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = relu(acc)
     if STATS == 1:
         cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         mean_t = tl.sum(tl.where(mask, acc, 0.0), axis=0) / cnt
@@ -185,7 +191,7 @@ def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows o
                     + offs_n[None, :].to(tl.int64) * e_c, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(es_ptr + offs_n, mask=n_ok, other=0.0)
         shift = tl.load(et_ptr + offs_n, mask=n_ok, other=0.0)
-        g = tl.where(mask & (x * scale[None, :] + shift[None, :] > 0), acc, 0.0)
+        g = tl.where(mask & ~(x * scale[None, :] + shift[None, :] <= 0), acc, 0.0)  # as threshold_backward
         sbase = stats_ptr + pid_m * 2 * N + offs_n
         tl.store(sbase, tl.sum(g * x, axis=0), mask=n_ok)
         tl.store(sbase + N, tl.sum(g, axis=0), mask=n_ok)
@@ -249,7 +255,7 @@ def conv_wgrad_kernel(part_ptr,                               # fp32 [SPLIT, COU
         a = tl.load(x_ptr + n_img[:, None] * x_n + ih.to(tl.int64) * x_h + iw.to(tl.int64) * x_w
                     + c[None, :].to(tl.int64) * x_c, mask=xmask, other=0.0).to(tl.float32)
         if X_PRO == 1:
-            a = tl.where(xmask, tl.maximum(a * xs[None, :] + xt[None, :], 0.0), 0.0)
+            a = tl.where(xmask, relu(a * xs[None, :] + xt[None, :]), 0.0)
         dt = x_ptr.dtype.element_ty  # the layer's compute dtype
         acc = tl.dot(tl.trans(dy.to(dt)), a.to(dt), acc, input_precision=PRECISION)
     out = part_ptr + pid_s * COUT * KTOT + offs_co[:, None].to(tl.int64) * KTOT + offs_r[None, :]
