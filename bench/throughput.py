@@ -4,21 +4,25 @@
     python bench/throughput.py --models resnet20,resnet56 --batch-sizes 512 --modes train --impls eager,fused-triton
 
 Each row is one (model, mode, precision, implementation, batch size): images/s from the median step time (and the
-20th/80th percentiles), speed-up over the reference eager fp32 row of the same model/mode/batch, peak memory, kernel
-launches per step (profiler) and the fraction of a roofline bound reached.
+20th/80th percentiles), speed-up over the eager row and over the best baseline (the fastest PyTorch row: eager,
+channels_last, CUDA graph, every torch.compile mode) of the same model/mode/precision/batch, peak memory, kernel
+launches per step (profiler) and the fraction of a roofline bound reached. On CUDA every row runs with
+torch.backends.cudnn.benchmark = True.
 
 Timing: warm-up steps first (compile / autotune / graph capture time is reported separately as setup_s), then
 ``--repeats`` timed windows of ``--iters`` steps each, CUDA events on a GPU (perf_counter on a CPU); inputs rotate
 over 4 distinct random buffers, never zeros. On a CPU the rows compared with each other (same model, mode,
 precision and batch) are timed round-robin, one window each per repeat (``--interleave``), so that drifting load
-on a shared machine does not favour whichever row ran in a quiet moment. A train step is forward + cross-entropy +
+on a shared machine does not favour whichever row ran in a quiet moment, and each row in a process of its own
+(``--isolate``), so that no row runs beside another or inherits its allocator and thread-pool state. A train step is forward + cross-entropy +
 backward + SGD(momentum) step.
 
 Roofline model (documented, deliberately simple): FLOPs = 2*MACs of every conv and the head (forward), x3 for a train
 step (forward, input gradient, weight gradient). Bytes = every conv reading its input and writing its output once
 in the compute dtype (+ weights), x3 for a train step. Bound = max(FLOPs / peak matmul rate, bytes / peak bandwidth)
-with both peaks measured on this machine at start-up (a large matmul in the row's dtype, a large device copy).
-fraction_of_roofline = bound / measured step time.
+with the peaks the best rates seen in the run: a large matmul in the row's dtype and a large device copy at
+start-up (best window), raised to any row's effective rate above them (Winograd convolutions do fewer multiplies
+than the direct FLOP count). fraction_of_roofline = bound / measured step time, at most 1 by construction.
 
 Outputs: a table on stdout, ``--json`` (default bench/results/throughput-<date>-<device>.json) with the device,
 torch/triton/CUDA versions and git commit, and ``--png`` a bar chart.
@@ -43,8 +47,15 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from resnet_fused import build_model  # noqa: E402
 
-IMPLS = ["eager", "eager-channels-last", "compile", "compile-max-autotune", "compile-reduce-overhead", "fused-triton",
-         "fused-triton-graph", "fused-cuda", "fused-cuda-graph", "fused-cpu"]
+IMPLS = ["eager", "eager-channels-last", "eager-graph", "compile", "compile-max-autotune-no-cudagraphs",
+         "compile-max-autotune", "compile-reduce-overhead", "fused-triton", "fused-triton-graph", "fused-cuda",
+         "fused-cuda-graph", "fused-cpu"]
+# PyTorch as a user can run it at its best: every fused row is compared with the best of these in the same run
+BASELINES = [i for i in IMPLS if not i.startswith("fused")]
+COMPILE_MODES = {"compile": "default", "compile-max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs",
+                 "compile-max-autotune": "max-autotune", "compile-reduce-overhead": "reduce-overhead"}
+# compile modes that replay CUDA graphs: a new step must be marked so the previous outputs may be overwritten
+CUDAGRAPH_COMPILE = ("compile-max-autotune", "compile-reduce-overhead")
 
 
 # ---- measurement helpers ----------------------------------------------------------------------------------
@@ -92,14 +103,14 @@ def measure_peaks(dev):
         b = torch.randn(n, n, device=dev, dtype=dt)
         fn = lambda: a @ b  # noqa: E731
         fn(), sync(dev)
-        t = statistics.median(time_windows(fn, dev, 3 if dev.type == "cuda" else 2, 3))
+        t = min(time_windows(fn, dev, 3 if dev.type == "cuda" else 2, 3))  # a peak: the best window
         peaks[name] = 2 * n ** 3 / t
     nbytes = (1 << 30) if dev.type == "cuda" else (1 << 27)
     src = torch.empty(nbytes // 4, device=dev, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     fn = lambda: dst.copy_(src)  # noqa: E731
     fn(), sync(dev)
-    peaks["bandwidth"] = 2 * nbytes / statistics.median(time_windows(fn, dev, 5, 3))
+    peaks["bandwidth"] = 2 * nbytes / min(time_windows(fn, dev, 5, 3))
     return peaks
 
 
@@ -155,8 +166,8 @@ def skip_reason(impl, dev):
             return "extension resnet_fused._C not built"
     if impl == "fused-cpu" and dev.type != "cpu":
         return "CPU backend row is run on the CPU benchmark"
-    if impl == "compile-reduce-overhead" and dev.type != "cuda":
-        return "reduce-overhead is CUDA graphs"
+    if impl in CUDAGRAPH_COMPILE and dev.type != "cuda":
+        return f"{COMPILE_MODES[impl]} is CUDA graphs on a GPU"
     return None
 
 
@@ -180,9 +191,7 @@ def build_step(model, impl, mode, prec, dev, xs, ys):
     t0 = time.perf_counter()
     run = model
     if impl.startswith("compile"):
-        m = {"compile": "default", "compile-max-autotune": "max-autotune",
-             "compile-reduce-overhead": "reduce-overhead"}[impl]
-        run = torch.compile(model, mode=m)
+        run = torch.compile(model, mode=COMPILE_MODES[impl])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if mode == "train" else None
     model.train(mode == "train")
 
@@ -200,7 +209,7 @@ def build_step(model, impl, mode, prec, dev, xs, ys):
 
     def step():
         i = state["i"] = (state["i"] + 1) % len(xs)
-        if impl == "compile-reduce-overhead":
+        if impl in CUDAGRAPH_COMPILE:
             torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous replay may be overwritten
         return step_on(xs[i], ys[i])
 
@@ -256,7 +265,7 @@ def error_row(row, e):
     return dict(row, status="error", reason=msg)
 
 
-def finish_one(row, prep, times, dev, args, peaks):
+def finish_one(row, prep, times, dev, args):
     """The measured row from the timed windows (seconds per step) of a prepared configuration."""
     try:
         peak_mem = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
@@ -268,15 +277,55 @@ def finish_one(row, prep, times, dev, args, peaks):
     esize = 2 if prec == "bf16" else 4
     flops, nbytes = work_model(build_model(row["model"], in_channels=in_ch), (bs, in_ch, hw, hw),
                                row["mode"] == "train", esize)
-    bound = max(flops / peaks[prec], nbytes / peaks["bandwidth"])
     return dict(row, status="ok", step_ms=med * 1e3, step_ms_p20=quantile(times, 0.2) * 1e3,
                 step_ms_p80=quantile(times, 0.8) * 1e3, images_per_s=bs / med, setup_s=prep["setup_s"],
                 peak_mem_mb=peak_mem / 2 ** 20 if peak_mem is not None else None, launches_per_step=launches,
-                gflop_per_step=flops / 1e9, mb_per_step=nbytes / 1e6, roofline_ms=bound * 1e3,
-                fraction_of_roofline=bound / med)
+                gflop_per_step=flops / 1e9, mb_per_step=nbytes / 1e6)
 
 
-def bench_one(name, mode, prec, impl, bs, dev, args, peaks):
+def summarize(result):
+    """The run-level figures, recomputed from the rows (after every row and at the end):
+
+    - roofline: the peaks are the best rates this machine was seen to reach in this run, by the start-up matmul /
+      copy or by any row (a Winograd convolution does fewer multiplies than the direct-convolution FLOP count, so
+      its effective rate can pass the matmul's); so fraction_of_roofline <= 1 by construction.
+    - best baseline of each (model, mode, precision, batch): the fastest of BASELINES (PyTorch at its best), and
+      every row's ratio to it (speedup_vs_best_baseline), beside the ratio to that group's eager row.
+    """
+    rows, peaks = result["rows"], result["peaks"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    eff = dict(peaks)
+    for r in ok:
+        sec = r["step_ms"] / 1e3
+        eff[r["precision"]] = max(eff[r["precision"]], r["gflop_per_step"] * 1e9 / sec)
+        eff["bandwidth"] = max(eff["bandwidth"], r["mb_per_step"] * 1e6 / sec)
+    result["roofline_peaks"] = eff
+    best, eager = {}, {}
+    for r in ok:
+        key = (r["model"], r["mode"], r["precision"], r["batch"])
+        bound = max(r["gflop_per_step"] * 1e9 / eff[r["precision"]], r["mb_per_step"] * 1e6 / eff["bandwidth"])
+        r["roofline_ms"] = bound * 1e3
+        r["fraction_of_roofline"] = bound / (r["step_ms"] / 1e3)
+        if r["impl"] in BASELINES and r["images_per_s"] > best.get(key, {}).get("images_per_s", 0):
+            best[key] = r
+        if r["impl"] == "eager":
+            eager[key] = r
+    for r in ok:
+        key = (r["model"], r["mode"], r["precision"], r["batch"])
+        b, e = best.get(key), eager.get(key)
+        r["best_baseline"] = b["impl"] if b else None
+        r["speedup_vs_best_baseline"] = r["images_per_s"] / b["images_per_s"] if b else None
+        r["speedup_vs_eager"] = r["images_per_s"] / e["images_per_s"] if e else None
+    result["best_baselines"] = [dict(model=k[0], mode=k[1], precision=k[2], batch=k[3], impl=b["impl"],
+                                     images_per_s=b["images_per_s"],
+                                     fused={r["impl"]: r["speedup_vs_best_baseline"] for r in ok
+                                            if r["impl"].startswith("fused")
+                                            and (r["model"], r["mode"], r["precision"], r["batch"]) == k})
+                                for k, b in sorted(best.items())]
+    return result
+
+
+def bench_one(name, mode, prec, impl, bs, dev, args):
     """One configuration: prepare, time ``repeats`` windows back to back, finish."""
     row, prep = prepare_one(name, mode, prec, impl, bs, dev, args)
     if prep is None:
@@ -285,10 +334,10 @@ def bench_one(name, mode, prec, impl, bs, dev, args, peaks):
         times = time_windows(prep["step"], dev, args.iters, args.repeats)
     except Exception as e:
         return error_row(row, e)
-    return finish_one(row, prep, times, dev, args, peaks)
+    return finish_one(row, prep, times, dev, args)
 
 
-def bench_interleaved(group, dev, args, peaks):
+def bench_interleaved(group, dev, args):
     """The configurations of one (model, mode, precision, batch) prepared together and timed round-robin, one
     window each per repeat: on a machine whose speed drifts (shared CPUs) every implementation sees the same
     conditions, so the ratios between rows stay honest."""
@@ -303,8 +352,62 @@ def bench_interleaved(group, dev, args, peaks):
                 times[i] += time_windows(prep["step"], dev, args.iters, 1)
             except Exception as e:
                 failed[i] = error_row(row, e)
-    return [row if prep is None else failed.get(i) or finish_one(row, prep, times[i], dev, args, peaks)
+    return [row if prep is None else failed.get(i) or finish_one(row, prep, times[i], dev, args)
             for i, (row, prep) in enumerate(preps)]
+
+
+def _isolated_worker(conn, cfg, args):
+    """One configuration in a process of its own: prepare it, then time one window per request from the parent."""
+    dev = torch.device(args.device)
+    row, prep = prepare_one(*cfg, dev, args)
+    conn.send(row if prep is None else None)
+    if prep is None:
+        return
+    times = []
+    while True:
+        msg = conn.recv()
+        if msg == "time":
+            try:
+                times += time_windows(prep["step"], dev, args.iters, 1)
+                conn.send(None)
+            except Exception as e:
+                conn.send(error_row(row, e))
+                return
+        else:  # "finish"
+            conn.send(finish_one(row, prep, times, dev, args))
+            return
+
+
+def bench_isolated(group, dev, args):
+    """Like bench_interleaved, but each configuration lives in a process of its own (spawned, prepared one after
+    the other) and the parent asks them in turn for one timed window per repeat, so only one runs at a time and none
+    shares an allocator, thread pool or cache state with another; the order rotates every repeat."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    wargs = argparse.Namespace(**dict(vars(args), device=str(dev)))
+    workers, rows = [], [None] * len(group)
+    for i, cfg in enumerate(group):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_isolated_worker, args=(child, cfg, wargs), daemon=True)
+        proc.start()
+        rows[i] = parent.recv()  # a skipped/failed row, or None once prepared
+        workers.append((parent, proc))
+    live = [i for i, r in enumerate(rows) if r is None]
+    for rep in range(args.repeats):
+        k = rep % max(1, len(live))
+        for i in live[k:] + live[:k]:
+            if rows[i] is None:
+                workers[i][0].send("time")
+                rows[i] = workers[i][0].recv()  # None, or an error row that ends this configuration
+    for i in live:
+        if rows[i] is None:
+            workers[i][0].send("finish")
+            rows[i] = workers[i][0].recv()
+    for parent, proc in workers:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    return rows
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
@@ -356,6 +459,9 @@ def build_parser():
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="time the rows of one model/mode/precision/batch round-robin (default on a CPU, whose "
                         "speed drifts with other load; off on a GPU, where each row runs alone)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --interleave, each row in a process of its own, the processes asked in turn for one "
+                        "window each (default on a CPU: rows in one process disturbed each other's timings)")
     p.add_argument("--no-launches", dest="launches", action="store_false", help="skip the profiler launch count")
     p.add_argument("--json", default=None, help="output JSON path")
     p.add_argument("--png", default=None, help="output bar chart path ('' to skip)")
@@ -363,28 +469,31 @@ def build_parser():
     return p
 
 
-def print_table(rows):
+def print_table(result):
     order = {k: i for i, k in enumerate(IMPLS)}
-    rows = sorted(rows, key=lambda r: (r["model"], r["mode"], r["precision"], r["batch"], order[r["impl"]]))
-    ok = [r for r in rows if r["status"] == "ok"]
-    base = {(r["model"], r["mode"], r["batch"]): r["images_per_s"] for r in ok
-            if r["impl"] == "eager" and r["precision"] == "fp32"}
-    hdr = (f"{'model':9s} {'mode':9s} {'prec':4s} {'impl':24s} {'batch':>5s} {'images/s':>10s} {'p20-p80 ms':>15s} "
-           f"{'vs eager':>8s} {'setup s':>7s} {'mem MB':>7s} {'launch':>6s} {'roofl':>5s}")
+    rows = sorted(result["rows"], key=lambda r: (r["model"], r["mode"], r["precision"], r["batch"], order[r["impl"]]))
+    cudnn = result["settings"].get("cudnn_benchmark")
+    if cudnn is not None:
+        print(f"# torch.backends.cudnn.benchmark = {cudnn} for every row")
+    hdr = (f"{'model':9s} {'mode':9s} {'prec':4s} {'impl':34s} {'batch':>5s} {'images/s':>10s} {'p20-p80 ms':>15s} "
+           f"{'vs eager':>8s} {'vs best':>7s} {'setup s':>7s} {'mem MB':>7s} {'launch':>6s} {'roofl':>5s}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        head = f"{r['model']:9s} {r['mode']:9s} {r['precision']:4s} {r['impl']:24s} {r['batch']:5d}"
+        head = f"{r['model']:9s} {r['mode']:9s} {r['precision']:4s} {r['impl']:34s} {r['batch']:5d}"
         if r["status"] != "ok":
             print(f"{head} {r['status']}: {r['reason']}")
             continue
-        b = base.get((r["model"], r["mode"], r["batch"]))
-        r["speedup_vs_eager_fp32"] = r["images_per_s"] / b if b else None
-        sp = f"{r['speedup_vs_eager_fp32']:.2f}x" if b else "-"
+        ratio = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
         la = f"{r['launches_per_step']:.0f}" if r["launches_per_step"] is not None else "-"
-        print(f"{head} {r['images_per_s']:10,.0f} {r['step_ms_p20']:7.3f}-{r['step_ms_p80']:<7.3f} {sp:>8s} "
-              f"{r['setup_s']:7.1f} {mem:>7s} {la:>6s} {100 * r['fraction_of_roofline']:4.0f}%")
+        print(f"{head} {r['images_per_s']:10,.0f} {r['step_ms_p20']:7.3f}-{r['step_ms_p80']:<7.3f} "
+              f"{ratio(r['speedup_vs_eager']):>8s} {ratio(r['speedup_vs_best_baseline']):>7s} {r['setup_s']:7.1f} "
+              f"{mem:>7s} {la:>6s} {100 * r['fraction_of_roofline']:4.0f}%")
+    for b in result["best_baselines"]:
+        fused = ", ".join(f"{k} {v:.2f}x" for k, v in b["fused"].items()) or "no fused row"
+        print(f"# best baseline {b['model']} {b['mode']} {b['precision']} b{b['batch']}: {b['impl']} "
+              f"{b['images_per_s']:,.0f} img/s; vs it: {fused}")
 
 
 def plot(rows, path):
@@ -436,6 +545,8 @@ def main(argv=None):
     png_path = args.png if args.png is not None else os.path.splitext(json_path)[0] + ".png"
     print(f"# {env['device_name']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
           f"commit {(env['git_commit'] or '?')[:10]}", flush=True)
+    if dev.type == "cuda":  # the baselines at their best: cuDNN picks its fastest algorithms (every row alike)
+        torch.backends.cudnn.benchmark = True
     peaks = measure_peaks(dev)
     print(f"# measured peaks: fp32 matmul {peaks['fp32'] / 1e12:.1f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.1f} "
           f"TFLOP/s, copy {peaks['bandwidth'] / 1e9:.0f} GB/s", flush=True)
@@ -447,9 +558,12 @@ def main(argv=None):
     from tqdm import tqdm
     rows = []
     interleave = args.interleave if args.interleave is not None else dev.type == "cpu"
+    isolate = interleave and (args.isolate if args.isolate is not None else dev.type == "cpu")
     result = dict(environment=env, peaks=peaks, settings=dict(size=args.size, channels=args.channels,
                                                               iters=args.iters, repeats=args.repeats,
-                                                              interleave=interleave),
+                                                              interleave=interleave, isolate=isolate,
+                                                              cudnn_benchmark=torch.backends.cudnn.benchmark
+                                                              if dev.type == "cuda" else None),
                   rows=rows, complete=False)
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     if interleave:  # groups of rows that are compared with each other, timed round-robin
@@ -457,15 +571,16 @@ def main(argv=None):
         for cfg in configs:
             groups.setdefault((cfg[0], cfg[1], cfg[2], cfg[4]), []).append(cfg)
         for group in tqdm(list(groups.values()), disable=args.no_progress, desc="benchmark", file=sys.stderr):
-            rows.extend(bench_interleaved(group, dev, args, peaks))
-            write_json(result, json_path)
+            rows.extend((bench_isolated if isolate else bench_interleaved)(group, dev, args))
+            write_json(summarize(result), json_path)
     else:
         for cfg in tqdm(configs, disable=args.no_progress, desc="benchmark", file=sys.stderr):
-            rows.append(bench_one(*cfg, dev, args, peaks))
+            rows.append(bench_one(*cfg, dev, args))
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            write_json(result, json_path)  # after every row: a run cut short still leaves its numbers
-    print_table(rows)
+            write_json(summarize(result), json_path)  # after every row: a run cut short keeps its numbers
+    summarize(result)
+    print_table(result)
     result["complete"] = True
     write_json(result, json_path)
     print(f"# wrote {json_path}")

@@ -14,8 +14,8 @@ def test_throughput_tiny_cpu(tmp_path):
     import throughput
     out = tmp_path / "tp.json"
     throughput.main(["--device", "cpu", "--models", "resnet8", "--batch-sizes", "4", "--modes", "train,inference",
-                     "--impls", "eager,fused-cpu,fused-triton,fused-cuda,compile-reduce-overhead", "--iters", "1",
-                     "--repeats", "2", "--json", str(out), "--png", str(tmp_path / "tp.png"), "--no-progress"])
+                     "--impls", "eager,fused-cpu,fused-triton,fused-cuda,compile-reduce-overhead,eager-graph",
+                     "--iters", "1", "--repeats", "2", "--json", str(out), "--png", str(tmp_path / "tp.png"), "--no-progress"])
     d = json.loads(out.read_text())
     assert d["complete"] is True
     env = d["environment"]
@@ -23,16 +23,22 @@ def test_throughput_tiny_cpu(tmp_path):
         assert k in env
     assert d["peaks"]["fp32"] > 0 and d["peaks"]["bandwidth"] > 0
     rows = {(r["impl"], r["mode"]): r for r in d["rows"]}
-    assert len(rows) == 10
+    assert len(rows) == 12
     for mode in ("train", "inference"):
         for impl in ("eager", "fused-cpu"):
             r = rows[(impl, mode)]
             assert r["status"] == "ok", r
             assert r["images_per_s"] > 0 and r["step_ms_p20"] <= r["step_ms"] <= r["step_ms_p80"]
             assert r["gflop_per_step"] > 0 and 0 < r["fraction_of_roofline"]
-        assert rows[("eager", mode)]["speedup_vs_eager_fp32"] == pytest.approx(1.0)
-        for impl in ("fused-triton", "fused-cuda", "compile-reduce-overhead"):
+        assert rows[("eager", mode)]["speedup_vs_eager"] == pytest.approx(1.0)
+        assert rows[("fused-cpu", mode)]["best_baseline"] == "eager"  # fused rows are never a baseline
+        assert rows[("fused-cpu", mode)]["speedup_vs_best_baseline"] == pytest.approx(
+            rows[("fused-cpu", mode)]["images_per_s"] / rows[("eager", mode)]["images_per_s"])
+        for impl in ("fused-triton", "fused-cuda", "compile-reduce-overhead", "eager-graph"):
             assert rows[(impl, mode)]["status"] == "skipped" and rows[(impl, mode)]["reason"]
+    # the roofline's peaks are the best rates seen in the run: no row can pass 100%
+    assert all(r["fraction_of_roofline"] <= 1.0 + 1e-9 for r in d["rows"] if r["status"] == "ok")
+    assert d["settings"]["isolate"] is True and len(d["best_baselines"]) == 2
     assert os.path.getsize(tmp_path / "tp.png") > 0
 
 
