@@ -110,6 +110,13 @@ def _aten_conv(x, w, b, stride, pad, relu=False, add=None):
     return torch.relu_(y) if relu else y
 
 
+def _copy_bn_settings(src, dst):
+    """eps and momentum are BatchNorm attributes, not state_dict entries: carried over by the conversions."""
+    for a, b in zip(src.modules(), dst.modules()):
+        if isinstance(a, torch.nn.modules.batchnorm._BatchNorm):
+            b.eps, b.momentum = a.eps, a.momentum
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -135,6 +142,7 @@ class FusedResNet(ResNet):
         p = next(model.parameters())
         fused.to(device=p.device, dtype=p.dtype)
         fused.load_state_dict(model.state_dict(), strict=True)
+        _copy_bn_settings(model, fused)
         fused.train(model.training)
         return fused
 
@@ -143,6 +151,7 @@ class FusedResNet(ResNet):
         p = next(self.parameters())
         ref.to(device=p.device, dtype=p.dtype)
         ref.load_state_dict(self.state_dict(), strict=True)
+        _copy_bn_settings(self, ref)
         ref.train(self.training)
         return ref
 

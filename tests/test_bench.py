@@ -70,3 +70,30 @@ def test_host_overhead_tool(tmp_path):
     assert 20 <= d["triton_launches_per_step"] <= 200
     assert d["kernel_ops_per_step"] == sum(d["kernel_ops"].values()) > 0
     assert any(k.startswith("resnet_fused.") for k in d["kernel_ops"])
+
+
+def test_readme_speed_tables_are_rendered_from_the_committed_json():
+    """The README's throughput tables are bench/render_tables.py's output for the JSON each block names."""
+    import render_tables
+    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    text = open(readme).read()
+    blocks = render_tables.BLOCK.findall(text)
+    assert blocks, "README has no <!-- throughput-table: ... --> block"
+    for _, path, body, _ in blocks:
+        assert body == render_tables.render(path), f"README table for {path} is out of date: run render_tables.py"
+
+
+def test_render_tables_shows_best_baseline_and_fused_ratio(tmp_path):
+    import render_tables
+    rows = [dict(model="resnet20", mode="train", precision="fp32", batch=8, impl=i, status="ok", images_per_s=v,
+                 step_ms=8e3 / v, gflop_per_step=1e-3, mb_per_step=1e-3)
+            for i, v in (("eager", 100.0), ("compile", 150.0), ("eager-graph", 120.0), ("fused-triton-graph", 300.0))]
+    rows.append(dict(model="resnet20", mode="train", precision="fp32", batch=8, impl="fused-cuda", status="skipped",
+                     reason="x"))
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(dict(environment=dict(device_name="X", torch="2", triton="3", git_commit="abcdef0123",
+                                                     date="2026-01-01"),
+                                    peaks=dict(fp32=1.0, bf16=1.0, bandwidth=1.0), settings={}, rows=rows)))
+    md = render_tables.render(os.path.relpath(path, render_tables.ROOT))
+    assert "| resnet20 | train | fp32 | 8 | 100 | 120 | 150 | 300 | compile | **2.00×** |" in md
+    assert "`fused-cuda`" in md and "commit abcdef0" in md

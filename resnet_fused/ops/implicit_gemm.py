@@ -395,16 +395,8 @@ def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=Non
     dev = dy.device
     if config is None:
         config = WGRAD_CONFIGS[0] if dev.type == "cuda" else WGRAD_CONFIGS[1]
-    cfg = dict(config)
-    cfg["BLOCK_CO"] = _pow2_clamp(cout, 16, cfg["BLOCK_CO"])
-    cfg["BLOCK_R"] = _pow2_clamp(ktot, 16, cfg["BLOCK_R"])
-    tiles = cdiv(cout, cfg["BLOCK_CO"]) * cdiv(ktot, cfg["BLOCK_R"])
-    # enough programs to fill the GPU (about 4 waves), each with at least a few BLOCK_P steps
-    target = 4 * (_sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
-                  if dev.type == "cuda" else 2)
-    split = max(1, min(cdiv(p, 4 * cfg["BLOCK_P"]), cdiv(target, tiles)))
-    per = cdiv(cdiv(p, split), cfg["BLOCK_P"]) * cfg["BLOCK_P"]
-    split = cdiv(p, per)
+    cfg = _wgrad_tile(cout, ktot, config)
+    split, per = wgrad_split(p, cout, ktot, config, dev)
     part = torch.empty((split, cout, ktot), dtype=torch.float32, device=dev)
     y_ = y if y is not None else dy
     grid = (cdiv(cout, cfg["BLOCK_CO"]), cdiv(ktot, cfg["BLOCK_R"]), split)
@@ -419,6 +411,25 @@ def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=Non
             BLOCK_CO=cfg["BLOCK_CO"], BLOCK_R=cfg["BLOCK_R"], BLOCK_P=cfg["BLOCK_P"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return part.sum(0) if split > 1 else part[0]
+
+
+def _wgrad_tile(cout, ktot, config):
+    cfg = dict(config)
+    cfg["BLOCK_CO"] = _pow2_clamp(cout, 16, cfg["BLOCK_CO"])
+    cfg["BLOCK_R"] = _pow2_clamp(ktot, 16, cfg["BLOCK_R"])
+    return cfg
+
+
+def wgrad_split(p, cout, ktot, config, dev):
+    """(split, rows per split) of the weight gradient's reduction over p rows: enough programs to fill the GPU
+    (about 4 waves), each with at least a few BLOCK_P steps."""
+    cfg = _wgrad_tile(cout, ktot, config)
+    tiles = cdiv(cout, cfg["BLOCK_CO"]) * cdiv(ktot, cfg["BLOCK_R"])
+    target = 4 * (_sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
+                  if dev.type == "cuda" else 2)
+    split = max(1, min(cdiv(p, 4 * cfg["BLOCK_P"]), cdiv(target, tiles)))
+    per = cdiv(cdiv(p, split), cfg["BLOCK_P"]) * cfg["BLOCK_P"]
+    return cdiv(p, per), per
 
 
 @functools.lru_cache(maxsize=None)
