@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import triton  # noqa: E402
 
 from resnet_fused import build_model  # noqa: E402
-from resnet_fused import model as fused_model  # noqa: E402
+from resnet_fused import backends as fused_backends  # noqa: E402
 import importlib  # noqa: E402
 import pkgutil  # noqa: E402
 
@@ -60,7 +60,7 @@ def mock_kernels():
         for name in dir(mod):
             if isinstance(getattr(mod, name), triton.runtime.jit.JITFunction):
                 setattr(mod, name, _NoLaunch())
-    fused_model.triton_interpreting = lambda: True  # backend "triton" accepts the CPU tensors
+    fused_backends.triton_interpreting = lambda: True  # backend "triton" accepts the CPU tensors
 
 
 # ops that launch no kernel of their own (views, autograd bookkeeping, dtype queries)

@@ -50,8 +50,11 @@ from resnet_fused import build_model  # noqa: E402
 IMPLS = ["eager", "eager-channels-last", "eager-graph", "compile", "compile-max-autotune-no-cudagraphs",
          "compile-max-autotune", "compile-reduce-overhead", "fused-triton", "fused-triton-graph", "fused-cuda",
          "fused-cuda-graph", "fused-cpu"]
+# the fused rows: FusedResNet with this backend (a "-graph" row captures the whole step in a CUDA graph)
+FUSED_BACKEND = {"fused-triton": "triton", "fused-triton-graph": "triton", "fused-cuda": "cuda",
+                 "fused-cuda-graph": "cuda", "fused-cpu": "cpu"}
 # PyTorch as a user can run it at its best: every fused row is compared with the best of these in the same run
-BASELINES = [i for i in IMPLS if not i.startswith("fused")]
+BASELINES = [i for i in IMPLS if i not in FUSED_BACKEND]
 COMPILE_MODES = {"compile": "default", "compile-max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs",
                  "compile-max-autotune": "max-autotune", "compile-reduce-overhead": "reduce-overhead"}
 # compile modes that replay CUDA graphs: a new step must be marked so the previous outputs may be overwritten
@@ -153,18 +156,19 @@ def count_launches(fn, dev, steps=3):
 # ---- one configuration ------------------------------------------------------------------------------------
 
 def skip_reason(impl, dev):
-    if impl.startswith("fused-triton") and dev.type != "cuda":
+    backend = FUSED_BACKEND.get(impl)
+    if backend == "triton" and dev.type != "cuda":
         return "needs a CUDA GPU (Triton)"
     if impl.endswith("-graph") and dev.type != "cuda":
         return "CUDA graphs need a GPU"
-    if impl.startswith("fused-cuda"):
+    if backend == "cuda":
         if dev.type != "cuda":
             return "needs a CUDA GPU"
         try:
             import resnet_fused._C  # noqa: F401
         except ImportError:
             return "extension resnet_fused._C not built"
-    if impl == "fused-cpu" and dev.type != "cpu":
+    if backend == "cpu" and dev.type != "cpu":
         return "CPU backend row is run on the CPU benchmark"
     if impl in CUDAGRAPH_COMPILE and dev.type != "cuda":
         return f"{COMPILE_MODES[impl]} is CUDA graphs on a GPU"
@@ -173,9 +177,8 @@ def skip_reason(impl, dev):
 
 def make_model(name, impl, in_ch, dev, cl):
     torch.manual_seed(0)
-    if impl.startswith("fused"):
-        backend = impl.split("-")[1]
-        model = build_model(name, impl="fused", in_channels=in_ch, backend=backend)
+    if impl in FUSED_BACKEND:
+        model = build_model(name, impl="fused", in_channels=in_ch, backend=FUSED_BACKEND[impl])
     else:
         model = build_model(name, in_channels=in_ch)
     model = model.to(dev)
@@ -243,7 +246,7 @@ def prepare_one(name, mode, prec, impl, bs, dev, args):
     reason = skip_reason(impl, dev)
     if reason:
         return dict(row, status="skipped", reason=reason), None
-    cl = prec == "bf16" or impl.startswith("fused") or impl == "eager-channels-last"
+    cl = prec == "bf16" or impl in FUSED_BACKEND or impl == "eager-channels-last"
     in_ch, hw = args.channels, args.size
     try:
         model = make_model(name, impl, in_ch, dev, cl)
@@ -319,7 +322,7 @@ def summarize(result):
     result["best_baselines"] = [dict(model=k[0], mode=k[1], precision=k[2], batch=k[3], impl=b["impl"],
                                      images_per_s=b["images_per_s"],
                                      fused={r["impl"]: r["speedup_vs_best_baseline"] for r in ok
-                                            if r["impl"].startswith("fused")
+                                            if r["impl"] in FUSED_BACKEND
                                             and (r["model"], r["mode"], r["precision"], r["batch"]) == k})
                                 for k, b in sorted(best.items())]
     # and over both precisions: a user at their best also picks the precision
@@ -332,7 +335,7 @@ def summarize(result):
         dict(model=k[0], mode=k[1], batch=k[2], impl=b["impl"], precision=b["precision"],
              images_per_s=b["images_per_s"],
              fused={f"{r['impl']}@{r['precision']}": r["images_per_s"] / b["images_per_s"] for r in ok
-                    if r["impl"].startswith("fused") and (r["model"], r["mode"], r["batch"]) == k})
+                    if r["impl"] in FUSED_BACKEND and (r["model"], r["mode"], r["batch"]) == k})
         for k, b in sorted(overall.items())]
     return result
 
@@ -522,7 +525,7 @@ def plot(rows, path):
     fig, ax = plt.subplots(figsize=(10, max(3, 1.0 + 0.28 * len(ok))))
     labels = [f"{r['model']} {r['mode']} b{r['batch']} {r['precision']} {r['impl']}" for r in ok]
     vals = [r["images_per_s"] for r in ok]
-    colors = ["tab:red" if r["impl"].startswith("fused") else "tab:blue" if r["impl"].startswith("compile")
+    colors = ["tab:red" if r["impl"] in FUSED_BACKEND else "tab:blue" if r["impl"].startswith("compile")
               else "tab:gray" for r in ok]
     ax.barh(range(len(ok)), vals, color=colors)
     ax.set_yticks(range(len(ok)), labels, fontsize=7)

@@ -32,8 +32,6 @@
 namespace resnet_fused {
 namespace {
 
-constexpr int64_t kChunkRows = 256;
-
 using OptTensor = c10::optional<at::Tensor>;
 
 void check_bn_add_relu(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd, const OptTensor& weight,
@@ -58,17 +56,11 @@ void check_bn_add_relu(const at::Tensor& y, const at::Tensor& mean, const at::Te
   }
 }
 
-at::Tensor acc_vec(const at::Tensor& like, const OptTensor& v, double fill) {
-  const auto acc = acc_dtype(like);
-  if (!v.has_value()) return at::full({like.size(1)}, fill, like.options().dtype(acc));
-  return v->to(acc);
-}
-
 // (scale, shift) = (weight * invstd, bias - mean * scale) in the accumulation dtype
 std::pair<at::Tensor, at::Tensor> affine(const at::Tensor& like, const at::Tensor& mean, const at::Tensor& invstd,
                                          const OptTensor& weight, const OptTensor& bias) {
-  at::Tensor s = invstd.to(acc_dtype(like)) * acc_vec(like, weight, 1.0);
-  at::Tensor t = acc_vec(like, bias, 0.0) - mean.to(acc_dtype(like)) * s;
+  at::Tensor s = invstd.to(acc_dtype(like)) * channel_vec(weight, like, 1.0);
+  at::Tensor t = channel_vec(bias, like, 0.0) - mean.to(acc_dtype(like)) * s;
   return {s, t};
 }
 
@@ -101,7 +93,7 @@ Coeffs coefficients(const at::Tensor& like, const at::Tensor& mean, const at::Te
                     const OptTensor& weight, const at::Tensor& sum_g, const at::Tensor& sum_gxc, int64_t p) {
   const auto acc = acc_dtype(like);
   const at::Tensor m = mean.to(acc), is = invstd.to(acc);
-  const at::Tensor s = is * acc_vec(like, weight, 1.0);
+  const at::Tensor s = is * channel_vec(weight, like, 1.0);
   const at::Tensor k = s * is * is * sum_gxc / static_cast<double>(p);
   return {s, k * m - s * sum_g / static_cast<double>(p), -k, is * sum_gxc};
 }
@@ -169,17 +161,13 @@ Grads batch_norm_add_relu_backward_cpu(const at::Tensor& grad_out_in, const at::
                                        int64_t res_stride, int64_t pad_front, bool relu) {
   check_bn_add_relu(y_in, mean, invstd, weight, c10::nullopt, residual, res_mean, res_invstd, res_weight,
                     c10::nullopt, mode, res_stride, pad_front);
-  TORCH_CHECK(grad_out_in.sizes() == y_in.sizes() && out_in.sizes() == y_in.sizes(),
-              "resnet_fused: grad_out and out must have y's shape ", y_in.sizes(), ", got ", grad_out_in.sizes(),
-              " and ", out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == y_in.scalar_type() && out_in.scalar_type() == y_in.scalar_type(),
-              "resnet_fused: grad_out, out and y must share a dtype");
+  check_grad_like(grad_out_in, out_in, y_in);
   const at::Tensor go = as_nhwc(grad_out_in), out = as_nhwc(out_in), y = as_nhwc(y_in);
   const bool proj = mode == kProjB;
   const at::Tensor r = proj ? as_nhwc(*residual) : y;
   const int64_t c = y.size(1), p = c ? y.numel() / c : 0;
   TORCH_CHECK(p > 0, "resnet_fused: batch_norm_add_relu_backward needs at least one value per channel");
-  const int64_t chunks = (p + kChunkRows - 1) / kChunkRows;
+  const int64_t chunks = (p + kRowsPerChunk - 1) / kRowsPerChunk;
   const auto acc = acc_dtype(y);
   at::Tensor part = at::empty({chunks, 3, c}, y.options().dtype(acc));
   at::Tensor dy = at::empty_like(y);
@@ -198,7 +186,7 @@ Grads batch_norm_add_relu_backward_cpu(const at::Tensor& grad_out_in, const at::
     // pass 1: per chunk, sum g, sum g*(y - mean) and (option B) sum g*(r - mean_r)
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        const int64_t r0 = k * kChunkRows, r1 = std::min(p, (k + 1) * kChunkRows);
+        const int64_t r0 = k * kRowsPerChunk, r1 = std::min(p, (k + 1) * kRowsPerChunk);
         if (proj)
           reduce_chunk<true, scalar_t, acc_t>(pp + k * 3 * c, pgo, po, py, pm, pr, prm, c, r0, r1, relu);
         else
@@ -216,7 +204,7 @@ Grads batch_norm_add_relu_backward_cpu(const at::Tensor& grad_out_in, const at::
     scalar_t* pgr = mode != kNone ? gr.data_ptr<scalar_t>() : nullptr;
     // pass 2: dy = s*g + a + b*y; dr = g (identity, option A before the scatter) or s_r*g + a_r + b_r*r (option B)
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      const int64_t r0 = begin * kChunkRows, r1 = std::min(p, end * kChunkRows);
+      const int64_t r0 = begin * kRowsPerChunk, r1 = std::min(p, end * kRowsPerChunk);
       if (proj)
         write_grads<2, scalar_t, acc_t>(pdy, pgr, pgo, po, py, pr, pc, c, r0, r1, relu);
       else if (mode != kNone)
@@ -244,9 +232,9 @@ Grads batch_norm_add_relu_backward_composite(const at::Tensor& grad_out, const a
   const bool proj = mode == kProjB;
   const int64_t c = y.size(1), p = c ? y.numel() / c : 0;
   const auto acc = acc_dtype(y);
-  at::Tensor s = invstd.to(acc) * acc_vec(y, weight, 1.0);
+  at::Tensor s = invstd.to(acc) * channel_vec(weight, y, 1.0);
   OptTensor sr;
-  if (proj) sr = res_invstd->to(acc) * acc_vec(y, res_weight, 1.0);
+  if (proj) sr = res_invstd->to(acc) * channel_vec(res_weight, y, 1.0);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("resnet_fused::scale_shift_add_relu_backward", "")
                        .typed<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,

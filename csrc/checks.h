@@ -7,8 +7,13 @@ namespace resnet_fused {
 // Shortcut modes of scale_shift_add_relu (the same numbering as the Triton op bn_add_relu).
 enum ShortcutMode : int64_t { kNone = 0, kIdentity = 1, kPadA = 2, kProjB = 3 };
 
+// Deterministic reductions walk the rows (N*H*W positions, channels contiguous) in fixed chunks of this many rows,
+// one partial per chunk, merged in chunk order: the result does not depend on the thread or block count.
+constexpr int64_t kRowsPerChunk = 256;
+
 inline void check_4d_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 4, "resnet_fused: ", name, " must be 4-D (N, C, H, W), got shape ", t.sizes());
+  TORCH_CHECK(t.size(1) > 0, "resnet_fused: ", name, " must have at least one channel, got shape ", t.sizes());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "resnet_fused: ", name,
               " must be a floating-point tensor, got ", t.scalar_type());
 }
@@ -66,6 +71,40 @@ inline void check_scale_shift_add_relu(const at::Tensor& y, const c10::optional<
     check_channel_vector(res_scale, y, c, "res_scale");
     check_channel_vector(res_shift, y, c, "res_shift");
   }
+}
+
+// The backward operators' (grad_out, out) pair: y's shape, dtype and device.
+inline void check_grad_like(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& y) {
+  TORCH_CHECK(grad_out.sizes() == y.sizes() && out.sizes() == y.sizes(), "resnet_fused: grad_out and out must have ",
+              "y's shape ", y.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == y.scalar_type() && out.scalar_type() == y.scalar_type(),
+              "resnet_fused: grad_out, out and y must share a dtype, got ", grad_out.scalar_type(), ", ",
+              out.scalar_type(), " and ", y.scalar_type());
+  TORCH_CHECK(grad_out.device() == y.device() && out.device() == y.device(), "resnet_fused: grad_out, out and y ",
+              "must be on one device, got ", grad_out.device(), ", ", out.device(), " and ", y.device());
+}
+
+// bn_finalize's operands, the same on every device: checked before anything is written, so a bad call leaves the
+// running statistics untouched (and a device mismatch never reaches a kernel).
+inline void check_bn_finalize(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& running_mean,
+                              const at::Tensor& running_var, const at::Tensor& num_batches_tracked, int64_t count) {
+  const int64_t c = mean.numel();
+  TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes(), "resnet_fused: bn_finalize needs mean and var of ",
+              "shape [C], got ", mean.sizes(), " and ", var.sizes());
+  TORCH_CHECK(at::isFloatingType(mean.scalar_type()) && at::isFloatingType(var.scalar_type()),
+              "resnet_fused: bn_finalize needs floating-point mean and var");
+  TORCH_CHECK(running_mean.numel() == c && running_var.numel() == c, "resnet_fused: running statistics have ",
+              running_mean.numel(), " and ", running_var.numel(), " channels, the batch statistics ", c);
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous() &&
+                  running_var.scalar_type() == running_mean.scalar_type() &&
+                  at::isFloatingType(running_mean.scalar_type()),
+              "resnet_fused: running statistics must be contiguous floating-point tensors of one dtype");
+  TORCH_CHECK(count > 1, "resnet_fused: expected more than 1 value per channel when training, got ", count);
+  TORCH_CHECK(num_batches_tracked.numel() == 1 && num_batches_tracked.scalar_type() == at::kLong,
+              "resnet_fused: num_batches_tracked must be one int64 value");
+  for (const at::Tensor* t : {&var, &running_mean, &running_var, &num_batches_tracked})
+    TORCH_CHECK(t->device() == mean.device(), "resnet_fused: bn_finalize operands must be on one device: mean is on ",
+                mean.device(), ", another operand on ", t->device());
 }
 
 }  // namespace resnet_fused

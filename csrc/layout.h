@@ -20,6 +20,16 @@ inline at::ScalarType acc_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// A per-channel operand in the accumulation dtype, contiguous, on like's device: v itself; or, when v is absent,
+// [C] values of `fill`, or an undefined tensor without a fill (a nullptr for the kernels).
+inline at::Tensor channel_vec(const c10::optional<at::Tensor>& v, const at::Tensor& like,
+                              c10::optional<double> fill = c10::nullopt) {
+  const auto acc = acc_dtype(like);
+  if (v.has_value()) return v->to(acc).contiguous();
+  if (fill.has_value()) return at::full({like.size(1)}, *fill, like.options().dtype(acc));
+  return at::Tensor();
+}
+
 // (d residual, d res_scale, d res_shift) of scale_shift_add_relu from the kernel's shortcut gradient gr (NHWC,
 // y-shaped: g for identity / option A, g*res_scale for option B) and the channel sums [sum g*y, sum g, sum g*r].
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> shortcut_grads(const at::Tensor& gr, const at::Tensor& sums,

@@ -43,17 +43,12 @@ PyObject* PyInit__C(void) {
 namespace resnet_fused {
 namespace {
 
-constexpr int64_t kRowsPerChunk = 256;
-
+// channel_vec's values as a host vector for the CPU loops
 template <typename acc_t>
-std::vector<acc_t> channel_vector(const c10::optional<at::Tensor>& v, int64_t c, acc_t fill) {
-  std::vector<acc_t> out(c, fill);
-  if (v.has_value()) {
-    auto t = v->to(at::kCPU, std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat).contiguous();
-    const acc_t* src = t.template data_ptr<acc_t>();
-    std::copy(src, src + c, out.begin());
-  }
-  return out;
+std::vector<acc_t> channel_vector(const c10::optional<at::Tensor>& v, const at::Tensor& like, acc_t fill) {
+  const at::Tensor t = channel_vec(v, like, static_cast<double>(fill));
+  const acc_t* src = t.template data_ptr<acc_t>();
+  return std::vector<acc_t>(src, src + t.numel());
 }
 
 // ---- bn_stats --------------------------------------------------------------------------------------------------
@@ -125,8 +120,8 @@ at::Tensor bn_stats_backward_cpu(const c10::optional<at::Tensor>& grad_mean, con
   at::Tensor dx = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_stats_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto gm = channel_vector<acc_t>(grad_mean, c, 0), gv = channel_vector<acc_t>(grad_var, c, 0);
-    auto mu = channel_vector<acc_t>(mean, c, 0);
+    auto gm = channel_vector<acc_t>(grad_mean, x, 0), gv = channel_vector<acc_t>(grad_var, x, 0);
+    auto mu = channel_vector<acc_t>(mean, x, 0);
     std::vector<acc_t> a(c), b(c);  // dx = a + b * x
     for (int64_t j = 0; j < c; ++j) {
       b[j] = 2 * gv[j] / static_cast<acc_t>(p);
@@ -148,13 +143,7 @@ at::Tensor bn_stats_backward_cpu(const c10::optional<at::Tensor>& grad_mean, con
 at::Tensor bn_finalize_cpu(const at::Tensor& mean, const at::Tensor& var, at::Tensor& running_mean,
                            at::Tensor& running_var, at::Tensor& num_batches_tracked, int64_t count, double momentum,
                            bool cumulative, double eps) {
-  const int64_t c = mean.numel();
-  TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes(), "resnet_fused: bn_finalize needs mean and var of ",
-              "shape [C], got ", mean.sizes(), " and ", var.sizes());
-  TORCH_CHECK(running_mean.numel() == c && running_var.numel() == c, "resnet_fused: running statistics have ",
-              running_mean.numel(), " and ", running_var.numel(), " channels, the batch statistics ", c);
-  TORCH_CHECK(count > 1, "resnet_fused: expected more than 1 value per channel when training, got ", count);
-  TORCH_CHECK(num_batches_tracked.numel() == 1, "resnet_fused: num_batches_tracked must hold one value");
+  check_bn_finalize(mean, var, running_mean, running_var, num_batches_tracked, count);
   num_batches_tracked.add_(1);
   const double f = cumulative ? 1.0 / static_cast<double>(num_batches_tracked.item<int64_t>()) : momentum;
   const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
@@ -214,8 +203,8 @@ at::Tensor scale_shift_add_relu_cpu(const at::Tensor& y_in, const c10::optional<
   at::Tensor out = at::empty_like(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "scale_shift_add_relu_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto sc = channel_vector<acc_t>(scale, c, 1), sh = channel_vector<acc_t>(shift, c, 0);
-    auto rs = channel_vector<acc_t>(res_scale, c, 1), rt = channel_vector<acc_t>(res_shift, c, 0);
+    auto sc = channel_vector<acc_t>(scale, y, 1), sh = channel_vector<acc_t>(shift, y, 0);
+    auto rs = channel_vector<acc_t>(res_scale, y, 1), rt = channel_vector<acc_t>(res_shift, y, 0);
     const scalar_t* py = y.data_ptr<scalar_t>();
     const scalar_t* pr = r.data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
@@ -244,9 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& residual,
     const c10::optional<at::Tensor>& res_scale, int64_t mode, int64_t res_stride, int64_t pad_front, bool relu) {
   check_scale_shift_add_relu(y_in, scale, scale, residual, res_scale, res_scale, mode, res_stride, pad_front);
-  TORCH_CHECK(grad_out_in.sizes() == y_in.sizes() && out_in.sizes() == y_in.sizes(),
-              "resnet_fused: grad_out and out must have y's shape ", y_in.sizes(), ", got ", grad_out_in.sizes(),
-              " and ", out_in.sizes());
+  check_grad_like(grad_out_in, out_in, y_in);
   const at::Tensor go = as_nhwc(grad_out_in), out = as_nhwc(out_in), y = as_nhwc(y_in);
   const at::Tensor r = mode == kProjB ? as_nhwc(*residual) : y;
   const int64_t c = y.size(1), p = y.numel() / c;
@@ -258,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "scale_shift_add_relu_backward_cpu",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto sc = channel_vector<acc_t>(scale, c, 1), rs = channel_vector<acc_t>(res_scale, c, 1);
+    auto sc = channel_vector<acc_t>(scale, y, 1), rs = channel_vector<acc_t>(res_scale, y, 1);
     const scalar_t *pgo = go.data_ptr<scalar_t>(), *po = out.data_ptr<scalar_t>(), *py = y.data_ptr<scalar_t>();
     const scalar_t* pr = r.data_ptr<scalar_t>();
     scalar_t* pgy = gy.data_ptr<scalar_t>();

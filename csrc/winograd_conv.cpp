@@ -40,12 +40,12 @@ namespace {
 #ifdef RESNET_FUSED_WINOGRAD
 #define RF_AVX2 __attribute__((target("avx2,fma")))
 
-constexpr int64_t kRows = 6;  // tiles per register tile of the GEMM micro-kernel
+constexpr int64_t kTileRows = 6;  // tiles per register tile of the GEMM micro-kernel
 
 struct Geometry {
   int64_t n, h, w, c, k;   // x: (n, h, w, c) NHWC; out: (n, h, w, k)
   int64_t th, tw, tiles;   // 2x2 output tiles per column / row, and in all
-  int64_t block;           // tiles per block (a multiple of kRows)
+  int64_t block;           // tiles per block (a multiple of kTileRows)
 };
 
 struct Shortcut {
@@ -117,35 +117,35 @@ RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int6
   }
 }
 
-// M (T x K) = V (T x C) @ U (C x K) for one transform position; T a multiple of kRows, K of 8.
+// M (T x K) = V (T x C) @ U (C x K) for one transform position; T a multiple of kTileRows, K of 8.
 RF_AVX2 void gemm_position(const float* V, const float* U, float* M, int64_t T, int64_t C, int64_t K) {
-  for (int64_t i = 0; i < T; i += kRows) {
+  for (int64_t i = 0; i < T; i += kTileRows) {
     const float* a = V + i * C;
     int64_t k0 = 0;
     for (; k0 + 16 <= K; k0 += 16) {
-      __m256 acc[kRows][2];
-      for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      __m256 acc[kTileRows][2];
+      for (int r = 0; r < kTileRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
       for (int64_t c = 0; c < C; ++c) {
         const __m256 b0 = _mm256_loadu_ps(U + c * K + k0), b1 = _mm256_loadu_ps(U + c * K + k0 + 8);
-        for (int r = 0; r < kRows; ++r) {
+        for (int r = 0; r < kTileRows; ++r) {
           const __m256 av = _mm256_broadcast_ss(a + r * C + c);
           acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
           acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
         }
       }
-      for (int r = 0; r < kRows; ++r) {
+      for (int r = 0; r < kTileRows; ++r) {
         _mm256_storeu_ps(M + (i + r) * K + k0, acc[r][0]);
         _mm256_storeu_ps(M + (i + r) * K + k0 + 8, acc[r][1]);
       }
     }
     if (k0 < K) {  // the last 8 channels when K is not a multiple of 16
-      __m256 acc[kRows];
-      for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+      __m256 acc[kTileRows];
+      for (int r = 0; r < kTileRows; ++r) acc[r] = _mm256_setzero_ps();
       for (int64_t c = 0; c < C; ++c) {
         const __m256 b0 = _mm256_loadu_ps(U + c * K + k0);
-        for (int r = 0; r < kRows; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + r * C + c), b0, acc[r]);
+        for (int r = 0; r < kTileRows; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + r * C + c), b0, acc[r]);
       }
-      for (int r = 0; r < kRows; ++r) _mm256_storeu_ps(M + (i + r) * K + k0, acc[r]);
+      for (int r = 0; r < kTileRows; ++r) _mm256_storeu_ps(M + (i + r) * K + k0, acc[r]);
     }
   }
 }
@@ -232,7 +232,7 @@ bool cpu_supported() { return false; }
 // Output buffers of this thread's recent calls, reused once nobody else holds them (the storage referenced only
 // from here). Batch-sliced inference allocates one ~1.6 MB activation per layer and slice; fresh allocations of
 // that size come from mmap or a just-trimmed heap, and touching them page-faults the whole buffer every time
-// (measured: ~7,000 minor faults, about a fifth of a ResNet-20 forward at batch 256 on the 2-core machine). Per
+// (the figures: bench/results/README.md, CPU notes). Per
 // thread, so concurrent callers never share a buffer; at most kCachedOutputs buffers of at most kCachedBytes each.
 constexpr size_t kCachedOutputs = 8;
 constexpr int64_t kCachedBytes = 4 << 20;
@@ -298,8 +298,8 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   Geometry g{n, h, w, c, k, (h + 1) / 2, (w + 1) / 2, 0, 0};
   g.tiles = n * g.th * g.tw;
   // V (16*T*C) and M (16*T*K) floats of a block in ~48 KB, so they stay in L1/L2 between the three steps
-  // (24-48 KB measured best on the 2-core AVX2 EPYC for 16-64 channels; 200 KB was slower)
-  g.block = std::max<int64_t>(kRows, (48 * 1024 / (16 * 4 * (c + k))) / kRows * kRows);
+  // (the block-size measurements: bench/results/README.md, CPU notes)
+  g.block = std::max<int64_t>(kTileRows, (48 * 1024 / (16 * 4 * (c + k))) / kTileRows * kTileRows);
   const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
   float* po = out.data_ptr<float>();
   const float* px = x.data_ptr<float>();

@@ -3,8 +3,9 @@
 ``ResNet`` is the plain-PyTorch reference (the test oracle); ``FusedResNet`` has the same constructor and the same
 ``state_dict`` keys and runs the fused Triton / C++ / CUDA operators.
 """
-from .reference import (MODEL_NAMES, ResNet, build_model, plain20, plain56, resnet8, resnet14, resnet18, resnet20,
-                        resnet32, resnet34, resnet44, resnet56, resnet110)
+from .reference import ResNet
+from .zoo import (MODEL_NAMES, build_model, load_weights, plain20, plain56, resnet8, resnet14, resnet18, resnet20,
+                  resnet32, resnet34, resnet44, resnet56, resnet110)
 
 __version__ = "0.1.0"
 
@@ -17,5 +18,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'resnet_fused' has no attribute {name!r}")
 
 
-__all__ = ["ResNet", "FusedResNet", "MODEL_NAMES", "build_model", "resnet8", "resnet14", "resnet20", "resnet32",
-           "resnet44", "resnet56", "resnet110", "resnet18", "resnet34", "plain20", "plain56"]
+__all__ = ["ResNet", "FusedResNet", "MODEL_NAMES", "build_model", "load_weights", "resnet8", "resnet14", "resnet20",
+           "resnet32", "resnet44", "resnet56", "resnet110", "resnet18", "resnet34", "plain20", "plain56"]

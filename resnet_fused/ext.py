@@ -45,7 +45,7 @@ def _layout(t):
     return torch.contiguous_format
 
 
-def _acc(t):
+def _acc_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -56,7 +56,7 @@ if available():
     def _(x):
         torch._check(x.dim() == 4, lambda: f"bn_stats expects a 4-D tensor, got {x.dim()}-D")
         c = x.shape[1]
-        return x.new_empty((c,), dtype=_acc(x)), x.new_empty((c,), dtype=_acc(x))
+        return x.new_empty((c,), dtype=_acc_dtype(x)), x.new_empty((c,), dtype=_acc_dtype(x))
 
     @torch.library.register_fake("resnet_fused::bn_stats_backward")
     def _(grad_mean, grad_var, x, mean):
@@ -64,7 +64,7 @@ if available():
 
     @torch.library.register_fake("resnet_fused::bn_finalize")
     def _(mean, var, running_mean, running_var, num_batches_tracked, count, momentum, cumulative, eps):
-        return torch.empty_like(var, dtype=_acc(var))
+        return torch.empty_like(var, dtype=_acc_dtype(var))
 
     @torch.library.register_fake("resnet_fused::scale_shift_add_relu")
     def _(y, scale, shift, residual, res_scale, res_shift, mode, res_stride, pad_front, relu):
@@ -72,7 +72,7 @@ if available():
 
     @torch.library.register_fake("resnet_fused::scale_shift_add_relu_backward")
     def _(grad_out, out, y, scale, residual, res_scale, mode, res_stride, pad_front, relu):
-        c, acc = y.shape[1], _acc(y)
+        c, acc = y.shape[1], _acc_dtype(y)
         gy = torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_layout(y))
         if mode == 0:
             g_res = y.new_empty((0,), dtype=acc)
@@ -98,14 +98,14 @@ if available():
     def _ssar_setup(ctx, inputs, output):
         y, scale, shift, residual, res_scale, res_shift, mode, res_stride, pad_front, relu = inputs
         ctx.save_for_backward(output, y, scale, residual, res_scale)
-        ctx.args = (mode, res_stride, pad_front, relu)
+        ctx.args = dict(mode=mode, res_stride=res_stride, pad_front=pad_front, relu=relu)
         ctx.has_scale = scale is not None
 
     def _ssar_backward(ctx, grad_out):
         out, y, scale, residual, res_scale = ctx.saved_tensors
-        mode = ctx.args[0]
+        mode = ctx.args["mode"]
         gy, gs, gt, gr, grs, grt = ops.scale_shift_add_relu_backward(grad_out, out, y, scale, residual, res_scale,
-                                                                     *ctx.args)
+                                                                     **ctx.args)
         s = ctx.has_scale
         return (gy, gs if s else None, gt if s else None, gr if mode else None, grs if mode == 3 else None,
                 grt if mode == 3 else None, None, None, None, None)
@@ -123,7 +123,7 @@ if available():
     @torch.library.register_fake("resnet_fused::batch_norm_add_relu_backward")
     def _(grad_out, out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight, mode, res_stride,
           pad_front, relu):
-        c, acc = y.shape[1], _acc(y)
+        c, acc = y.shape[1], _acc_dtype(y)
         dy = torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_layout(y))
         if mode == 0:
             dr = y.new_empty((0,), dtype=acc)
@@ -143,14 +143,14 @@ if available():
                 raise RuntimeError(f"batch_norm_add_relu: {name} requires grad, but its gradient is folded into the "
                                    f"input's (it must be the batch statistic of y, computed under no_grad)")
         ctx.save_for_backward(output, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight)
-        ctx.args = (mode, res_stride, pad_front, relu)
+        ctx.args = dict(mode=mode, res_stride=res_stride, pad_front=pad_front, relu=relu)
         ctx.has = (weight is not None, bias is not None, res_weight is not None, res_bias is not None)
 
     def _bnar_backward(ctx, grad_out):
         out, y, mean, invstd, weight, residual, res_mean, res_invstd, res_weight = ctx.saved_tensors
-        mode = ctx.args[0]
+        mode = ctx.args["mode"]
         dy, dw, db, dr, drw, drb = ops.batch_norm_add_relu_backward(grad_out, out, y, mean, invstd, weight, residual,
-                                                                    res_mean, res_invstd, res_weight, *ctx.args)
+                                                                    res_mean, res_invstd, res_weight, **ctx.args)
         hw, hb, hrw, hrb = ctx.has
         proj = mode == 3
         return (dy, None, None, dw if hw else None, db if hb else None, dr if mode else None, None, None,

@@ -21,11 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "BasicBlock", "PadShortcut", "ProjectionShortcut", "ResNet", "resnet_layout",
-    "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-    "resnet18", "resnet34", "plain20", "plain56", "MODEL_NAMES", "build_model", "parse_model_name",
-]
+__all__ = ["BasicBlock", "PadShortcut", "ProjectionShortcut", "ResNet", "resnet_layout"]
 
 
 def resnet_layout(depth: int, widths=None):
@@ -188,52 +184,3 @@ class ResNet(nn.Module):
         x = self.features(x)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(x)
-
-
-# ---- named constructors -------------------------------------------------------------------------------------
-
-_NAMED = {
-    "resnet8": dict(depth=8), "resnet14": dict(depth=14), "resnet20": dict(depth=20), "resnet32": dict(depth=32),
-    "resnet44": dict(depth=44), "resnet56": dict(depth=56), "resnet110": dict(depth=110),
-    "resnet18": dict(depth=18, shortcut="B"), "resnet34": dict(depth=34, shortcut="B"),
-    "plain20": dict(depth=20, plain=True), "plain56": dict(depth=56, plain=True),
-}
-MODEL_NAMES = tuple(_NAMED)
-
-
-def parse_model_name(name: str) -> dict:
-    """Constructor arguments for a model name: the named ones, plus resnetN / plainN for any valid depth."""
-    key = str(name).lower()
-    if key in _NAMED:
-        return dict(_NAMED[key])
-    for prefix, plain in (("resnet", False), ("plain", True)):
-        if key.startswith(prefix) and key[len(prefix):].isdigit():
-            depth = int(key[len(prefix):])
-            resnet_layout(depth)  # raises a clear ValueError on a bad depth
-            return dict(depth=depth, plain=plain, shortcut="B" if depth in (18, 34) else "A")
-    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)} (or resnetN / plainN, N=6n+2)")
-
-
-def build_model(name: str, impl: str = "reference", **kwargs) -> nn.Module:
-    """A model by name; ``impl="fused"`` gives the FusedResNet with the same state_dict keys."""
-    args = parse_model_name(name)
-    args.update(kwargs)
-    if impl == "reference":
-        return ResNet(**args)
-    if impl == "fused":
-        from .model import FusedResNet
-        return FusedResNet(**args)
-    raise ValueError(f"unknown impl {impl!r}; choose 'reference' or 'fused'")
-
-
-def _named(name):
-    def ctor(impl: str = "reference", **kwargs):
-        return build_model(name, impl=impl, **kwargs)
-    ctor.__name__ = name
-    ctor.__doc__ = f"{name}: ResNet({', '.join(f'{k}={v!r}' for k, v in _NAMED[name].items())}); impl='fused' too."
-    return ctor
-
-
-resnet8, resnet14, resnet20, resnet32 = (_named(n) for n in ("resnet8", "resnet14", "resnet20", "resnet32"))
-resnet44, resnet56, resnet110 = (_named(n) for n in ("resnet44", "resnet56", "resnet110"))
-resnet18, resnet34, plain20, plain56 = (_named(n) for n in ("resnet18", "resnet34", "plain20", "plain56"))

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from .checkpoint import (UserError, atomic_save, atomic_write_bytes, atomic_write_text, check_writable_dir,
                          clean_stale_temp_files, clean_state_dict, load_checkpoint, load_model_state, run_cli, seal)
 from .data import DATASETS, DeviceLoader, load_splits
-from .reference import MODEL_NAMES, build_model, parse_model_name
+from .zoo import MODEL_NAMES, build_model, parse_model_name
 
-DEFAULTS = dict(model="resnet20", impl="reference", dataset="mnist", epochs=15, batch_size=128, lr=0.1,
+DEFAULTS = dict(model="resnet20", impl="fused", dataset="mnist", epochs=15, batch_size=128, lr=0.1,
                 momentum=0.9, wd=5e-4, schedule="cosine", warmup_epochs=1.0, label_smoothing=0.0, amp="off",
                 max_shift=2, val_size=0, subset=0, seed=0, shortcut=None)
 # Flags that define the run: on --resume they come from the checkpoint unless given again (and must then agree).
@@ -34,11 +34,14 @@ RECIPE_KEYS = tuple(DEFAULTS)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m resnet_fused.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # each default is written once, in brackets in its help (the values of the recipe come from DEFAULTS, or from
+    # the checkpoint on --resume, so argparse itself holds None for them)
+    p = argparse.ArgumentParser(prog="python -m resnet_fused.train", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--model", help=f"one of {', '.join(MODEL_NAMES)} (or resnetN/plainN) [default resnet20]")
-    a("--impl", choices=["reference", "fused"], help="reference = plain PyTorch, fused = FusedResNet [reference]")
+    a("--impl", choices=["reference", "fused"],
+      help="fused = FusedResNet (Triton on a GPU, the C++ operators on a CPU, plain PyTorch math where neither is "
+           "built), reference = plain PyTorch [fused]")
     a("--shortcut", choices=["A", "B"], help="shortcut option for 6n+2 nets [A]")
     a("--dataset", help=f"one of {', '.join(DATASETS)} [mnist]")
     a("--data-root", default=None, help="dataset root (torchvision layout) [$RESNET_FUSED_DATA or ./data]")
@@ -59,7 +62,7 @@ def build_parser():
     a("--compile", action="store_true", help="torch.compile the model")
     a("--seed", type=int, help="[0]")
     a("--device", default=None, help="cuda, cpu, cuda:1 ... [cuda if available]")
-    a("--out", default="runs/train", help="output directory")
+    a("--out", default="runs/train", help="output directory [runs/train]")
     a("--resume", nargs="?", const="auto", default=None,
       help="continue a run: a checkpoint path, or no value for OUT/last.pt")
     a("--overwrite", action="store_true", help="allow replacing the checkpoints of another run in --out")

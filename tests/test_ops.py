@@ -195,7 +195,7 @@ def test_conv_bn_act_inference(dev, mode):
         res, rm = xin, 2
         ref = ref + F.pad(xin[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))
     elif mode == "B":
-        x2, w2 = xin, torch.randn(c, cin, 1, 1, device=dev)
+        x2, w2, rm = xin, torch.randn(c, cin, 1, 1, device=dev), 3
         ref = ref + F.conv2d(xin, w2, stride=2)
     out = ops.conv_bn_act(x, w, b, res, x2, w2, 1, 1, rm, stride, 2, True)
     close(out, torch.relu(ref))

@@ -459,3 +459,17 @@ def test_labels_out_of_range_are_refused_at_load(mnist_root, tmp_path, capsys):
     lbl.write_bytes(_idx_bytes(arr, 0x08))
     err = cli_error(capsys, train.main, base_args(str(root), tmp_path / "run", "--subset", "0"))
     assert "label 200" in err and "0..9" in err and str(lbl) in err
+
+
+def test_ext_operators_refuse_zero_channels_instead_of_dividing_by_zero():
+    """numel / C with C == 0 crashed the process (a division by zero in the C++ and CUDA operators)."""
+    if not ext.available():
+        pytest.skip("extension not built")
+    y = torch.empty(2, 0, 3, 3)
+    ops = torch.ops.resnet_fused
+    for call in (lambda: ops.bn_stats(y),
+                 lambda: ops.bn_stats_backward(None, None, y, torch.empty(0)),
+                 lambda: ops.scale_shift_add_relu(y, None, None, None, None, None, 0, 1, 0, True),
+                 lambda: ops.scale_shift_add_relu_backward(y, y, y, None, None, None, 0, 1, 0, True)):
+        with pytest.raises(RuntimeError, match="at least one channel"):
+            call()

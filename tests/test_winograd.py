@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import resnet_fused.model as model_mod
+import resnet_fused.backends.extension as extension
+from resnet_fused.plan import to_channels_last
 from resnet_fused import FusedResNet, ResNet, ext
 
 if not ext.available():
@@ -135,12 +136,13 @@ def test_cpu_inference_with_winograd_and_batch_slices(monkeypatch, widths, short
     fused = FusedResNet.from_reference(ref, backend="cpu").eval()
     x = make((11, 1, 10, 9), "nchw", 5)
     # slices of 4 images (4, 4, 3): each slice's first activation (10*9*width*4 bytes) is over a quarter of this
-    monkeypatch.setattr(model_mod, "_CPU_EVAL_SLICE_BYTES", 4 * 10 * 9 * widths[0] * 4)
-    assert [c.shape[0] for c in fused._eval_chunks(model_mod._channels_last(x))] == [4, 4, 3]
+    monkeypatch.setattr(extension, "CPU_EVAL_SLICE_BYTES", 4 * 10 * 9 * widths[0] * 4)
+    assert [c.shape[0] for c in extension.ExtensionBackend._eval_slices(fused, to_channels_last(x))] == [4, 4, 3]
     tol = dict(rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), ref(x), **tol)
-        used = [u is not None for u in fused._wino[1]]
+        wino = fused.fold_cache.derived("winograd", lambda folded: pytest.fail("no Winograd transforms were made"))
+        used = [id(fc) in wino for fc in fused.folded(torch.float32).convs()]
         assert used[0] is False and sum(used) >= len(used) - 3  # the 1-channel stem and stride-2 convs are not 3x3/s1
         for p in list(ref.parameters()) + list(fused.parameters()):
             p.mul_(1.1)  # in place: the folded weights and their transforms must be refreshed
@@ -155,7 +157,7 @@ def test_winograd_off_gives_the_same_numbers(monkeypatch):
     x = make((5, 1, 12, 12), "nchw", 6)
     with torch.no_grad():
         a = fused(x)
-        monkeypatch.setattr(model_mod, "_WINOGRAD", False)
+        monkeypatch.setattr(extension, "_WINOGRAD", False)
         b = fused(x)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -191,7 +193,7 @@ def test_cpu_inference_alternating_inference_mode_and_no_grad(monkeypatch):
     ref = _reference_net((8, 16, 32), "A", depth=8)
     fused = FusedResNet.from_reference(ref, backend="cpu").eval()
     x = make((9, 1, 8, 8), "nchw", 7)
-    monkeypatch.setattr(model_mod, "_CPU_EVAL_SLICE_BYTES", 3 * 8 * 8 * 8 * 4)  # slices of 3
+    monkeypatch.setattr(extension, "CPU_EVAL_SLICE_BYTES", 3 * 8 * 8 * 8 * 4)  # slices of 3
     with torch.no_grad():
         want = ref(x)
     for ctx in (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad):

@@ -1,7 +1,7 @@
 // CUDA implementations of the resnet_fused operators (schemas and the math: csrc/resnet_fused.cpp).
 //
 // Activations are NHWC rows [P, C] (channels_last used in place, other layouts converted once). Reductions are
-// deterministic: fixed chunks of kRows rows produce per-chunk partials (one thread per channel walks its chunk, so
+// deterministic: fixed chunks of kRowsPerChunk rows produce per-chunk partials (one thread per channel walks its chunk, so
 // a warp reads consecutive channels of a row: coalesced), then a second small kernel (or at::sum over the chunk
 // axis) combines them in a fixed order. No float atomics. Everything launches on the current stream of the
 // tensor's device, and nothing reads back to the host (CUDA-graph capturable).
@@ -19,15 +19,9 @@
 namespace resnet_fused {
 namespace {
 
-constexpr int64_t kRows = 256;
 constexpr int kThreads = 256;
 
 // A per-channel vector in the accumulation dtype, or an empty tensor (nullptr in the kernel) when absent.
-at::Tensor channel_param(const c10::optional<at::Tensor>& v, const at::Tensor& like) {
-  if (!v.has_value()) return at::Tensor();
-  return v->to(acc_dtype(like)).contiguous();
-}
-
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
@@ -43,7 +37,7 @@ __global__ void bn_stats_chunk_kernel(acc_t* __restrict__ cmean, acc_t* __restri
   const int64_t j = blockIdx.y * 32 + threadIdx.x;
   const int64_t k = blockIdx.x;
   if (j >= c) return;
-  const int64_t r0 = k * kRows, r1 = min(p, r0 + kRows);
+  const int64_t r0 = k * kRowsPerChunk, r1 = min(p, r0 + kRowsPerChunk);
   acc_t s = 0;
   for (int64_t r = r0; r < r1; ++r) s += static_cast<acc_t>(x[r * c + j]);
   const acc_t m = s / static_cast<acc_t>(r1 - r0);
@@ -64,7 +58,7 @@ __global__ void bn_stats_merge_kernel(acc_t* __restrict__ mean, acc_t* __restric
   if (j >= c) return;
   acc_t n_a = 0, mean_a = 0, m2_a = 0;
   for (int64_t k = 0; k < chunks; ++k) {  // Chan's parallel formula, in chunk order
-    const acc_t n_b = static_cast<acc_t>(min(p, (k + 1) * kRows) - k * kRows);
+    const acc_t n_b = static_cast<acc_t>(min(p, (k + 1) * kRowsPerChunk) - k * kRowsPerChunk);
     const acc_t n = n_a + n_b;
     const acc_t delta = cmean[k * c + j] - mean_a;
     mean_a += delta * n_b / n;
@@ -81,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x_in) {
   const at::Tensor x = as_nhwc(x_in);
   const int64_t c = x.size(1), p = c ? x.numel() / c : 0;
   TORCH_CHECK(p > 0, "resnet_fused: bn_stats needs at least one value per channel, got shape ", x.sizes());
-  const int64_t chunks = (p + kRows - 1) / kRows;
+  const int64_t chunks = (p + kRowsPerChunk - 1) / kRowsPerChunk;
   auto opts = x.options().dtype(acc_dtype(x));
   at::Tensor mean = at::empty({c}, opts), var = at::empty({c}, opts);
   at::Tensor cmean = at::empty({chunks, c}, opts), cm2 = at::empty({chunks, c}, opts);
@@ -147,7 +141,8 @@ __global__ void bn_finalize_kernel(acc_t* __restrict__ invstd, run_t* __restrict
                                    int64_t* __restrict__ nbt, const acc_t* __restrict__ mean,
                                    const acc_t* __restrict__ var, int64_t c, int64_t count, double momentum,
                                    bool cumulative, double eps) {
-  // one block: every thread reads num_batches_tracked before thread 0 bumps it
+  // launched as exactly ONE block (<<<1, ...>>> below): every thread reads num_batches_tracked before the
+  // __syncthreads and thread 0 bumps it after; with several blocks a block could read the bumped count
   const int64_t next = *nbt + 1;
   __syncthreads();
   const double f = cumulative ? 1.0 / static_cast<double>(next) : momentum;
@@ -163,17 +158,8 @@ __global__ void bn_finalize_kernel(acc_t* __restrict__ invstd, run_t* __restrict
 at::Tensor bn_finalize_cuda(const at::Tensor& mean, const at::Tensor& var, at::Tensor& running_mean,
                             at::Tensor& running_var, at::Tensor& num_batches_tracked, int64_t count, double momentum,
                             bool cumulative, double eps) {
+  check_bn_finalize(mean, var, running_mean, running_var, num_batches_tracked, count);
   const int64_t c = mean.numel();
-  TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes(), "resnet_fused: bn_finalize needs mean and var of ",
-              "shape [C], got ", mean.sizes(), " and ", var.sizes());
-  TORCH_CHECK(running_mean.numel() == c && running_var.numel() == c && running_mean.is_contiguous() &&
-                  running_var.is_contiguous() && running_var.scalar_type() == running_mean.scalar_type(),
-              "resnet_fused: running statistics must be contiguous [", c, "] tensors of one dtype");
-  TORCH_CHECK(count > 1, "resnet_fused: expected more than 1 value per channel when training, got ", count);
-  TORCH_CHECK(num_batches_tracked.numel() == 1 && num_batches_tracked.scalar_type() == at::kLong,
-              "resnet_fused: num_batches_tracked must be one int64 value");
-  TORCH_CHECK(mean.device() == running_mean.device() && num_batches_tracked.device() == mean.device(),
-              "resnet_fused: bn_finalize operands must be on one device");
   c10::cuda::CUDAGuard guard(mean.device());
   const auto acc = mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor m = mean.to(acc).contiguous(), v = var.to(acc).contiguous();
@@ -229,8 +215,8 @@ at::Tensor scale_shift_add_relu_cuda(const at::Tensor& y_in, const c10::optional
   c10::cuda::CUDAGuard guard(y_in.device());
   const at::Tensor y = as_nhwc(y_in);
   const at::Tensor r = mode != kNone ? as_nhwc(*residual) : y;
-  at::Tensor sc = channel_param(scale, y), sh = channel_param(shift, y);
-  at::Tensor rs = channel_param(res_scale, y), rt = channel_param(res_shift, y);
+  at::Tensor sc = channel_vec(scale, y), sh = channel_vec(shift, y);
+  at::Tensor rs = channel_vec(res_scale, y), rt = channel_vec(res_shift, y);
   at::Tensor out = at::empty_like(y);
   const int64_t n = y.numel();
   if (n == 0) return in_layout_of(out, y_in);
@@ -256,7 +242,7 @@ __global__ void scale_shift_add_relu_backward_kernel(
   acc_t s_gy = 0, s_g = 0, s_gr = 0;
   const acc_t scale = sc != nullptr ? sc[j] : acc_t(1);
   const acc_t rscale = rs != nullptr ? rs[j] : acc_t(1);
-  for (int64_t row = k * kRows; row < min(p, (k + 1) * kRows); ++row) {
+  for (int64_t row = k * kRowsPerChunk; row < min(p, (k + 1) * kRowsPerChunk); ++row) {
     const int64_t i = row * c + j;
     acc_t g = static_cast<acc_t>(go[i]);
     if (relu && static_cast<acc_t>(out[i]) <= acc_t(0)) g = 0;  // threshold_backward's mask
@@ -281,15 +267,13 @@ scale_shift_add_relu_backward_cuda(const at::Tensor& grad_out_in, const at::Tens
                                    const c10::optional<at::Tensor>& res_scale, int64_t mode, int64_t res_stride,
                                    int64_t pad_front, bool relu) {
   check_scale_shift_add_relu(y_in, scale, scale, residual, res_scale, res_scale, mode, res_stride, pad_front);
-  TORCH_CHECK(grad_out_in.sizes() == y_in.sizes() && out_in.sizes() == y_in.sizes(),
-              "resnet_fused: grad_out and out must have y's shape ", y_in.sizes(), ", got ", grad_out_in.sizes(),
-              " and ", out_in.sizes());
+  check_grad_like(grad_out_in, out_in, y_in);
   c10::cuda::CUDAGuard guard(y_in.device());
   const at::Tensor go = as_nhwc(grad_out_in), out = as_nhwc(out_in), y = as_nhwc(y_in);
   const at::Tensor r = mode == kProjB ? as_nhwc(*residual) : y;
-  at::Tensor sc = channel_param(scale, y), rs = channel_param(res_scale, y);
+  at::Tensor sc = channel_vec(scale, y), rs = channel_vec(res_scale, y);
   const int64_t c = y.size(1), p = c ? y.numel() / c : 0;
-  const int64_t chunks = std::max<int64_t>(1, (p + kRows - 1) / kRows);
+  const int64_t chunks = std::max<int64_t>(1, (p + kRowsPerChunk - 1) / kRowsPerChunk);
   const auto acc = acc_dtype(y);
   at::Tensor gy = at::empty_like(y);
   at::Tensor gr = mode != kNone ? at::empty_like(y) : at::empty({0}, y.options());

@@ -202,7 +202,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     out, y, scale, residual, res_scale = ctx.saved_tensors
     gy, gs, gt, gr, grs, grt = torch.ops.resnet_fused.bn_add_relu_backward(
-        grad_out, out, y, scale, residual, res_scale, ctx.mode, ctx.res_stride, ctx.pad_front, ctx.relu)
+        grad_out, out, y, scale, residual, res_scale, mode=ctx.mode, res_stride=ctx.res_stride,
+        pad_front=ctx.pad_front, relu=ctx.relu)
     m = ctx.mode
     return (gy, gs, gt, gr if m else None, grs if m == 3 else None, grt if m == 3 else None, None, None, None,
             None)

@@ -152,7 +152,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_scale, grad_shift):
     mean, var, weight = ctx.saved_tensors
     gmean, gvar, gw, gb = torch.ops.resnet_fused.bn_scale_shift_backward(grad_scale, grad_shift, mean, var, weight,
-                                                                        ctx.eps)
+                                                                        eps=ctx.eps)
     need = ctx.needs_input_grad
     return (gmean if need[0] else None, gvar if need[1] else None, gw if weight is not None and need[2] else None,
             gb if ctx.has_bias and need[3] else None, None)

@@ -14,28 +14,28 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .implicit_gemm import conv_launch, empty_nhwc, weight_matrix
-
-
-def _out_hw(x, weight, stride, padding):
-    k = weight.shape[2]
-    return (x.shape[2] + 2 * padding - k) // stride + 1, (x.shape[3] + 2 * padding - k) // stride + 1
+from .implicit_gemm import conv_launch, conv_out_hw, empty_nhwc, weight_matrix
 
 
 @torch.library.custom_op("resnet_fused::conv_bn_act", mutates_args=())
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], x2: Optional[Tensor],
                 weight2: Optional[Tensor], stride: int, padding: int, res_mode: int, res_stride: int,
                 pad_front: int, relu: bool) -> Tensor:
-    """relu(conv2d(x, weight) + bias + shortcut); res_mode 0 none, 1 identity, 2 option A; x2/weight2: option B."""
+    """relu(conv2d(x, weight) + bias + shortcut); res_mode (plan.ShortcutMode) 0 none, 1 identity (residual),
+    2 option A (residual), 3 option B: conv2d(x2, weight2, stride=res_stride) as a second GEMM in the same tile."""
+    if (res_mode == 3) != (x2 is not None and weight2 is not None):
+        raise ValueError(f"conv_bn_act: option B (res_mode 3) takes x2 and weight2, and only it; got res_mode "
+                         f"{res_mode} with x2 {'set' if x2 is not None else 'None'}")
     kh, kw = weight.shape[2], weight.shape[3]
-    out, _, _ = conv_launch(x, weight_matrix(weight), kh, kw, stride, padding, _out_hw(x, weight, stride, padding),
-                         bias=bias, residual=residual, res_mode=res_mode, res_stride=res_stride,
-                         pad_front=pad_front, x2=x2, w2_mat=weight_matrix(weight2) if weight2 is not None else None,
-                         stride2=res_stride, relu=relu, out_dtype=x.dtype)
+    out_hw = conv_out_hw(x.shape[2], x.shape[3], kh, stride, padding)
+    out, _, _ = conv_launch(x, weight_matrix(weight), kh, kw, stride, padding, out_hw, bias=bias, residual=residual,
+                            res_mode=0 if res_mode == 3 else res_mode, res_stride=res_stride, pad_front=pad_front,
+                            x2=x2, w2_mat=weight_matrix(weight2) if weight2 is not None else None,
+                            stride2=res_stride, relu=relu, out_dtype=x.dtype)
     return out
 
 
 @conv_bn_act.register_fake
 def _(x, weight, bias, residual, x2, weight2, stride, padding, res_mode, res_stride, pad_front, relu):
-    oh, ow = _out_hw(x, weight, stride, padding)
+    oh, ow = conv_out_hw(x.shape[2], x.shape[3], weight.shape[2], stride, padding)
     return empty_nhwc(x.shape[0], weight.shape[0], oh, ow, x.dtype, x.device)

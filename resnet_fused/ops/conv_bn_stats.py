@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .implicit_gemm import cdiv, conv_launch, device_guard, empty_nhwc, next_pow2, wgrad_launch, weight_matrix
+from .implicit_gemm import (cdiv, conv_launch, conv_out_hw, device_guard, empty_nhwc, next_pow2, wgrad_launch,
+                            weight_matrix)
 
 
 # ---- statistics finalize: tile (mean, M2) partials -> channel mean and biased variance ----------------------
@@ -81,33 +82,29 @@ def bn_stats_finalize(part, m, tile):
     return mean, var
 
 
-def _out_hw(h, w, k, stride, padding):
-    return (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-
-
 # ---- launchers ---------------------------------------------------------------------------------------------
 
-def conv_bn_stats_forward(x, weight, in_scale, in_shift, stride, padding, config=None):
+def conv_bn_stats_forward(x, weight, in_scale, in_shift, stride, padding):
     kh, kw = weight.shape[2], weight.shape[3]
-    oh, ow = _out_hw(x.shape[2], x.shape[3], kh, stride, padding)
+    oh, ow = conv_out_hw(x.shape[2], x.shape[3], kh, stride, padding)
     pro = 1 if in_scale is not None else 0
     y, part, tile = conv_launch(x, weight_matrix(weight), kh, kw, stride, padding, (oh, ow), pro=pro,
-                                pa=in_scale, pb=in_shift, stats=1, out_dtype=x.dtype, config=config)
+                                pa=in_scale, pb=in_shift, stats=1, out_dtype=x.dtype)
     mean, var = bn_stats_finalize(part, y.shape[0] * oh * ow, tile)
     return y, mean, var
 
 
-def conv_bn_stats_proj_forward(h, weight, in_scale, in_shift, x, proj_weight, proj_stride, config=None):
+def conv_bn_stats_proj_forward(h, weight, in_scale, in_shift, x, proj_weight, proj_stride):
     kh, kw = weight.shape[2], weight.shape[3]
-    oh, ow = _out_hw(h.shape[2], h.shape[3], kh, 1, kh // 2)
-    ohs, ows = _out_hw(x.shape[2], x.shape[3], 1, proj_stride, 0)
+    oh, ow = conv_out_hw(h.shape[2], h.shape[3], kh, 1, kh // 2)
+    ohs, ows = conv_out_hw(x.shape[2], x.shape[3], 1, proj_stride, 0)
     if (oh, ow) != (ohs, ows) or weight.shape[0] != proj_weight.shape[0] or h.shape[0] != x.shape[0]:
         raise ValueError(f"conv_bn_stats_proj: the conv of {tuple(h.shape)} by {tuple(weight.shape)} and the "
                          f"projection of {tuple(x.shape)} by {tuple(proj_weight.shape)} (stride {proj_stride}) "
                          f"must give outputs of one shape")
     (y, ys), part, tile = conv_launch(h, weight_matrix(weight), kh, kw, 1, kh // 2, (oh, ow), pro=1, pa=in_scale,
                                       pb=in_shift, x2=x, w2_mat=weight_matrix(proj_weight), stride2=proj_stride,
-                                      dual_out=True, stats=1, out_dtype=h.dtype, config=config)
+                                      dual_out=True, stats=1, out_dtype=h.dtype)
     m = y.shape[0] * oh * ow
     mean, var = bn_stats_finalize(part[0], m, tile)
     mean_s, var_s = bn_stats_finalize(part[1], m, tile)
@@ -115,7 +112,7 @@ def conv_bn_stats_proj_forward(h, weight, in_scale, in_shift, x, proj_weight, pr
 
 
 def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride,
-                                padding, need_x, need_w, config=None):
+                                padding, need_x, need_w):
     kh, kw = weight.shape[2], weight.shape[3]
     m = y.shape[0] * y.shape[2] * y.shape[3]
     f32 = dict(dtype=torch.float32, device=y.device)
@@ -126,7 +123,7 @@ def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale
         stats = 2 if in_scale is not None else 0
         gx, part, _ = conv_launch(grad_y, weight_matrix(weight, transposed=True), kh, kw, stride, padding,
                                (x.shape[2], x.shape[3]), transposed=True, pro=2, a2=y, pa=c1, pb=c2,
-                               stats=stats, ex=x, es=in_scale, et=in_shift, out_dtype=x.dtype, config=config)
+                               stats=stats, ex=x, es=in_scale, et=in_shift, out_dtype=x.dtype)
         if stats:
             sums = part.sum(0)
             gs, gt = sums[0].clone(), sums[1].clone()
@@ -148,7 +145,7 @@ def conv_bn_stats(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shif
 
 @conv_bn_stats.register_fake
 def _(x, weight, in_scale, in_shift, stride, padding):
-    oh, ow = _out_hw(x.shape[2], x.shape[3], weight.shape[2], stride, padding)
+    oh, ow = conv_out_hw(x.shape[2], x.shape[3], weight.shape[2], stride, padding)
     y = empty_nhwc(x.shape[0], weight.shape[0], oh, ow, x.dtype, x.device)
     mean = x.new_empty((weight.shape[0],), dtype=torch.float32)
     return y, mean, torch.empty_like(mean)
@@ -190,8 +187,8 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
     if grad_y is None:
         grad_y = torch.zeros_like(y)
     gx, gw, gs, gt = torch.ops.resnet_fused.conv_bn_stats_backward(
-        grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, ctx.stride, ctx.padding,
-        need_x, need_w)
+        grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride=ctx.stride, padding=ctx.padding,
+        need_x=need_x, need_w=need_w)
     return (gx if ctx.needs_input_grad[0] else None, gw if need_w else None,
             gs if in_scale is not None and ctx.needs_input_grad[2] else None,
             gt if in_shift is not None and ctx.needs_input_grad[3] else None, None, None)
@@ -210,7 +207,7 @@ def conv_bn_stats_proj(h: Tensor, weight: Tensor, in_scale: Tensor, in_shift: Te
 
 @conv_bn_stats_proj.register_fake
 def _(h, weight, in_scale, in_shift, x, proj_weight, proj_stride):
-    oh, ow = _out_hw(h.shape[2], h.shape[3], weight.shape[2], 1, weight.shape[2] // 2)
+    oh, ow = conv_out_hw(h.shape[2], h.shape[3], weight.shape[2], 1, weight.shape[2] // 2)
     y = empty_nhwc(h.shape[0], weight.shape[0], oh, ow, h.dtype, h.device)
     stat = h.new_empty((weight.shape[0],), dtype=torch.float32)
     return y, stat, torch.empty_like(stat), torch.empty_like(y), torch.empty_like(stat), torch.empty_like(stat)

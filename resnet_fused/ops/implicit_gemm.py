@@ -114,8 +114,8 @@ def _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,
 #              scale and shift, reduced by the caller)
 
 # Integer arguments stay specialised (Triton's ==1 / divisible-by-16 variants): with C and the strides known to be
-# multiples of 16 the gathers and stores vectorise along channels. Measured on an H100 (bench/results, run 2):
-# turning that off made the ResNet-20 train step about 4x slower, for fewer compiled variants.
+# multiples of 16 the gathers and stores vectorise along channels (turning that off costs far more than the extra
+# compiled variants; bench/results/README.md, H100 run 2).
 @triton.jit
 def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows of NHWC; fp32 partials [tiles, 2, N]
                 a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,        # A source(s), prologue vectors, B [KTOT, N]
@@ -411,6 +411,11 @@ def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=Non
             BLOCK_CO=cfg["BLOCK_CO"], BLOCK_R=cfg["BLOCK_R"], BLOCK_P=cfg["BLOCK_P"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return part.sum(0) if split > 1 else part[0]
+
+
+def conv_out_hw(h, w, k, stride, padding):
+    """The output size of a k x k convolution over an h x w input."""
+    return (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
 
 
 def _wgrad_tile(cout, ktot, config):

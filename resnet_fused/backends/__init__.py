@@ -1,0 +1,55 @@
+"""FusedResNet's backends: one object per backend behind one small interface, and the one rule for "auto".
+
+A backend turns an input into the last stage's feature map (FusedResNet pools and applies the head):
+``check(x)`` raises if it cannot run on this input, ``features(model, x)`` walks ``model.plan`` once, in training
+or inference form. ``resolve(name, x)`` picks the backend object for a name ("auto", "triton", "cuda", "cpu").
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import ext
+from .base import REFERENCE, Backend
+
+__all__ = ["BACKENDS", "Backend", "REFERENCE", "resolve", "validate_name", "triton_interpreting"]
+
+BACKENDS = ("auto", "triton", "cuda", "cpu")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def validate_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return name
+
+
+def _triton():
+    from .triton import TRITON
+    return TRITON
+
+
+def _extension(device_type: str):
+    from .extension import EXTENSION
+    return EXTENSION[device_type]
+
+
+def resolve(name: str, x: torch.Tensor) -> Backend:
+    """The backend object that runs ``x`` for the backend name; "auto": Triton on CUDA tensors (the CUDA extension
+    if Triton is missing, plain PyTorch if both are), the C++ CPU operators on CPU tensors (plain PyTorch without
+    the extension). Raises, naming what is missing, when a named backend cannot run this input."""
+    if name == "auto":
+        if x.device.type == "cuda":
+            from .triton import TRITON_IMPORT_ERROR
+            name = "triton" if TRITON_IMPORT_ERROR is None else "cuda" if ext.has_cuda() else None
+        else:
+            name = "cpu" if ext.available() else None
+        if name is None:
+            return REFERENCE
+    backend = _triton() if name == "triton" else _extension(name)
+    backend.check(x)
+    return backend

@@ -1,0 +1,45 @@
+"""The backend interface, and the plain-PyTorch backend (the reference composition)."""
+from __future__ import annotations
+
+import torch
+
+from ..reference import ResNet
+
+
+class Backend:
+    """Runs a FusedResNet's feature extractor (stem and blocks) on one kind of input."""
+
+    name = "?"
+
+    def check(self, x: torch.Tensor) -> None:
+        """Raise (naming what is missing) if this backend cannot run on ``x``."""
+
+    def features(self, model, x: torch.Tensor) -> torch.Tensor:
+        return self.train_features(model, x) if model.training else self.eval_features(model, x)
+
+    def train_features(self, model, x):
+        raise NotImplementedError
+
+    def eval_features(self, model, x):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<backend {self.name}>"
+
+
+class ReferenceBackend(Backend):
+    """The reference ResNet's own modules: where no fused backend runs, and for eval-mode gradients."""
+
+    name = "reference"
+
+    def features(self, model, x):
+        return ResNet.features(model, x)
+
+
+REFERENCE = ReferenceBackend()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the network computes in: autocast's when it is on for x's device, else x's."""
+    t = x.device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype

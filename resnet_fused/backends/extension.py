@@ -1,0 +1,164 @@
+"""The extension backends ("cpu", "cuda"): ATen/cuDNN/oneDNN convolutions + the C++/CUDA operators of
+resnet_fused._C, channels_last throughout (oneDNN's convolutions are up to 4x faster in it on CPU, and the C++
+operators work on NHWC rows in place).
+
+Training, per conv: ATen's convolution, then bn_stats (the batch statistics) and bn_finalize (the running update,
+invstd) outside autograd; batch_norm_add_relu applies BN + shortcut + ReLU and its backward carries the gradient
+through the statistics itself, so one backward operator per BatchNorm.
+Inference: the folded plan. On fp32 CPU tensors every 3x3 stride-1 convolution whose channel counts are multiples
+of 8 is conv3x3_winograd (bias, shortcut and ReLU in its output transform) and the others oneDNN primitives with
+bias/add/ReLU post-ops, the batch run in slices whose largest activation stays in cache; elsewhere ATen's
+convolution + scale_shift_add_relu. oneDNN's ReLU post-op turns NaN into 0 and Winograd's transforms turn an Inf into
+NaN: with a non-finite input or weight the ATen convolutions run instead, so NaN/Inf come out as in PyTorch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ext
+from ..plan import ShortcutMode, to_channels_last
+from .base import Backend, compute_dtype
+
+# oneDNN convolutions with bias, residual add and ReLU fused as post-ops: the primitives torch.compile's CPU backend
+# uses (checked once here: the check itself must not be traced)
+_HAS_ONEDNN_POST_OPS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+# conv3x3_winograd: this extension build and this CPU run it (x86-64 with AVX2 + FMA)
+_WINOGRAD = ext.winograd_supported()
+# the activation size CPU inference keeps per batch slice
+CPU_EVAL_SLICE_BYTES = int(1.6 * 2**20)
+
+
+def _onednn_conv(x, w, b, stride, pad, relu=False, add=None):
+    """relu?(conv2d(x, w, b) + add?) as one oneDNN primitive (no separate pass over the output for add/ReLU)."""
+    s, p, d = [stride, stride], [pad, pad], [1, 1]
+    if add is not None:
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, add, w, b, p, s, d, 1, "add", None,
+                                                              "relu" if relu else None, [], None)
+    return torch.ops.mkldnn._convolution_pointwise(x, w, b, p, s, d, 1, "relu" if relu else "none", [], "")
+
+
+def _aten_conv(x, w, b, stride, pad, relu=False, add=None):
+    """The same with ATen's convolution and the C++ fused add + ReLU (CUDA, fp64, low precision, non-finite)."""
+    y = F.conv2d(x, w, b, stride, pad)
+    if add is not None:
+        return torch.ops.resnet_fused.scale_shift_add_relu(y, None, None, add, None, None, mode=ShortcutMode.IDENTITY,
+                                                           res_stride=1, pad_front=0, relu=relu)
+    return torch.relu_(y) if relu else y
+
+
+def _winograd_fits(conv):
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.in_channels % 8 == 0
+            and conv.out_channels % 8 == 0)
+
+
+def _winograd_weights(folded):
+    """conv3x3_winograd's transformed weights per folded 3x3 conv (None where it does not fit)."""
+    return {id(fc): ext.winograd_weight(fc.weight) for fc in folded.convs() if _winograd_fits(fc.module)}
+
+
+class ExtensionBackend(Backend):
+    def __init__(self, device_type: str):
+        self.device_type = self.name = device_type
+
+    def check(self, x):
+        ext.require(self.device_type)
+        if x.device.type != self.device_type:
+            raise RuntimeError(f"backend {self.name!r} runs on {'CPU' if self.name == 'cpu' else 'CUDA'} tensors, "
+                               f"got an input on {x.device}; move the model or pick backend='auto'")
+
+    def features(self, model, x):
+        x = to_channels_last(x)
+        if model.training:
+            return self.train_features(model, x)
+        return torch.cat([self.eval_features(model, c) for c in self._eval_slices(model, x)])
+
+    # ---- training ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _conv_stats(a, cb):
+        """conv (ATen), then y's batch statistics and the running update outside autograd."""
+        y = F.conv2d(a, cb.conv.weight, None, cb.stride, cb.padding)
+        bn = cb.bn
+        with torch.no_grad():
+            mean, var = torch.ops.resnet_fused.bn_stats(y)
+            if bn.track_running_stats and bn.running_mean is not None:
+                invstd = torch.ops.resnet_fused.bn_finalize(
+                    mean, var, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                    count=y.shape[0] * y.shape[2] * y.shape[3],
+                    momentum=0.0 if bn.momentum is None else float(bn.momentum), cumulative=bn.momentum is None,
+                    eps=bn.eps)
+            else:
+                invstd = torch.rsqrt(var + bn.eps)
+        return y, dict(mean=mean, invstd=invstd, weight=bn.weight, bias=bn.bias)
+
+    def train_features(self, model, x):
+        bnar = torch.ops.resnet_fused.batch_norm_add_relu
+        plain = dict(residual=None, res_mean=None, res_invstd=None, res_weight=None, res_bias=None,
+                     mode=ShortcutMode.NONE, res_stride=1, pad_front=0, relu=True)
+        y, st = self._conv_stats(x, model.plan.stem)
+        a = bnar(y, **st, **plain)
+        for b in model.plan.blocks:
+            y1, st1 = self._conv_stats(a, b.conv1)
+            h = bnar(y1, **st1, **plain)
+            y2, st2 = self._conv_stats(h, b.conv2)
+            if b.mode == ShortcutMode.PROJ_B:
+                r, rst = self._conv_stats(a, b.proj)
+                short = dict(residual=r, res_mean=rst["mean"], res_invstd=rst["invstd"], res_weight=rst["weight"],
+                             res_bias=rst["bias"], pad_front=0)
+            else:
+                short = dict(residual=None if b.mode == ShortcutMode.NONE else a, res_mean=None, res_invstd=None,
+                             res_weight=None, res_bias=None, pad_front=b.pad_front)
+            a = bnar(y2, **st2, **short, mode=b.mode, res_stride=b.stride, relu=True)
+        return a
+
+    # ---- inference ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _eval_slices(model, x):
+        """CPU inference runs the network on slices of the batch whose largest activation (~1.6 MB) stays in the
+        caches from one layer to the next instead of streaming through memory at every layer (samples are
+        independent in eval mode: the same numbers). One slice elsewhere (CUDA, torch.compile)."""
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return (x,)
+        per_image = x.shape[2] * x.shape[3] * max(model.conv1.out_channels, x.shape[1]) * x.element_size()
+        rows = max(1, CPU_EVAL_SLICE_BYTES // per_image)
+        if x.shape[0] <= rows:
+            return (x,)
+        slices = -(-x.shape[0] // rows)
+        return x.split(-(-x.shape[0] // slices))  # equal slices (256 images: 8 x 32, not 8 x 31 + 8)
+
+    def eval_features(self, model, x):
+        dtype = compute_dtype(x)
+        folded = model.folded(dtype)
+        onednn = (_HAS_ONEDNN_POST_OPS and x.device.type == "cpu" and dtype == torch.float32
+                  and not torch.compiler.is_compiling() and folded.all_finite and bool(torch.isfinite(x).all()))
+        base = _onednn_conv if onednn else _aten_conv
+        wino = model.fold_cache.derived("winograd", _winograd_weights) if onednn and _WINOGRAD else {}
+
+        def conv(a, fc, mode=ShortcutMode.NONE, add=None, res_stride=1, pad_front=0):
+            u = wino.get(id(fc))
+            if u is not None:
+                return torch.ops.resnet_fused.conv3x3_winograd(a, u, fc.bias, add, mode=int(add is not None and mode),
+                                                               res_stride=res_stride, pad_front=pad_front, relu=True)
+            bias = fc.bias.to(dtype)
+            if mode == ShortcutMode.PAD_A:  # subsample + zero channel padding by index math
+                return torch.ops.resnet_fused.scale_shift_add_relu(
+                    base(a, fc.weight, bias, fc.stride, fc.padding), None, None, add, None, None, mode=mode,
+                    res_stride=res_stride, pad_front=pad_front, relu=True)
+            return base(a, fc.weight, bias, fc.stride, fc.padding, relu=True, add=add)
+
+        a = conv(x.to(dtype), folded.stem)
+        for b in folded.blocks:
+            h = conv(a, b.conv1)
+            if b.mode == ShortcutMode.PROJ_B:  # conv2's bias holds both folded shifts; the projection a 2nd conv
+                a = conv(h, b.conv2, ShortcutMode.IDENTITY, add=base(a, b.proj_weight, None, b.stride, 0))
+            elif b.mode == ShortcutMode.NONE:
+                a = conv(h, b.conv2)
+            else:
+                a = conv(h, b.conv2, b.mode, add=a, res_stride=b.stride, pad_front=b.pad_front)
+        return a
+
+
+EXTENSION = {"cpu": ExtensionBackend("cpu"), "cuda": ExtensionBackend("cuda")}

@@ -1,0 +1,114 @@
+"""The Triton backend: FusedResNet's network through the fused Triton kernels (resnet_fused/ops).
+
+Training, per BasicBlock:
+    y1, mean1, var1 = conv_bn_stats(x, W1)                          conv1, BN1 statistics in its epilogue
+    y2, mean2, var2 = conv_bn_stats(y1, W2, scale1, shift1)         BN1 + ReLU applied on load, BN2 statistics
+    out = bn_add_relu(y2, scale2, shift2, shortcut)                 BN2 + shortcut (identity / A / B) + ReLU
+option B: conv_bn_stats_proj computes y2 and the 1x1 projection of x (each with its statistics) in one launch;
+(scale, shift) = bn_scale_shift(mean, var, gamma, beta, eps), so autograd carries gradients to gamma, beta and
+through the statistics; bn_running_update updates the running buffers exactly as nn.BatchNorm2d.
+Inference: the folded plan, one conv_bn_act per conv with bias, shortcut (option B as a second GEMM in the same
+tile) and ReLU in its epilogue.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..plan import ShortcutMode
+from .base import Backend, compute_dtype
+
+try:  # importing the op modules registers the resnet_fused:: custom ops
+    from ..ops import bn_add_relu as _bn_add_relu  # noqa: F401
+    from ..ops import bn_running_update as _bn_running_update  # noqa: F401
+    from ..ops import bn_scale_shift as _bn_scale_shift  # noqa: F401
+    from ..ops import conv_bn_act as _conv_bn_act  # noqa: F401
+    from ..ops import conv_bn_stats as _conv_bn_stats  # noqa: F401
+    TRITON_IMPORT_ERROR = None
+except ImportError as e:  # no Triton on this platform: the extension backends still work
+    TRITON_IMPORT_ERROR = e
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _update_running(bn, mean, var, count):
+    if bn.track_running_stats and bn.running_mean is not None:
+        torch.ops.resnet_fused.bn_running_update(
+            bn.running_mean, bn.running_var, bn.num_batches_tracked, mean.detach(), var.detach(), count=count,
+            momentum=0.0 if bn.momentum is None else float(bn.momentum), cumulative=bn.momentum is None)
+
+
+def _scale_shift(bn, mean, var):
+    return torch.ops.resnet_fused.bn_scale_shift(mean, var, bn.weight, bn.bias, eps=bn.eps)
+
+
+def _count(y):
+    return y.shape[0] * y.shape[2] * y.shape[3]
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def check(self, x):
+        from . import triton_interpreting
+        if TRITON_IMPORT_ERROR is not None:
+            raise RuntimeError(f"backend 'triton' needs Triton, which failed to import: {TRITON_IMPORT_ERROR}")
+        if x.device.type != "cuda" and not triton_interpreting():
+            raise RuntimeError(f"backend 'triton' runs on CUDA tensors (got {x.device}); on CPU use "
+                               f"backend='cpu', or set TRITON_INTERPRET=1 before importing triton")
+
+    def features(self, model, x):
+        dtype = compute_dtype(x)
+        if dtype not in _DTYPES:
+            raise TypeError(f"backend 'triton' computes in float32, bfloat16 or float16, not {dtype}; use "
+                            f"backend='cpu' for {dtype}")
+        x = x.to(dtype)
+        return self.train_features(model, x) if model.training else self.eval_features(model, x)
+
+    def train_features(self, model, x):
+        ops, dtype = torch.ops.resnet_fused, x.dtype
+
+        def conv_stats(a, cb, scale=None, shift=None):
+            y, mean, var = ops.conv_bn_stats(a, cb.conv.weight.to(dtype), in_scale=scale, in_shift=shift,
+                                             stride=cb.stride, padding=cb.padding)
+            _update_running(cb.bn, mean, var, _count(y))
+            return y, _scale_shift(cb.bn, mean, var)
+
+        y, (s, t) = conv_stats(x, model.plan.stem)
+        a = ops.bn_add_relu(y, s, t, residual=None, res_scale=None, res_shift=None, mode=ShortcutMode.NONE,
+                            res_stride=1, pad_front=0, relu=True)
+        for b in model.plan.blocks:
+            y1, (s1, t1) = conv_stats(a, b.conv1)
+            if b.mode == ShortcutMode.PROJ_B:  # conv2 and the projection in one launch, both with statistics
+                y2, m2, v2, ys, ms, vs = ops.conv_bn_stats_proj(y1, b.conv2.conv.weight.to(dtype), s1, t1, a,
+                                                                b.proj.conv.weight.to(dtype), proj_stride=b.stride)
+                for cb, m, v in ((b.conv2, m2, v2), (b.proj, ms, vs)):
+                    _update_running(cb.bn, m, v, _count(y2))
+                (s2, t2), (rs, rt) = _scale_shift(b.conv2.bn, m2, v2), _scale_shift(b.proj.bn, ms, vs)
+                a = ops.bn_add_relu(y2, s2, t2, residual=ys, res_scale=rs, res_shift=rt, mode=b.mode,
+                                    res_stride=b.stride, pad_front=0, relu=True)
+                continue
+            y2, (s2, t2) = conv_stats(y1, b.conv2, s1, t1)
+            a = ops.bn_add_relu(y2, s2, t2, residual=None if b.mode == ShortcutMode.NONE else a, res_scale=None,
+                                res_shift=None, mode=b.mode, res_stride=b.stride, pad_front=b.pad_front, relu=True)
+        return a
+
+    def eval_features(self, model, x):
+        op = torch.ops.resnet_fused.conv_bn_act
+        folded = model.folded(x.dtype)
+
+        def conv(a, fc, mode=ShortcutMode.NONE, residual=None, x2=None, weight2=None, res_stride=1, pad_front=0):
+            return op(a, fc.weight, fc.bias, residual=residual, x2=x2, weight2=weight2, stride=fc.stride,
+                      padding=fc.padding, res_mode=mode, res_stride=res_stride, pad_front=pad_front, relu=True)
+
+        a = conv(x, folded.stem)
+        for b in folded.blocks:
+            h = conv(a, b.conv1)
+            if b.mode == ShortcutMode.PROJ_B:
+                a = conv(h, b.conv2, b.mode, x2=a, weight2=b.proj_weight, res_stride=b.stride)
+            else:
+                a = conv(h, b.conv2, b.mode, residual=None if b.mode == ShortcutMode.NONE else a,
+                         res_stride=b.stride, pad_front=b.pad_front)
+        return a
+
+
+TRITON = TritonBackend()
