@@ -9,9 +9,10 @@ Python launchers, the custom-op and autograd machinery and the small ATen ops ar
 about their launch cost). The reference eager step on the same tiny tensors is timed beside it. It is a proxy:
 Triton's own launch cost and the CUDA driver are not in it. ``--profile`` prints the top cProfile entries.
 
-It also counts, at the dispatcher, the operators of one fused step that launch GPU kernels (ATen ops and
-resnet_fused custom ops, leaving out views, detach and dtype bookkeeping; SGD is foreach, as on a GPU): each is
-at least one kernel on a GPU, CUDA-graph replays included.
+It also counts the GPU kernels of one step without a GPU: every Triton launch, plus every operator at the
+dispatcher that launches a kernel (ATen ops, leaving out views, detach and dtype bookkeeping; SGD is foreach, as on
+a GPU), both around the custom ops and inside their Python implementations (allocations, copies, partial sums):
+each is at least one kernel on a GPU, CUDA-graph replays included. The reference eager step's count is beside it.
 """
 from __future__ import annotations
 
@@ -63,29 +64,73 @@ def mock_kernels():
     fused_backends.triton_interpreting = lambda: True  # backend "triton" accepts the CPU tensors
 
 
-# ops that launch no kernel of their own (views, autograd bookkeeping, dtype queries)
-_NO_KERNEL = {"aten.detach", "aten.view", "aten.t", "aten.as_strided", "aten.promote_types", "aten.squeeze",
-              "aten.expand", "aten._to_copy", "profiler._record_function_enter_new", "profiler._record_function_exit"}
+# ops that launch no kernel of their own: allocations, views, autograd bookkeeping, metadata
+_NO_KERNEL = {"aten.detach", "aten.view", "aten._unsafe_view", "aten.t", "aten.as_strided", "aten.promote_types",
+              "aten.squeeze", "aten.unsqueeze", "aten.expand", "aten.select", "aten.slice", "aten.permute",
+              "aten.transpose", "aten.alias", "aten.split", "aten.unbind", "aten.narrow", "aten.view_as",
+              "aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
+              "aten.lift_fresh", "aten.sym_size", "aten.sym_stride", "aten.is_same_size",
+              "profiler._record_function_enter_new", "profiler._record_function_exit"}
+# ops that copy (one kernel) only when their result does not share the input's storage
+_MAYBE_COPY = {"aten.contiguous", "aten.to", "aten.reshape", "aten.flatten", "aten.clone"}
+
+
+def _storage(t):
+    return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+
+
+def _launches_kernel(name, args, out):
+    if name in _NO_KERNEL:
+        return False
+    if name in _MAYBE_COPY and name != "aten.clone":
+        return _storage(out) != _storage(args[0] if args else None)
+    return True
+
+
+def _python_custom_ops():
+    """The qualified names of resnet_fused's torch.library.custom_op ops (Python bodies: Triton launchers)."""
+    from torch._library.custom_ops import CustomOpDef
+    names = set()
+    for info in pkgutil.iter_modules(resnet_fused.ops.__path__):
+        mod = importlib.import_module(f"resnet_fused.ops.{info.name}")
+        names.update(v._qualname for v in vars(mod).values() if isinstance(v, CustomOpDef))
+    return names
+
+
+PYTHON_CUSTOM_OPS = _python_custom_ops()
 
 
 def count_kernel_ops(step):
-    """{op: calls} of the kernel-launching top-level operators in one call of step."""
+    """({op: calls} of the kernel-launching operators at the top level of one call of step, {op: calls} of the
+    ATen operators run inside resnet_fused's Python custom ops). A custom op is opaque to a dispatch mode (its body
+    runs with the mode off), so its Python implementation is called here directly, with the mode pushed again, and
+    the ATen ops it runs (allocations, copies, partial sums around the Triton launches) are counted apart."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.calls = collections.Counter()
+            self.calls, self.inner, self.depth = collections.Counter(), collections.Counter(), 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func.overloadpacket)
-            if name not in _NO_KERNEL:
+            kwargs = kwargs or {}
+            if func.name() in PYTHON_CUSTOM_OPS:  # a Python custom op: look inside
                 self.calls[name] += 1
-            return func(*args, **(kwargs or {}))
+                self.depth += 1
+                try:
+                    with self:
+                        return func._op_dk("CompositeExplicitAutograd", *args, **kwargs)
+                finally:
+                    self.depth -= 1
+            out = func(*args, **kwargs)
+            if _launches_kernel(name, args, out):
+                (self.inner if self.depth else self.calls)[name] += 1
+            return out
 
     with Count() as c:
         step()
-    return c.calls
+    return c.calls, c.inner
 
 
 def train_step(model, x, y):
@@ -131,13 +176,25 @@ def main(argv=None):
     _NoLaunch.launches = 0
     sf()
     launches = _NoLaunch.launches
-    ops = count_kernel_ops(sf)
+    ops, inner = count_kernel_ops(sf)
+    ref_ops, _ = count_kernel_ops(sr)
+    # GPU kernels of one step: every Triton launch, and every ATen op that launches one, at the top level (outside
+    # the custom ops) or inside the Python custom ops; the custom ops themselves launch nothing of their own
+    outer_aten = sum(v for k, v in ops.items() if not k.startswith("resnet_fused."))
     res = dict(model=args.model, fused_host_ms=statistics.median(tf), reference_host_ms=statistics.median(tr),
+               fused_host_us=statistics.median(tf) * 1e3, reference_host_us=statistics.median(tr) * 1e3,
                triton_launches_per_step=launches, kernel_ops_per_step=sum(ops.values()),
-               kernel_ops=dict(ops.most_common()), torch=torch.__version__, triton=triton.__version__)
-    print(f"{args.model}: fused host work {res['fused_host_ms']:.2f} ms/step ({launches} Triton launches, not run; "
-          f"{res['kernel_ops_per_step']} kernel-launching ops at the dispatcher), reference eager on tiny tensors "
-          f"{res['reference_host_ms']:.2f} ms/step")
+               kernel_ops=dict(ops.most_common()), aten_ops_inside_custom_ops=dict(inner.most_common()),
+               gpu_kernels_per_step=launches + outer_aten + sum(inner.values()),
+               reference_gpu_kernels_per_step=sum(ref_ops.values()),
+               torch=torch.__version__, triton=triton.__version__)
+    print(f"{args.model}: fused host work {res['fused_host_us']:,.0f} us/step, reference eager on tiny tensors "
+          f"{res['reference_host_us']:,.0f} us/step")
+    print(f"GPU kernels per training step: fused {res['gpu_kernels_per_step']} ({launches} Triton launches, "
+          f"{outer_aten} ATen ops around the custom ops, {sum(inner.values())} inside them), reference "
+          f"{res['reference_gpu_kernels_per_step']}")
+    for k, v in inner.most_common(8):
+        print(f"  inside the custom ops: {v:4d} x {k}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

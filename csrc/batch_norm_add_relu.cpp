@@ -13,9 +13,9 @@
 // mean and invstd therefore get no gradient of their own: they must be y's (and r's) batch statistics, computed
 // without autograd (the Python autograd registration rejects statistics that require grad).
 //
-// CPU: pass 1 reduces sum g and sum g*(y - mean) over fixed chunks of rows (summed in chunk order:
-// deterministic); pass 2 writes dy (and dr). Other devices: a composite of scale_shift_add_relu_backward and
-// per-channel ATen arithmetic (correct everywhere; the CUDA backend's extra pass is noted in README).
+// CPU (here) and CUDA (cuda/batch_norm_add_relu_cuda.cu): pass 1 reduces sum g and sum g*(y - mean) (the centred
+// form: no cancellation when |mean| >> std) over fixed chunks of rows, summed in chunk order (deterministic); pass 2
+// writes dy (and dr). Other devices: a composite of scale_shift_add_relu_backward and per-channel ATen arithmetic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -26,35 +26,12 @@
 #include <algorithm>
 #include <vector>
 
+#include "bn_add_relu_grads.h"
 #include "checks.h"
 #include "layout.h"
 
 namespace resnet_fused {
 namespace {
-
-using OptTensor = c10::optional<at::Tensor>;
-
-void check_bn_add_relu(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd, const OptTensor& weight,
-                       const OptTensor& bias, const OptTensor& residual, const OptTensor& res_mean,
-                       const OptTensor& res_invstd, const OptTensor& res_weight, const OptTensor& res_bias,
-                       int64_t mode, int64_t res_stride, int64_t pad_front) {
-  check_4d_float(y, "y");
-  const int64_t c = y.size(1);
-  check_channel_vector(mean, y, c, "mean");
-  check_channel_vector(invstd, y, c, "invstd");
-  check_channel_vector(weight, y, c, "weight");
-  check_channel_vector(bias, y, c, "bias");
-  TORCH_CHECK(mode != kProjB || (res_mean.has_value() && res_invstd.has_value()),
-              "resnet_fused: option-B shortcut needs res_mean and res_invstd (the projection's batch statistics)");
-  // the shortcut checks of scale_shift_add_relu (shape, dtype, device, geometry); option B's statistics below
-  check_scale_shift_add_relu(y, c10::nullopt, c10::nullopt, residual, mode == kProjB ? res_invstd : c10::nullopt,
-                             mode == kProjB ? res_invstd : c10::nullopt, mode, res_stride, pad_front);
-  if (mode == kProjB) {
-    check_channel_vector(res_mean, y, c, "res_mean");
-    check_channel_vector(res_weight, y, c, "res_weight");
-    check_channel_vector(res_bias, y, c, "res_bias");
-  }
-}
 
 // (scale, shift) = (weight * invstd, bias - mean * scale) in the accumulation dtype
 std::pair<at::Tensor, at::Tensor> affine(const at::Tensor& like, const at::Tensor& mean, const at::Tensor& invstd,
@@ -81,30 +58,6 @@ at::Tensor batch_norm_add_relu(const at::Tensor& y, const at::Tensor& mean, cons
                        .typed<at::Tensor(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                          const OptTensor&, const OptTensor&, int64_t, int64_t, int64_t, bool)>();
   return op.call(y, s, t, residual, rs, rt, mode, res_stride, pad_front, relu);
-}
-
-using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// Per-channel coefficients of dy = s*g + a + b*y from the sums (sum g, sum g*(y - mean)); also d weight.
-struct Coeffs {
-  at::Tensor s, a, b, dweight;
-};
-Coeffs coefficients(const at::Tensor& like, const at::Tensor& mean, const at::Tensor& invstd,
-                    const OptTensor& weight, const at::Tensor& sum_g, const at::Tensor& sum_gxc, int64_t p) {
-  const auto acc = acc_dtype(like);
-  const at::Tensor m = mean.to(acc), is = invstd.to(acc);
-  const at::Tensor s = is * channel_vec(weight, like, 1.0);
-  const at::Tensor k = s * is * is * sum_gxc / static_cast<double>(p);
-  return {s, k * m - s * sum_g / static_cast<double>(p), -k, is * sum_gxc};
-}
-
-Grads finish_grads(const at::Tensor& dy, const at::Tensor& dres, const at::Tensor& sums, const Coeffs& cy,
-                   const Coeffs& cr, const OptTensor& weight, const OptTensor& res_weight, int64_t mode) {
-  auto empty = [&] { return at::empty({0}, sums.options()); };
-  at::Tensor dw = weight.has_value() ? cy.dweight.to(weight->scalar_type()) : empty();
-  at::Tensor drw = mode == kProjB && res_weight.has_value() ? cr.dweight.to(res_weight->scalar_type()) : empty();
-  at::Tensor drb = mode == kProjB ? sums[0].clone() : empty();
-  return {dy, dw, sums[0].clone(), dres, drw, drb};
 }
 
 // ---- backward, CPU: two passes over the rows --------------------------------------------------------------------

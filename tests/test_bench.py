@@ -70,6 +70,12 @@ def test_host_overhead_tool(tmp_path):
     assert 20 <= d["triton_launches_per_step"] <= 200
     assert d["kernel_ops_per_step"] == sum(d["kernel_ops"].values()) > 0
     assert any(k.startswith("resnet_fused.") for k in d["kernel_ops"])
+    # the GPU-kernel count looks inside the Python custom ops too (their allocations are not kernels, copies are)
+    inner = d["aten_ops_inside_custom_ops"]
+    assert inner and "aten.empty" not in inner and "aten.permute" not in inner
+    outer = sum(v for k, v in d["kernel_ops"].items() if not k.startswith("resnet_fused."))
+    assert d["gpu_kernels_per_step"] == d["triton_launches_per_step"] + outer + sum(inner.values())
+    assert d["reference_gpu_kernels_per_step"] > 0 and d["fused_host_us"] > 0
 
 
 def test_readme_speed_tables_are_rendered_from_the_committed_json():
