@@ -10,7 +10,8 @@
 #                into one TRITON_CACHE_DIR that every later stage reads
 #   gpu-tests    what CI cannot cover, on the GPU: tests/test_gpu.py (bf16/fp16, CUDA graphs, the 50-step MNIST
 #                parity) -> junit.xml
-#   ext-tests    after the build: the CUDA extension's operators (tests/test_ext.py -m gpu) -> junit-ext.xml
+#   ext-tests    after the build: the CUDA extension's operators (tests/test_ext.py and test_ext_lowp.py -m gpu,
+#                the `cuda` backend under a CUDA graph, bn_finalize's device check) -> junit-ext.xml
 #   throughput   the headline rows in priority order (ResNet-20, batch 512, train and inference, fp32 and bf16;
 #                fused, eager, eager-graph, then the torch.compile modes in bf16), JSON after every row
 #   host-profile bench/host_profile.py: the top operators by host time of one un-graphed fused training step
@@ -90,7 +91,8 @@ else
   BUILD=($PY -m pip install --no-build-isolation --no-deps -e .)
   PRECOMPILE=(--jobs 8)
   GPU_TESTS=($XDIST -m gpu tests/test_gpu.py)
-  EXT_TESTS=(-m gpu tests/test_ext.py)
+  EXT_TESTS=(-m gpu tests/test_ext.py tests/test_ext_lowp.py tests/test_gpu.py::test_cuda_graph_capture
+             tests/test_gpu.py::test_bn_finalize_refuses_operands_on_another_device)
   IMPLS=${THROUGHPUT_IMPLS:-fused-triton-graph,eager,eager-graph,fused-triton,eager-channels-last,fused-cuda,fused-cuda-graph,compile@bf16,compile-reduce-overhead@bf16,compile-max-autotune-no-cudagraphs@bf16,compile-max-autotune@bf16}
   THROUGHPUT=(--models resnet20 --batch-sizes 512 --precisions fp32,bf16 --modes train,inference
               --impls "$IMPLS" --iters 20 --repeats 5)

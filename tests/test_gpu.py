@@ -8,7 +8,7 @@ from resnet_fused import FusedResNet, ResNet
 pytestmark = pytest.mark.gpu
 
 
-def _models(cuda, depth=20, shortcut="A", seed=0):
+def _models(cuda, depth=20, shortcut="A", seed=0, backend="triton"):
     torch.manual_seed(seed)
     ref = ResNet(depth, shortcut=shortcut).to(cuda)
     for m in ref.modules():
@@ -16,7 +16,7 @@ def _models(cuda, depth=20, shortcut="A", seed=0):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.3, 0.3)
             m.running_var.uniform_(0.5, 2.0)
-    return ref, FusedResNet.from_reference(ref, backend="triton")
+    return ref, FusedResNet.from_reference(ref, backend=backend)
 
 
 def _err(a, b):
@@ -54,9 +54,15 @@ def test_low_precision_within_twice_pytorch_error(cuda, dtype, shortcut, train):
                 assert _err(bf, b32) <= 2e-2 * (b32.abs().max().item() + 1), name
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("train", [True, False])
-def test_cuda_graph_capture(cuda, train):
-    ref, fused = _models(cuda, depth=8, shortcut="B")
+def test_cuda_graph_capture(cuda, train, backend):
+    """A captured step replays to what the same step gives eagerly: no host syncs, the current stream, on the
+    Triton kernels and on the C++/CUDA operators (backend "cuda")."""
+    from resnet_fused import ext
+    if backend == "cuda" and not ext.has_cuda():
+        pytest.skip("resnet_fused._C was built without CUDA kernels")
+    ref, fused = _models(cuda, depth=8, shortcut="B", backend=backend)
     fused.train(train)
     opt = torch.optim.SGD(fused.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(32, 1, 28, 28, device=cuda)
@@ -130,3 +136,18 @@ def test_large_batch_inference(cuda):
     x = torch.randn(8192, 1, 28, 28, device=cuda)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-3, atol=1e-3)
+
+
+def test_bn_finalize_refuses_operands_on_another_device(cuda):
+    """A mismatch is a clear error before any launch (it used to reach the kernel: an illegal memory access that
+    poisons the CUDA context), and leaves the running statistics as they were."""
+    from resnet_fused import ext
+    if not ext.has_cuda():
+        pytest.skip("resnet_fused._C was built without CUDA kernels")
+    rm, rv = torch.zeros(4, device=cuda), torch.ones(4, device=cuda)
+    nbt = torch.zeros((), dtype=torch.long, device=cuda)
+    with pytest.raises(RuntimeError, match="one device"):
+        torch.ops.resnet_fused.bn_finalize(torch.zeros(4, device=cuda), torch.ones(4), rm, rv, nbt, 10, 0.1, False,
+                                           1e-5)
+    torch.cuda.synchronize()  # the context is still usable
+    assert torch.equal(rm, torch.zeros_like(rm)) and torch.equal(rv, torch.ones_like(rv)) and int(nbt) == 0
