@@ -98,3 +98,31 @@ def test_degradation_experiment_quick(mnist_root, tmp_path):
                             mnist_root, "--device", "cpu", "--out", str(tmp_path)])
     assert {r["model"] for r in rows} == {"plain8", "resnet8"}
     assert os.path.getsize(tmp_path / "degradation.png") > 0 and os.path.getsize(tmp_path / "degradation.csv") > 0
+
+
+def test_evaluate_writes_confusion_matrix_and_misclassified_digits(mnist_root, tmp_path):
+    run_train(base_args(mnist_root, tmp_path / "run", "--model", "resnet8", "--epochs", "1", "--subset", "200",
+                        "--no-plot"))
+    plots = tmp_path / "plots"
+    res = evaluate.evaluate([str(tmp_path / "run" / "last.pt"), "--data-root", mnist_root, "--device", "cpu",
+                             "--plots", str(plots)])
+    wrong = int(round((1 - res["accuracy"]) * 200))
+    assert res["misclassified_shown"] == min(64, wrong)
+    for name in ("confusion_matrix.png", "misclassified.png"):
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # the images shown are the misclassified ones, in test-set order, with their true labels
+    from resnet_fused.data import DeviceLoader, load_splits
+    from resnet_fused.train import make_model
+    from resnet_fused.checkpoint import load_model_state
+    ckpt = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    d = load_splits("mnist", mnist_root, subset=200)
+    model = make_model(ckpt["config"], 1, 10, torch.device("cpu"))
+    load_model_state(model, ckpt["model"], "ckpt")
+    loader = DeviceLoader(d["test"], 1000, ckpt["config"]["mean"], ckpt["config"]["std"])
+    imgs, true, pred = evaluate.misclassified(model, d["test"], loader, torch.device("cpu"), "off")
+    x = next(iter(loader))[0]
+    with torch.no_grad():
+        p = model.eval()(x).argmax(1)
+    idx = (p != d["test"].labels).nonzero().flatten()[:64]
+    assert true == d["test"].labels[idx].tolist() and pred == p[idx].tolist()
+    assert all(torch.equal(a, d["test"].images[i, 0]) for a, i in zip(imgs, idx.tolist()))
