@@ -38,6 +38,22 @@ def check(name, ours, torch_own, exact, dtype):
     assert err <= bound, f"{name}: error {err:.3g} > 2 x PyTorch's {err_torch:.3g} + atol ({bound:.3g})"
 
 
+def operands(dtype, device, mode, cin, c=13, n=3, h=7, w=5):
+    """((y, a, b, r, ra, rb), pad_front): a low-precision activation y [n, c, h, w], its per-channel pair (scale,
+    shift or weight, bias: fp32, as BatchNorm's are), the shortcut input r for the mode (option A: cin channels at
+    twice the resolution, odd height) and option B's per-channel pair."""
+    y = lowp((n, c, h, w), dtype, device, 1)
+    a, b = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    r = ra = rb = None
+    if mode == 2:
+        r = lowp((n, cin, h * 2 - 1, w * 2), dtype, device, 2)
+    elif mode:
+        r = lowp((n, c, h, w), dtype, device, 3)
+    if mode == 3:
+        ra, rb = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    return (y, a, b, r, ra, rb), (c - cin) // 2 if mode == 2 else 0
+
+
 def output_and_grads(fn, args, cast):
     """[fn(*inputs), the gradient of every given input] with the inputs cast (None stays None), for a fixed,
     non-uniform output gradient."""
@@ -71,19 +87,7 @@ def test_bn_stats_low_precision(device, dtype):
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("mode,cin,stride", [(0, 13, 1), (1, 13, 1), (2, 6, 2), (3, 13, 1)])
 def test_scale_shift_add_relu_low_precision(device, dtype, mode, cin, stride):
-    c, n, h, w = 13, 3, 7, 5
-    y = lowp((n, c, h, w), dtype, device, 1)
-    s, t = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)  # fp32, as BatchNorm's are
-    r = rs = rt = None
-    pf = (c - cin) // 2 if mode == 2 else 0
-    if mode == 2:
-        r = lowp((n, cin, h * 2 - 1, w * 2), dtype, device, 2)
-    elif mode:
-        r = lowp((n, c, h, w), dtype, device, 3)
-    if mode == 3:
-        rs, rt = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
-
-    args = (y, s, t, r, rs, rt)
+    args, pf = operands(dtype, device, mode, cin)
     ours = output_and_grads(lambda *a: ops.scale_shift_add_relu(*a, mode, stride, pf, True), args, lambda v: v)
     own = output_and_grads(lambda *a: ref_ssar(*a, mode, stride, pf), args, lambda v: v.to(dtype))
     exact = output_and_grads(lambda *a: ref_ssar(*a, mode, stride, pf), args, lambda v: v.double())
@@ -98,17 +102,8 @@ def test_scale_shift_add_relu_low_precision(device, dtype, mode, cin, stride):
 def test_batch_norm_add_relu_low_precision(device, dtype, mode, cin, stride):
     """Training BatchNorm from the batch statistics + shortcut + ReLU, forward and every gradient (through the
     statistics too), against F.batch_norm in the same low precision and in fp64."""
-    c, n, h, w = 13, 3, 7, 5
-    y = lowp((n, c, h, w), dtype, device, 1)
-    wt, b = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
-    pf = (c - cin) // 2 if mode == 2 else 0
-    r = rw = rb = None
-    if mode == 2:
-        r = lowp((n, cin, h * 2 - 1, w * 2), dtype, device, 2)
-    elif mode:
-        r = lowp((n, c, h, w), dtype, device, 3)
-    if mode == 3:
-        rw, rb = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    args, pf = operands(dtype, device, mode, cin)
+    c = args[0].shape[1]
 
     def reference(y, wt, b, r, rw, rb):
         v = F.batch_norm(y, None, None, wt, b, True, 0.0, 1e-5)
@@ -125,7 +120,6 @@ def test_batch_norm_add_relu_low_precision(device, dtype, mode, cin, stride):
         rinv = (rv + 1e-5).rsqrt() if mode == 3 else None
         return ops.batch_norm_add_relu(y, m, invstd, wt, b, r, rm, rinv, rw, rb, mode, stride, pf, True)
 
-    args = (y, wt, b, r, rw, rb)
     ours = output_and_grads(fused, args, lambda v: v)
     own = output_and_grads(reference, args, lambda v: v.to(dtype))
     exact = output_and_grads(reference, args, lambda v: v.double())
