@@ -86,6 +86,7 @@ if [ "$DRY" = 1 ]; then
   THROUGHPUT=(--device cpu --models resnet8 --batch-sizes 4 --modes train,inference --precisions fp32
               --impls eager,fused-cpu,eager-graph --iters 1 --repeats 2 --no-isolate --no-launches)
   HOST=(--dry-run)
+  HOST_LIMIT=${HOST_LIMIT:-120}  # five fused steps through the Triton interpreter: ~25 s alone, more on a busy CI box
   TTA=(--device cpu --model resnet8 --impls reference --subset 256 --epochs 1 --batch-size 64 --amp off)
 else
   BUILD=($PY -m pip install --no-build-isolation --no-deps -e .)
