@@ -157,7 +157,10 @@ def fold(plan: NetworkPlan, dtype) -> FoldedPlan:
     stem = conv(plan.stem)
     tensors = [t for c in [stem] + [c for b in blocks for c in (b.conv1, b.conv2)] for t in (c.weight, c.bias)]
     tensors += [b.proj_weight for b in blocks if b.proj_weight is not None]
-    finite = None if torch.compiler.is_compiling() else all(bool(torch.isfinite(t).all()) for t in tensors)
+    # one host read per fold (a cache miss), not one per tensor
+    finite = None
+    if not torch.compiler.is_compiling():
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
     return FoldedPlan(stem, tuple(blocks), finite)
 
 
