@@ -273,6 +273,22 @@ def test_fused_resnet_ext_backend_matches_reference(device, dtype, shortcut, pla
             torch.testing.assert_close(fused(x), ref(x), **tol)
 
 
+@pytest.mark.parametrize("hw", [10, 12])
+def test_strided_projection_weight_grad(device, hw):
+    """Option B's stride-2 1x1 projection on an even-sized map with 4 input channels: oneDNN's channels_last weight
+    gradient is wrong there (PyTorch 2.14.1, AVX2); the backend must still match the reference, run after run."""
+    ref = _reference(8, "B", False, device, torch.float32)
+    fused = FusedResNet.from_reference(ref, backend=device.type)
+    x = make((4, 1, hw, hw), torch.float32, device, "nchw", 1)
+    g = torch.randn(4, 10, generator=torch.Generator().manual_seed(1)).to(device)
+    ref(x).backward(g)
+    for _ in range(2):
+        fused.zero_grad()
+        fused(x).backward(g)
+        for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
 @pytest.mark.parametrize("shortcut", ["A", "B"])
 def test_ext_backend_under_bf16_autocast(device, shortcut):
     """Under torch.autocast(bfloat16) the fused backend's error against an fp32 reference stays within twice
