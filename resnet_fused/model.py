@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
+from .graphs import GraphRunner, enabled_by_default
 from .plan import FoldCache, build_plan
 from .reference import ResNet
 
@@ -26,23 +27,32 @@ def _copy_bn_settings(src, dst):
             b.eps, b.momentum = a.eps, a.momentum
 
 
+def _drop_graphs(module, incompatible_keys):
+    module.graphs.clear()
+
+
 class FusedResNet(ResNet):
     """Drop-in ResNet with fused kernels: same constructor (plus ``backend``) and the same state_dict keys.
 
-    ``backend``: "auto" (default, or ``RESNET_FUSED_BACKEND``), "triton", "cuda" or "cpu"; see README."""
+    ``backend``: "auto" (default, or ``RESNET_FUSED_BACKEND``), "triton", "cuda" or "cpu"; see README.
+    ``cuda_graphs``: capture the forward/backward of CUDA inputs in CUDA graphs and replay them (default on;
+    ``RESNET_FUSED_CUDA_GRAPHS=0`` sets the default off); see resnet_fused.graphs and the README."""
 
     def __init__(self, depth: int = 20, shortcut: str | None = "A", in_channels: int = 1, num_classes: int = 10,
-                 widths=None, plain: bool = False, backend: str | None = None):
+                 widths=None, plain: bool = False, backend: str | None = None, cuda_graphs: bool | None = None):
         super().__init__(depth, shortcut, in_channels, num_classes, widths, plain)
         self.backend = backends.validate_name(backend or os.environ.get("RESNET_FUSED_BACKEND", "auto"))
         self.plan = build_plan(self)
         self.fold_cache = FoldCache()
+        self.graphs = GraphRunner(enabled_by_default() if cuda_graphs is None else cuda_graphs)
+        self.register_load_state_dict_post_hook(_drop_graphs)
 
     # ---- conversions ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_reference(cls, model: ResNet, backend: str | None = None) -> "FusedResNet":
-        fused = cls(**model.config(), backend=backend)
+    def from_reference(cls, model: ResNet, backend: str | None = None,
+                       cuda_graphs: bool | None = None) -> "FusedResNet":
+        fused = cls(**model.config(), backend=backend, cuda_graphs=cuda_graphs)
         p = next(model.parameters())
         fused.to(device=p.device, dtype=p.dtype)
         fused.load_state_dict(model.state_dict(), strict=True)
@@ -58,7 +68,7 @@ class FusedResNet(ResNet):
         return ref.train(self.training)
 
     def extra_repr(self):
-        return f"backend={self.backend!r}"
+        return f"backend={self.backend!r}, cuda_graphs={self.graphs.enabled}"
 
     # ---- caches ----------------------------------------------------------------------------------------------------
 
@@ -67,14 +77,15 @@ class FusedResNet(ResNet):
         return self.fold_cache.get(self, self.plan, dtype)
 
     def invalidate_caches(self):
-        """Drop the inference caches (BatchNorm folded into the conv weights, their Winograd transforms). Needed
-        only after changing a weight or buffer in a way PyTorch does not record (``p.data[...] = ...``,
-        ``p.data.copy_(...)``); optimizer steps, in-place ops on the parameters, load_state_dict, ``.to()`` and
-        changes of eps are seen by themselves."""
+        """Drop the inference caches (BatchNorm folded into the conv weights, their Winograd transforms) and the
+        CUDA graphs. Needed only after changing a weight or buffer in a way PyTorch does not record
+        (``p.data[...] = ...``, ``p.data.copy_(...)``); optimizer steps, in-place ops on the parameters,
+        load_state_dict, ``.to()``, replaced parameters and changes of eps or momentum are seen by themselves."""
         self.fold_cache.invalidate()
+        self.graphs.clear()
 
     def _apply(self, fn, *args, **kwargs):
-        if "fold_cache" in self.__dict__:  # .to() / .cuda() / .half() replace tensors (and run during __init__)
+        if "graphs" in self.__dict__:  # .to() / .cuda() / .half() replace tensors (and run during __init__)
             self.invalidate_caches()
         return super()._apply(fn, *args, **kwargs)
 
@@ -89,6 +100,11 @@ class FusedResNet(ResNet):
         backend = backends.resolve(self.backend, x)
         if not self.training and torch.is_grad_enabled() and self._needs_grad(x):
             backend = backends.REFERENCE  # eval-mode gradients (saliency, adversarial): the reference composition
+        if backend is not backends.REFERENCE and self.graphs.applies(x):
+            return self.graphs(self, x, backend, lambda a: self._run(a, backend))
+        return self._run(x, backend)
+
+    def _run(self, x, backend):
         feats = backend.features(self, x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(feats, 1), 1))
 

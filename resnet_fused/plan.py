@@ -174,6 +174,7 @@ class FoldCache:
     def __init__(self):
         self._key = self._folded = None
         self._derived = {}
+        self.generation = 0  # bumped at every (re)fold: what a CUDA graph of the folded plan was captured from
 
     def invalidate(self):
         self._key = self._folded = None
@@ -191,7 +192,13 @@ class FoldCache:
         key = self._cache_key(module, dtype)
         if key != self._key:
             self._folded, self._key, self._derived = fold(plan, dtype), key, {}
+            self.generation += 1
         return self._folded
+
+    def refresh(self, module, plan: NetworkPlan, dtype) -> int:
+        """Fold now if anything changed (outside any graph capture); the generation of the plan in use."""
+        self.get(module, plan, dtype)
+        return self.generation
 
     def derived(self, name, fn):
         if name not in self._derived:

@@ -104,6 +104,65 @@ def test_cuda_graph_capture(cuda, train, backend):
         torch.testing.assert_close(after_graph[k], v, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("amp", [False, True])
+def test_self_captured_graphs_match_eager(cuda, backend, amp):
+    """FusedResNet's own CUDA graphs (on by default) in the ordinary loop, an epoch's smaller last batch included,
+    then eval: the numbers of the same model with cuda_graphs=False, one running-statistics update per call."""
+    from resnet_fused import ext
+    if backend == "cuda" and not ext.has_cuda():
+        pytest.skip("resnet_fused._C was built without CUDA kernels")
+    ref, g = _models(cuda, depth=8, shortcut="B", backend=backend)
+    e = FusedResNet.from_reference(ref, backend=backend, cuda_graphs=False)
+    assert g.graphs.enabled and not e.graphs.enabled
+    opts = [torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9) for m in (g, e)]
+    tol = dict(rtol=2e-2, atol=2e-2) if amp else dict(rtol=1e-4, atol=1e-5)
+    sizes = [32, 32, 32, 32, 12, 12, 12, 32]
+    for i, n in enumerate(sizes):
+        gen = torch.Generator(device=cuda).manual_seed(i)
+        x = torch.randn(n, 1, 28, 28, device=cuda, generator=gen)
+        y = torch.randint(0, 10, (n,), device=cuda, generator=gen)
+        outs = []
+        for m, opt in zip((g, e), opts):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = m(x)
+            F.cross_entropy(out.float(), y).backward()
+            opt.step()
+            opt.zero_grad()
+            outs.append(out.float().detach())
+        torch.testing.assert_close(outs[0], outs[1], **tol)
+    for (name, a), b in zip(g.named_parameters(), e.parameters()):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+    for (name, a), b in zip(g.named_buffers(), e.buffers()):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+    assert int(g.bn1.num_batches_tracked) == len(sizes)
+    assert g.graphs.stats["captures"] == 2 and g.graphs.stats["replays"] == 6, g.graphs.stats
+    g.eval(), e.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        for i in range(3):
+            x = torch.randn(64, 1, 28, 28, device=cuda)
+            torch.testing.assert_close(g(x).float(), e(x).float(), **tol)
+    assert g.graphs.stats["captures"] == 3
+
+
+def test_self_captured_graphs_stay_out_of_an_outer_capture(cuda):
+    """Inside the user's own torch.cuda.graph capture FusedResNet runs its kernels plainly (no nested capture)."""
+    _, g = _models(cuda, depth=8)
+    g.eval()
+    x = torch.randn(16, 1, 28, 28, device=cuda)
+    with torch.no_grad():
+        for _ in range(3):
+            want = g(x)
+        graph = torch.cuda.CUDAGraph()
+        captures = g.graphs.stats["captures"]
+        with torch.cuda.graph(graph):
+            out = g(x)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert g.graphs.stats["captures"] == captures
+    torch.testing.assert_close(out, want)
+
+
 def test_training_parity_50_steps_on_mnist(cuda, mnist_root):
     """Reference and fused ResNet-20, same weights and batches: per-step losses within 1e-3 relative (fp32)."""
     from resnet_fused.data import DeviceLoader, load_splits
