@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import backends
+from . import backends, distributed
 from .graphs import GraphRunner, enabled_by_default
 from .plan import FoldCache, build_plan
 from .reference import ResNet
@@ -36,11 +36,15 @@ class FusedResNet(ResNet):
 
     ``backend``: "auto" (default, or ``RESNET_FUSED_BACKEND``), "triton", "cuda" or "cpu"; see README.
     ``cuda_graphs``: capture the forward/backward of CUDA inputs in CUDA graphs and replay them (default on;
-    ``RESNET_FUSED_CUDA_GRAPHS=0`` sets the default off); see resnet_fused.graphs and the README."""
+    ``RESNET_FUSED_CUDA_GRAPHS=0`` sets the default off); see resnet_fused.graphs and the README.
+    ``sync_bn``: in training under torch.distributed, BatchNorm statistics of the global batch (over
+    ``process_group``, default the world); see resnet_fused.distributed."""
 
     def __init__(self, depth: int = 20, shortcut: str | None = "A", in_channels: int = 1, num_classes: int = 10,
-                 widths=None, plain: bool = False, backend: str | None = None, cuda_graphs: bool | None = None):
+                 widths=None, plain: bool = False, backend: str | None = None, cuda_graphs: bool | None = None,
+                 sync_bn: bool = False, process_group=None):
         super().__init__(depth, shortcut, in_channels, num_classes, widths, plain)
+        self.sync_bn, self.process_group = bool(sync_bn), process_group
         self.backend = backends.validate_name(backend or os.environ.get("RESNET_FUSED_BACKEND", "auto"))
         self.plan = build_plan(self)
         self.fold_cache = FoldCache()
@@ -50,9 +54,10 @@ class FusedResNet(ResNet):
     # ---- conversions ---------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_reference(cls, model: ResNet, backend: str | None = None,
-                       cuda_graphs: bool | None = None) -> "FusedResNet":
-        fused = cls(**model.config(), backend=backend, cuda_graphs=cuda_graphs)
+    def from_reference(cls, model: ResNet, backend: str | None = None, cuda_graphs: bool | None = None,
+                       sync_bn: bool = False, process_group=None) -> "FusedResNet":
+        fused = cls(**model.config(), backend=backend, cuda_graphs=cuda_graphs, sync_bn=sync_bn,
+                    process_group=process_group)
         p = next(model.parameters())
         fused.to(device=p.device, dtype=p.dtype)
         fused.load_state_dict(model.state_dict(), strict=True)
@@ -68,7 +73,7 @@ class FusedResNet(ResNet):
         return ref.train(self.training)
 
     def extra_repr(self):
-        return f"backend={self.backend!r}, cuda_graphs={self.graphs.enabled}"
+        return f"backend={self.backend!r}, cuda_graphs={self.graphs.enabled}, sync_bn={self.sync_bn}"
 
     # ---- caches ----------------------------------------------------------------------------------------------------
 
@@ -100,12 +105,15 @@ class FusedResNet(ResNet):
         backend = backends.resolve(self.backend, x)
         if not self.training and torch.is_grad_enabled() and self._needs_grad(x):
             backend = backends.REFERENCE  # eval-mode gradients (saliency, adversarial): the reference composition
+        group = distributed.active_group(self.process_group) if self.sync_bn and self.training else None
+        if group is not None:  # collectives in every BatchNorm: run without the model's own CUDA graphs
+            return self._run(x, backend, distributed.BatchSync(group, x))
         if backend is not backends.REFERENCE and self.graphs.applies(x):
             return self.graphs(self, x, backend, lambda a: self._run(a, backend))
         return self._run(x, backend)
 
-    def _run(self, x, backend):
-        feats = backend.features(self, x)
+    def _run(self, x, backend, sync=None):
+        feats = backend.features(self, x, sync)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(feats, 1), 1))
 
     def _needs_grad(self, x):

@@ -14,10 +14,11 @@ class Backend:
     def check(self, x: torch.Tensor) -> None:
         """Raise (naming what is missing) if this backend cannot run on ``x``."""
 
-    def features(self, model, x: torch.Tensor) -> torch.Tensor:
-        return self.train_features(model, x) if model.training else self.eval_features(model, x)
+    def features(self, model, x: torch.Tensor, sync=None) -> torch.Tensor:
+        """``sync``: a distributed.BatchSync in training with sync_bn across processes (global statistics)."""
+        return self.train_features(model, x, sync) if model.training else self.eval_features(model, x)
 
-    def train_features(self, model, x):
+    def train_features(self, model, x, sync=None):
         raise NotImplementedError
 
     def eval_features(self, model, x):
@@ -32,7 +33,10 @@ class ReferenceBackend(Backend):
 
     name = "reference"
 
-    def features(self, model, x):
+    def features(self, model, x, sync=None):
+        if sync is not None:
+            raise RuntimeError("sync_bn needs a fused backend ('triton', 'cuda' or 'cpu'); the plain-PyTorch "
+                               "fallback runs here because no fused backend can run this input")
         return ResNet.features(model, x)
 
 

@@ -78,49 +78,72 @@ class ExtensionBackend(Backend):
             raise RuntimeError(f"backend {self.name!r} runs on {'CPU' if self.name == 'cpu' else 'CUDA'} tensors, "
                                f"got an input on {x.device}; move the model or pick backend='auto'")
 
-    def features(self, model, x):
+    def features(self, model, x, sync=None):
         x = to_channels_last(x)
         if model.training:
-            return self.train_features(model, x)
+            return self.train_features(model, x, sync)
         return torch.cat([self.eval_features(model, c) for c in self._eval_slices(model, x)])
 
     # ---- training ----------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _conv_stats(a, cb):
-        """conv (ATen), then y's batch statistics and the running update outside autograd."""
+    def _conv_stats(a, cb, sync=None):
+        """conv (ATen), then y's batch statistics and the running update outside autograd. With ``sync`` (sync_bn
+        across processes) the statistics are the global batch's, and differentiable (bn_stats' VJP + the sync's)."""
         y = _train_conv(a, cb.conv.weight, cb.stride, cb.padding)
         bn = cb.bn
-        with torch.no_grad():
+        count = y.shape[0] * y.shape[2] * y.shape[3]
+        if sync is not None:
             mean, var = torch.ops.resnet_fused.bn_stats(y)
+            mean, var, count = sync(mean, var, y)
+        with torch.no_grad():
+            if sync is None:
+                mean, var = torch.ops.resnet_fused.bn_stats(y)
             if bn.track_running_stats and bn.running_mean is not None:
                 invstd = torch.ops.resnet_fused.bn_finalize(
-                    mean, var, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                    count=y.shape[0] * y.shape[2] * y.shape[3],
-                    momentum=0.0 if bn.momentum is None else float(bn.momentum), cumulative=bn.momentum is None,
-                    eps=bn.eps)
+                    mean.detach(), var.detach(), bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                    count=count, momentum=0.0 if bn.momentum is None else float(bn.momentum),
+                    cumulative=bn.momentum is None, eps=bn.eps)
             else:
                 invstd = torch.rsqrt(var + bn.eps)
+        if sync is not None:
+            invstd = torch.rsqrt(var + bn.eps)  # the same numbers, with the gradient through the statistics
         return y, dict(mean=mean, invstd=invstd, weight=bn.weight, bias=bn.bias)
 
-    def train_features(self, model, x):
-        bnar = torch.ops.resnet_fused.batch_norm_add_relu
-        plain = dict(residual=None, res_mean=None, res_invstd=None, res_weight=None, res_bias=None,
-                     mode=ShortcutMode.NONE, res_stride=1, pad_front=0, relu=True)
-        y, st = self._conv_stats(x, model.plan.stem)
-        a = bnar(y, **st, **plain)
+    @staticmethod
+    def _affine(st):
+        """(scale, shift) of a BatchNorm from its statistics, as differentiable PyTorch ops (the sync_bn path)."""
+        scale = st["invstd"] if st["weight"] is None else st["invstd"] * st["weight"]
+        shift = -st["mean"] * scale
+        return scale, shift if st["bias"] is None else shift + st["bias"]
+
+    def _bn_add_relu(self, y, st, mode=ShortcutMode.NONE, residual=None, rst=None, res_stride=1, pad_front=0,
+                     sync=None):
+        """BN(y) + shortcut + ReLU. One operator whose VJP includes the statistics' gradient (local statistics);
+        with sync_bn, scale_shift_add_relu on the global statistics and autograd through them."""
+        if sync is None:
+            r = rst or dict(mean=None, invstd=None, weight=None, bias=None)
+            return torch.ops.resnet_fused.batch_norm_add_relu(
+                y, **st, residual=residual, res_mean=r["mean"], res_invstd=r["invstd"], res_weight=r["weight"],
+                res_bias=r["bias"], mode=mode, res_stride=res_stride, pad_front=pad_front, relu=True)
+        scale, shift = self._affine(st)
+        rs, rt = self._affine(rst) if rst is not None else (None, None)
+        return torch.ops.resnet_fused.scale_shift_add_relu(y, scale, shift, residual, rs, rt, mode=mode,
+                                                           res_stride=res_stride, pad_front=pad_front, relu=True)
+
+    def train_features(self, model, x, sync=None):
+        y, st = self._conv_stats(x, model.plan.stem, sync)
+        a = self._bn_add_relu(y, st, sync=sync)
         for b in model.plan.blocks:
-            y1, st1 = self._conv_stats(a, b.conv1)
-            h = bnar(y1, **st1, **plain)
-            y2, st2 = self._conv_stats(h, b.conv2)
+            y1, st1 = self._conv_stats(a, b.conv1, sync)
+            h = self._bn_add_relu(y1, st1, sync=sync)
+            y2, st2 = self._conv_stats(h, b.conv2, sync)
             if b.mode == ShortcutMode.PROJ_B:
-                r, rst = self._conv_stats(a, b.proj)
-                short = dict(residual=r, res_mean=rst["mean"], res_invstd=rst["invstd"], res_weight=rst["weight"],
-                             res_bias=rst["bias"], pad_front=0)
+                r, rst = self._conv_stats(a, b.proj, sync)
+                a = self._bn_add_relu(y2, st2, b.mode, r, rst, res_stride=b.stride, sync=sync)
             else:
-                short = dict(residual=None if b.mode == ShortcutMode.NONE else a, res_mean=None, res_invstd=None,
-                             res_weight=None, res_bias=None, pad_front=b.pad_front)
-            a = bnar(y2, **st2, **short, mode=b.mode, res_stride=b.stride, relu=True)
+                a = self._bn_add_relu(y2, st2, b.mode, None if b.mode == ShortcutMode.NONE else a,
+                                      res_stride=b.stride, pad_front=b.pad_front, sync=sync)
         return a
 
     # ---- inference ---------------------------------------------------------------------------------------------

@@ -56,21 +56,26 @@ class TritonBackend(Backend):
             raise RuntimeError(f"backend 'triton' runs on CUDA tensors (got {x.device}); on CPU use "
                                f"backend='cpu', or set TRITON_INTERPRET=1 before importing triton")
 
-    def features(self, model, x):
+    def features(self, model, x, sync=None):
         dtype = compute_dtype(x)
         if dtype not in _DTYPES:
             raise TypeError(f"backend 'triton' computes in float32, bfloat16 or float16, not {dtype}; use "
                             f"backend='cpu' for {dtype}")
         x = x.to(dtype)
-        return self.train_features(model, x) if model.training else self.eval_features(model, x)
+        return self.train_features(model, x, sync) if model.training else self.eval_features(model, x)
 
-    def train_features(self, model, x):
+    def train_features(self, model, x, sync=None):
         ops, dtype = torch.ops.resnet_fused, x.dtype
+
+        def stats(y, mean, var):
+            """This rank's statistics, or with sync_bn the global batch's (one collective per BatchNorm)."""
+            return (mean, var, _count(y)) if sync is None else sync(mean, var, y)
 
         def conv_stats(a, cb, scale=None, shift=None):
             y, mean, var = ops.conv_bn_stats(a, cb.conv.weight.to(dtype), in_scale=scale, in_shift=shift,
                                              stride=cb.stride, padding=cb.padding)
-            _update_running(cb.bn, mean, var, _count(y))
+            mean, var, count = stats(y, mean, var)
+            _update_running(cb.bn, mean, var, count)
             return y, _scale_shift(cb.bn, mean, var)
 
         y, (s, t) = conv_stats(x, model.plan.stem)
@@ -81,8 +86,10 @@ class TritonBackend(Backend):
             if b.mode == ShortcutMode.PROJ_B:  # conv2 and the projection in one launch, both with statistics
                 y2, m2, v2, ys, ms, vs = ops.conv_bn_stats_proj(y1, b.conv2.conv.weight.to(dtype), s1, t1, a,
                                                                 b.proj.conv.weight.to(dtype), proj_stride=b.stride)
+                m2, v2, count = stats(y2, m2, v2)
+                ms, vs, _ = stats(ys, ms, vs)
                 for cb, m, v in ((b.conv2, m2, v2), (b.proj, ms, vs)):
-                    _update_running(cb.bn, m, v, _count(y2))
+                    _update_running(cb.bn, m, v, count)
                 (s2, t2), (rs, rt) = _scale_shift(b.conv2.bn, m2, v2), _scale_shift(b.proj.bn, ms, vs)
                 a = ops.bn_add_relu(y2, s2, t2, residual=ys, res_scale=rs, res_shift=rt, mode=b.mode,
                                     res_stride=b.stride, pad_front=0, relu=True)
