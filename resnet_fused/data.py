@@ -271,16 +271,23 @@ class DeviceLoader:
 
     Iterating yields (float images [B, 1, H, W], labels [B]); ``epoch`` selects the seeded order and shifts.
     ``max_shift`` pixels of random translation (zero fill), 0 disables augmentation.
+    ``shard=(rank, world)`` (distributed training): ``batch_size`` is the global batch; every rank draws the same
+    order and the same shifts for it and yields only its own contiguous part (disjoint, reshuffled every epoch), so
+    W ranks together see exactly the batches one process would.
     """
 
     def __init__(self, split: Split, batch_size: int, mean: float, std: float, shuffle: bool = False,
                  max_shift: int = 0, seed: int = 0, drop_last: bool = False, channels_last: bool = False,
-                 dtype=torch.float32):
+                 dtype=torch.float32, shard: tuple = (0, 1)):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
         self.split, self.batch_size, self.mean, self.std = split, int(batch_size), float(mean), float(std)
         self.shuffle, self.max_shift, self.seed, self.drop_last = shuffle, int(max_shift), int(seed), drop_last
         self.channels_last, self.dtype, self.epoch = channels_last, dtype, 0
+        self.rank, self.world = int(rank), int(world)
 
     @property
     def device(self):
@@ -302,13 +309,16 @@ class DeviceLoader:
         x = images_u8.to(self.dtype).mul_(1.0 / (255.0 * self.std)).sub_(self.mean / self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _translate(self, x, g):
-        """Shift every image by its own (dy, dx) in [-s, s] with zero fill, by one batched gather."""
+    def _translate(self, x, g, rows=None):
+        """Shift every image by its own (dy, dx) in [-s, s] with zero fill, by one batched gather. ``rows``
+        (lo, hi, total): x is rows lo:hi of a batch of ``total`` whose shifts are drawn whole (the same draws on
+        every rank)."""
         s = self.max_shift
+        lo, hi, total = rows if rows is not None else (0, x.shape[0], x.shape[0])
+        dy = torch.randint(0, 2 * s + 1, (total,), device=x.device, generator=g)[lo:hi]
+        dx = torch.randint(0, 2 * s + 1, (total,), device=x.device, generator=g)[lo:hi]
         b, c, h, w = x.shape
         padded = F.pad(x, (s, s, s, s))
-        dy = torch.randint(0, 2 * s + 1, (b,), device=x.device, generator=g)
-        dx = torch.randint(0, 2 * s + 1, (b,), device=x.device, generator=g)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
         bidx = torch.arange(b, device=x.device)[:, None, None, None]
@@ -321,11 +331,16 @@ class DeviceLoader:
         order = torch.randperm(n, device=self.device, generator=g) if self.shuffle else None
         for i in range(len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
+            rows = None
+            if self.world > 1:  # this rank's contiguous part of the global batch
+                from .distributed import shard_bounds
+                a, b = shard_bounds(hi - lo, self.rank, self.world)
+                rows, lo, hi = (a, b, hi - lo), lo + a, lo + b
             if order is None:
                 imgs, labels = self.split.images[lo:hi], self.split.labels[lo:hi]
             else:
                 idx = order[lo:hi]
                 imgs, labels = self.split.images[idx], self.split.labels[idx]
             if self.max_shift:
-                imgs = self._translate(imgs, g)
+                imgs = self._translate(imgs, g, rows)
             yield self.normalize(imgs), labels

@@ -4,6 +4,12 @@ The whole dataset lives on the device (see resnet_fused.data); the defaults (Res
 with cosine decay after a one-epoch warm-up, weight decay 5e-4, batch 128, +-2 px translations, 15 epochs) reach
 about 99.6% MNIST test accuracy without tuning. Each epoch writes metrics.csv / metrics.json and the checkpoints
 last.pt / best.pt (atomically) to --out; --resume continues exactly where a run stopped.
+
+Distributed: ``torchrun --nproc_per_node=N -m resnet_fused.train ...`` (NCCL on GPUs, gloo on CPUs) wraps the model
+in DistributedDataParallel; --batch-size is per process (the global batch is N times it), every process holds the
+dataset on its device and draws its disjoint part of each global batch (the same batches as one process with the
+global batch), metrics are reduced over processes, rank 0 alone prints and writes the checkpoints (loadable by a
+single-process run or one of another size). --sync-bn: BatchNorm statistics of the global batch.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed as rf_dist
 from .checkpoint import (UserError, atomic_save, atomic_write_bytes, atomic_write_text, check_writable_dir,
                          clean_stale_temp_files, clean_state_dict, load_checkpoint, load_model_state, run_cli, seal)
 from .data import DATASETS, DeviceLoader, load_splits
@@ -28,7 +35,7 @@ from .zoo import MODEL_NAMES, build_model, parse_model_name
 
 DEFAULTS = dict(model="resnet20", impl="fused", dataset="mnist", epochs=15, batch_size=128, lr=0.1,
                 momentum=0.9, wd=5e-4, schedule="cosine", warmup_epochs=1.0, label_smoothing=0.0, amp="off",
-                max_shift=2, val_size=0, subset=0, seed=0, shortcut=None)
+                max_shift=2, val_size=0, subset=0, seed=0, shortcut=None, sync_bn=False)
 # Flags that define the run: on --resume they come from the checkpoint unless given again (and must then agree).
 RECIPE_KEYS = tuple(DEFAULTS)
 
@@ -59,6 +66,9 @@ def build_parser():
     a("--subset", type=int, help="use only the first N training (and test) images, 0 = all [0]")
     a("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype [off]")
     a("--channels-last", action="store_true", help="channels_last memory format")
+    a("--sync-bn", action="store_const", const=True,
+      help="under torchrun: BatchNorm statistics over the global batch (FusedResNet's fused sync; "
+           "torch.nn.SyncBatchNorm for --impl reference, CUDA only) [off]")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--seed", type=int, help="[0]")
     a("--device", default=None, help="cuda, cpu, cuda:1 ... [cuda if available]")
@@ -143,8 +153,9 @@ def autocast_ctx(device, amp):
 
 
 @torch.no_grad()
-def evaluate_split(model, loader, device, amp="off", num_classes=None):
-    """(mean loss, accuracy, confusion matrix [true, predicted]) over a loader."""
+def evaluate_split(model, loader, device, amp="off", num_classes=None, reduce=False):
+    """(mean loss, accuracy, confusion matrix [true, predicted]) over a loader; ``reduce``: summed over the
+    processes of the distributed run, each holding a shard of the split."""
     model.eval()
     total, loss_sum, correct = 0, torch.zeros((), device=device, dtype=torch.float64), 0
     conf = None
@@ -158,6 +169,11 @@ def evaluate_split(model, loader, device, amp="off", num_classes=None):
         c = torch.bincount(y * k + pred, minlength=k * k).reshape(k, k)
         conf = c if conf is None else conf + c
         total += y.numel()
+    if reduce:
+        packed = torch.cat([loss_sum.reshape(1), conf.flatten().double()])  # one collective (counts exact in fp64)
+        torch.distributed.all_reduce(packed)
+        loss_sum, conf = packed[0], packed[1:].round().long().reshape(conf.shape)
+        total = int(conf.sum())
     conf = conf.cpu()
     correct = int(conf.diag().sum())
     return (loss_sum.item() / max(1, total)), correct / max(1, total), conf
@@ -291,25 +307,92 @@ def check_out_dir(args, resume_path):
             raise UserError(f"{existing} exists: {how}")
 
 
+def setup_distributed(args, device):
+    """(DistEnv, device) for this process: torchrun's launch joined (NCCL on CUDA, gloo on CPU) and the device of
+    this rank, or a single-process DistEnv when the variables are absent. UserError for a bad launch."""
+    try:
+        denv = rf_dist.env_from_torchrun()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if denv is None:
+        return rf_dist.DistEnv(), device
+    if device.type == "cuda":
+        if denv.local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK={denv.local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s): launch at most that many processes per node")
+        device = torch.device("cuda", denv.local_rank)
+        torch.cuda.set_device(device)
+    import datetime
+    import torch.distributed as dist
+    timeout = float(os.environ.get("RESNET_FUSED_DIST_TIMEOUT", "300"))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        dist.barrier()  # every rank present, or an error within the timeout
+    except Exception as e:  # noqa: BLE001 - a store/connection/timeout error of any kind: one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"rank {denv.rank} of WORLD_SIZE={denv.world_size} could not join the run at "
+                        f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout:g} s ({backend}): "
+                        f"{first}") from None
+    return denv, device
+
+
+def shard_split(split, denv):
+    """This rank's contiguous part of an evaluation split (at least one image per rank)."""
+    if not denv.enabled:
+        return split
+    lo, hi = rf_dist.shard_bounds(len(split), denv.rank, denv.world_size)
+    return split.subset(slice(lo, hi))
+
+
 def train(argv=None):
     args = build_parser().parse_args(argv)
     cfg, ckpt, resume_path = resolve_config(args)
     check_out_dir(args, resume_path)
-    device = pick_device(args.device)
+    denv, device = setup_distributed(args, pick_device(args.device))
+    try:
+        return _train(args, cfg, ckpt, resume_path, denv, device)
+    finally:
+        if denv.enabled or torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, cfg, ckpt, resume_path, denv, device):
+    world, main = denv.world_size, denv.is_main
     seed_all(cfg["seed"])
     try:
-        data = load_splits(cfg["dataset"], args.data_root, args.download, val_size=cfg["val_size"],
+        data = load_splits(cfg["dataset"], args.data_root, args.download and main, val_size=cfg["val_size"],
                            subset=cfg["subset"] or None, seed=cfg["seed"], device=device)
     except ValueError as e:  # --val-size out of range for this dataset
         raise UserError(str(e)) from None
     validate_data(cfg, data, data["n_train_all"])
+    global_batch = cfg["batch_size"] * world
+    if world > 1:  # every rank needs data (a rank without any would leave the others waiting in a collective)
+        needs = (("training", data["train"], global_batch,
+                  f"one global batch (--batch-size {cfg['batch_size']} x {world} processes)"),
+                 ("test", data["test"], world, f"one per process ({world})"),
+                 ("validation", data["val"], world, f"one per process ({world})"))
+        for name, split, need, what in needs:
+            if split is not None and len(split) < need:
+                raise UserError(f"the {name} split has {len(split)} images, fewer than {what}: use fewer "
+                                f"processes, a smaller --batch-size or more data")
     num_classes = len(data["classes"])
     in_ch = data["train"].images.shape[1]
     model = make_model(cfg, in_ch, num_classes, device)
+    if cfg["sync_bn"]:
+        if cfg["impl"] == "fused":
+            model.sync_bn = True
+        elif device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif world > 1:
+            raise UserError("--sync-bn with --impl reference needs CUDA (torch.nn.SyncBatchNorm runs on GPUs "
+                            "only); use --impl fused for synchronized BatchNorm on CPUs")
     cfg.update(in_channels=in_ch, num_classes=num_classes, mean=data["mean"], std=data["std"],
-               arch=model.config() if hasattr(model, "config") else None)
-    out = check_writable_dir(args.out)  # the first thing written: every check above has passed
-    clean_stale_temp_files(out, RUN_FILES)
+               arch=model.config() if hasattr(model, "config") else None, world_size=world, global_batch=global_batch)
+    out = args.out
+    if main:
+        out = check_writable_dir(args.out)  # the first thing written: every check above has passed
+        clean_stale_temp_files(out, RUN_FILES)
 
     decay, no_decay = [], []
     for n_, p in model.named_parameters():
@@ -317,11 +400,11 @@ def train(argv=None):
     opt = torch.optim.SGD([dict(params=decay, weight_decay=cfg["wd"]), dict(params=no_decay, weight_decay=0.0)],
                           lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["momentum"] > 0)
     loader_kw = dict(mean=data["mean"], std=data["std"], channels_last=cfg["channels_last"])
-    train_loader = DeviceLoader(data["train"], cfg["batch_size"], shuffle=True, max_shift=cfg["max_shift"],
-                                seed=cfg["seed"], drop_last=len(data["train"]) >= 2 * cfg["batch_size"],
-                                **loader_kw)
-    test_loader = DeviceLoader(data["test"], 1000, **loader_kw)
-    val_loader = DeviceLoader(data["val"], 1000, **loader_kw) if data["val"] is not None else None
+    train_loader = DeviceLoader(data["train"], global_batch, shuffle=True, max_shift=cfg["max_shift"],
+                                seed=cfg["seed"], drop_last=world > 1 or len(data["train"]) >= 2 * global_batch,
+                                shard=(denv.rank, world), **loader_kw)
+    test_loader = DeviceLoader(shard_split(data["test"], denv), 1000, **loader_kw)
+    val_loader = DeviceLoader(shard_split(data["val"], denv), 1000, **loader_kw) if data["val"] is not None else None
     steps = len(train_loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
@@ -338,24 +421,43 @@ def train(argv=None):
                 from None
         start_epoch, history, best = ckpt["epoch"], ckpt.get("history", []), ckpt.get("best", -1.0)
         set_rng_state(ckpt["rng"])
+        # the schedule's position from the epoch (steps per epoch change with the number of processes)
+        sched.last_epoch = start_epoch * steps - 1
+        sched.step()
+        before = ckpt["config"].get("world_size", 1)
+        if before != world and main:
+            print(f"resuming a run of {before} process(es) with {world}: the global batch is now {global_batch}")
         if start_epoch >= cfg["epochs"]:
-            print(f"checkpoint is already at epoch {start_epoch} of {cfg['epochs']}: nothing to do "
-                  f"(raise --epochs to train further)")
+            if main:
+                print(f"checkpoint is already at epoch {start_epoch} of {cfg['epochs']}: nothing to do "
+                      f"(raise --epochs to train further)")
             return history
 
-    run_model = torch.compile(model) if cfg["compile"] else model
-    progress = not args.no_progress and sys.stderr.isatty() or os.environ.get("RESNET_FUSED_PROGRESS") == "1"
+    run_model = model
+    if world > 1:
+        # the 1-input-channel stem's weight gradient comes back from a channels_last convolution with a different
+        # (equivalent: the dimension has size 1) stride; DDP warns about it on every run
+        import warnings
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        run_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        run_model = torch.compile(run_model)
+    progress = main and (not args.no_progress and sys.stderr.isatty() or os.environ.get("RESNET_FUSED_PROGRESS") == "1")
     # the loss is checked for NaN/Inf at every step where reading it costs nothing (CPU) and every
     # DIVERGENCE_CHECK_STEPS steps elsewhere (a host sync); the error names the first bad step either way
     check_every = 1 if device.type == "cpu" else DIVERGENCE_CHECK_STEPS
     from tqdm import tqdm
+    if main and world > 1:
+        print(f"distributed: {world} processes ({torch.distributed.get_backend()}), batch {cfg['batch_size']} per "
+              f"process, global batch {global_batch}{', sync-BN' if cfg['sync_bn'] else ''}", flush=True)
 
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
         train_loader.set_epoch(epoch)
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.float64)
         first_bad = torch.full((), -1, device=device, dtype=torch.int64)  # first step with a non-finite loss
         seen = 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not progress, leave=False,
@@ -366,49 +468,59 @@ def train(argv=None):
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), i, first_bad)
             if (i + 1) % check_every == 0 or i == steps - 1:
-                check_divergence(first_bad, epoch, steps, cfg)
+                check_divergence(first_bad, epoch, steps, cfg, denv)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
-            loss_sum += loss.detach() * y.numel()
+            loss_sum += loss.detach().double() * y.numel()
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.numel()
             if progress and (i % 20 == 0 or i == steps - 1):  # host sync only when the bar is drawn
                 el = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}",
-                                img_s=f"{seen / el:.0f}")
+                                img_s=f"{seen * world / el:.0f}")
+        if world > 1:  # one collective: the epoch's sums over every process
+            packed = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64,
+                                                                  device=device)])
+            torch.distributed.all_reduce(packed)
+            loss_sum, correct, seen = packed[0], packed[1], int(packed[2].item())
         train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
         train_time = time.perf_counter() - t0
-        test_loss, test_acc, _ = evaluate_split(run_model, test_loader, device, cfg["amp"], num_classes)
+        test_loss, test_acc, _ = evaluate_split(run_model, test_loader, device, cfg["amp"], num_classes,
+                                                reduce=world > 1)
         row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], train_loss=train_loss, train_acc=train_acc,
                    test_loss=test_loss, test_acc=test_acc, epoch_time_s=train_time,
                    images_per_s=seen / train_time)
         if val_loader is not None:
             row["val_loss"], row["val_acc"], _ = evaluate_split(run_model, val_loader, device, cfg["amp"],
-                                                                num_classes)
+                                                                num_classes, reduce=world > 1)
         history.append(row)
         score = row.get("val_acc", test_acc)
         is_best = score > best
         best = max(best, score)
-        state = seal(dict(model=clean_state_dict(model.state_dict()), optimizer=opt.state_dict(),
-                          scheduler=sched.state_dict(), scaler=scaler.state_dict(), epoch=epoch + 1, best=best,
-                          history=history, rng=rng_state(), config=cfg, torch_version=str(torch.__version__)))
-        # checkpoints first, then the metrics that describe them: metrics.csv never shows an epoch that no
-        # checkpoint holds
-        atomic_save(state, os.path.join(out, "last.pt"))
-        if is_best:
-            atomic_save(state, os.path.join(out, "best.pt"))
-        write_metrics(history, out)
-        extra = f" val_acc {row['val_acc']:.4f}" if "val_acc" in row else ""
-        print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  loss {train_loss:.4f}  train_acc {train_acc:.4f}  "
-              f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}{extra}  {seen / train_time:,.0f} img/s  "
-              f"{train_time:.1f}s", flush=True)
+        if main:
+            state = seal(dict(model=clean_state_dict(model.state_dict()), optimizer=opt.state_dict(),
+                              scheduler=sched.state_dict(), scaler=scaler.state_dict(), epoch=epoch + 1, best=best,
+                              history=history, rng=rng_state(), config=cfg, torch_version=str(torch.__version__)))
+            # checkpoints first, then the metrics that describe them: metrics.csv never shows an epoch that no
+            # checkpoint holds
+            atomic_save(state, os.path.join(out, "last.pt"))
+            if is_best:
+                atomic_save(state, os.path.join(out, "best.pt"))
+            write_metrics(history, out)
+            extra = f" val_acc {row['val_acc']:.4f}" if "val_acc" in row else ""
+            print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  loss {train_loss:.4f}  train_acc {train_acc:.4f}  "
+                  f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}{extra}  {seen / train_time:,.0f} img/s  "
+                  f"{train_time:.1f}s", flush=True)
+        if world > 1:
+            torch.distributed.barrier()  # the epoch ends for everyone once its checkpoint is on disk
         if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch:
-            print(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
+            if main:
+                print(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
             break
-    if not args.no_plot and history:
+    if main and not args.no_plot and history:
         plot_curves(history, os.path.join(out, "curves.png"), f"{cfg['model']} on {cfg['dataset']}")
     return history
 
@@ -416,8 +528,14 @@ def train(argv=None):
 DIVERGENCE_CHECK_STEPS = 20
 
 
-def check_divergence(first_bad, epoch, steps, cfg):
-    """UserError naming the first step whose loss was NaN/Inf (nothing of that epoch has been saved)."""
+def check_divergence(first_bad, epoch, steps, cfg, denv=None):
+    """UserError naming the first step whose loss was NaN/Inf (nothing of that epoch has been saved); in a
+    distributed run the earliest over all processes, so that every rank stops at the same step."""
+    if denv is not None and denv.enabled:
+        big = torch.iinfo(torch.int64).max
+        first_bad = torch.where(first_bad < 0, big, first_bad)
+        torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+        first_bad = torch.where(first_bad == big, -1, first_bad)
     bad = int(first_bad)
     if bad >= 0:
         raise UserError(f"training diverged: non-finite loss at epoch {epoch + 1}, step {bad + 1} of {steps} "

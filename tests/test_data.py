@@ -79,3 +79,27 @@ def test_idx_family_datasets_load_through_torchvision(mnist_root, tmp_path, name
             os.symlink(os.path.join(mnist_root, "MNIST", "raw", f), raw / f)
     d = load_splits(name, str(tmp_path), subset=100)
     assert d["train"].images.shape == (100, 1, 28, 28) and len(d["classes"]) == 10
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_loader_splits_the_global_batches(world):
+    """W ranks' batches, concatenated in rank order, are exactly one process's batches (order, labels, shifts):
+    disjoint shards, reshuffled every epoch."""
+    from resnet_fused.data import Split
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 255, (53, 1, 8, 8), dtype=torch.uint8, generator=g), torch.arange(53))
+    kw = dict(mean=0.1, std=0.3, shuffle=True, max_shift=2, seed=3, drop_last=True)
+    one = DeviceLoader(split, 12, **kw)
+    ranks = [DeviceLoader(split, 12, **kw, shard=(r, world)) for r in range(world)]
+    firsts = []
+    for epoch in (0, 1):
+        for loader in [one] + ranks:
+            loader.set_epoch(epoch)
+        for (x, y), *parts in zip(one, *ranks):
+            torch.testing.assert_close(torch.cat([p[0] for p in parts]), x, rtol=0, atol=0)
+            assert torch.equal(torch.cat([p[1] for p in parts]), y)
+            assert all(p[0].shape[0] >= 12 // world for p in parts)
+        firsts.append(next(iter(ranks[0]))[1])
+    assert not torch.equal(firsts[0], firsts[1])  # reshuffled per epoch
+    with pytest.raises(ValueError, match="shard"):
+        DeviceLoader(split, 12, **kw, shard=(2, 2))

@@ -207,3 +207,73 @@ def test_sync_bn_is_a_no_op_without_a_process_group():
     x, _ = global_batch(4)
     torch.testing.assert_close(a(x), b(x))
     assert "sync_bn=True" in repr(a)
+
+
+# ---- the training CLI under torchrun ---------------------------------------------------------------------------------
+
+def _cli(tmp, *args, nproc=None, env=None, timeout=300):
+    import subprocess
+    import sys
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={free_port()}"] if nproc else [sys.executable]
+    cmd = launcher + ["-m", "resnet_fused.train", "--device", "cpu", "--model", "resnet8", "--no-plot",
+                      "--no-progress"] + list(args)
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=tmp)
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@needs_gloo
+@pytest.mark.skipif(not ext.available(), reason="needs the C++ extension")
+def test_torchrun_training_equals_one_process_with_the_global_batch(tmp_path, mnist_root):
+    """2 processes x batch 16 with --sync-bn == 1 process x batch 32 (same seed, same batches and shifts): the same
+    weights, running statistics and metrics; rank 0 alone prints and writes; resume with another world size."""
+    common = ["--subset", "128", "--epochs", "2", "--lr", "0.02", "--warmup-epochs", "0", "--data-root", mnist_root]
+    two = _cli(tmp_path, *common, "--batch-size", "16", "--sync-bn", "--out", "two", "--stop-after-epoch", "1",
+               nproc=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("epoch   1/2") == 1 and "global batch 32, sync-BN" in two.stdout
+    one = _cli(tmp_path, *common, "--batch-size", "32", "--out", "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    first = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    assert first["epoch"] == 1 and first["config"]["world_size"] == 2
+    # the second epoch: resumed as 2 processes, and (another world size) as 1 process with twice the batch
+    again = _cli(tmp_path, *common, "--batch-size", "16", "--sync-bn", "--out", "two", "--resume", nproc=2)
+    assert again.returncode == 0, again.stderr[-2000:]
+    got, want = _weights(tmp_path / "two" / "last.pt"), _weights(tmp_path / "one" / "last.pt")
+    # after one step the two agree to ~1e-6 (the order of fp32 sums); 8 steps of small-batch BatchNorm training
+    # grow that to ~5e-5 (measured; without --sync-bn the difference is ~5e-2)
+    for k, v in want.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(got[k], v, rtol=2e-3, atol=5e-4, msg=lambda m: f"{k}: {m}")
+    hist_two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["history"]
+    hist_one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["history"]
+    for a, b in zip(hist_two, hist_one):  # metrics reduced over the ranks: the single process's numbers
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 and abs(a["test_acc"] - b["test_acc"]) < 1e-9
+    solo = _cli(tmp_path, *common, "--batch-size", "16", "--sync-bn", "--out", "solo", "--resume",
+                str(tmp_path / "two" / "last.pt"), "--epochs", "3", "--stop-after-epoch", "3")
+    assert solo.returncode == 0, solo.stderr[-2000:]
+    assert "resuming a run of 2 process(es) with 1" in solo.stdout
+    assert torch.load(tmp_path / "solo" / "last.pt", weights_only=True)["epoch"] == 3
+
+
+@needs_gloo
+def test_bad_launches_fail_fast_with_one_line(tmp_path, mnist_root):
+    data = ["--data-root", mnist_root, "--subset", "64", "--epochs", "1"]
+    r = _cli(tmp_path, *data, "--out", "a", env=dict(RANK="0"))
+    assert r.returncode == 2 and "incomplete distributed launch" in r.stderr and "WORLD_SIZE" in r.stderr
+    # WORLD_SIZE=2 but one process: an error within the timeout, not a hang
+    t0 = time.monotonic()
+    r = _cli(tmp_path, *data, "--out", "b", env=dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
+                                                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                                                     RESNET_FUSED_DIST_TIMEOUT="5"))
+    assert r.returncode == 2 and "could not join the run" in r.stderr, r.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+    if ext.available():  # a rank without data
+        r = _cli(tmp_path, "--data-root", mnist_root, "--subset", "16", "--batch-size", "16", "--out", "c",
+                 nproc=2)
+        assert r.returncode != 0 and "fewer than one global batch" in r.stderr
+    assert not (tmp_path / "b" / "last.pt").exists() and not (tmp_path / "c" / "last.pt").exists()
