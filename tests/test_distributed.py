@@ -277,3 +277,43 @@ def test_bad_launches_fail_fast_with_one_line(tmp_path, mnist_root):
                  nproc=2)
         assert r.returncode != 0 and "fewer than one global batch" in r.stderr
     assert not (tmp_path / "b" / "last.pt").exists() and not (tmp_path / "c" / "last.pt").exists()
+
+
+@needs_gloo
+@pytest.mark.skipif(not ext.available(), reason="needs the C++ extension")
+def test_resume_after_one_rank_is_killed(tmp_path, mnist_root):
+    """SIGKILL one worker mid-run: torchrun stops the run, last.pt holds the last finished epoch, and --resume
+    ends where an uninterrupted run ends."""
+    import signal
+    import subprocess
+    import sys
+    args = ["-m", "resnet_fused.train", "--device", "cpu", "--model", "resnet8", "--no-plot", "--no-progress",
+            "--data-root", mnist_root, "--subset", "768", "--epochs", "4", "--batch-size", "32", "--lr", "0.02",
+            "--sync-bn"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                *args, "--out", out, *extra]
+    proc = subprocess.Popen(torchrun("killed"), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+    assert proc.poll() is None and children, "the run ended before a worker could be killed"
+    os.kill(int(children[-1]), signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    done = torch.load(last, weights_only=True)["epoch"]
+    assert 1 <= done < 4
+    r = subprocess.run(torchrun("killed", "--resume"), cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    full = subprocess.run(torchrun("full"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    got, want = _weights(last), _weights(tmp_path / "full" / "last.pt")
+    assert torch.load(last, weights_only=True)["epoch"] == 4
+    for k, v in want.items():  # the same ranks, batches and operations: the same numbers
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
