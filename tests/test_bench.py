@@ -103,3 +103,26 @@ def test_render_tables_shows_best_baseline_and_fused_ratio(tmp_path):
     md = render_tables.render(os.path.relpath(path, render_tables.ROOT))
     assert "| resnet20 | train | fp32 | 8 | 100 | 120 | 150 | 300 | compile | **2.00×** |" in md
     assert "`fused-cuda`" in md and "commit abcdef0" in md
+
+
+def test_kernel_report_compiles_the_workloads_kernels_for_sm90(tmp_path):
+    """bench/kernel_report.py on a tiny workload: every kernel the inference step launches is compiled for sm_90
+    (no GPU) and measured; the bf16 convolutions use tensor cores, the IEEE-fp32 ones cannot."""
+    import subprocess
+    out = tmp_path / "kr.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "kernel_report.py")
+    r = subprocess.run([sys.executable, script, "--model", "resnet8", "--batch", "2", "--modes", "inference",
+                        "--shortcuts", "A", "--json", str(out)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["target"] == "sm_90" and d["workloads"] == ["A/inference/fp32", "A/inference/bf16"]
+    ks = d["kernels"]
+    assert ks and all(k["regs"] and k["regs"] == k["regs_cubin"] and k["sass"] > 0 for k in ks)
+    assert all(isinstance(k["spill_bytes"], int) and k["ldg_vec"] <= k["ldg"] for k in ks)
+    convs = {w: [k for k in ks if k["kernel"] == "conv_kernel" and any(w in u for u in k["workloads"])]
+             for w in ("fp32", "bf16")}
+    assert convs["fp32"] and convs["bf16"]
+    assert all(k["mma"] > 0 for k in convs["bf16"]) and all(k["mma"] == 0 for k in convs["fp32"])
+    assert "kernel configurations compiled for sm_90" in r.stdout

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import resnet_fused.model  # noqa: F401  (registers the ops)
+import resnet_fused.backends.triton  # noqa: F401  (importing the Triton backend registers the ops)
 from resnet_fused.ops import implicit_gemm as ig
 
 ops = torch.ops.resnet_fused
@@ -101,8 +101,13 @@ def test_conv_bn_stats_non_contiguous_input(dev):
 MODES = [(0, 8, 8, 1), (1, 8, 8, 1), (2, 4, 8, 2), (2, 3, 8, 2), (3, 8, 8, 1)]
 
 
+@pytest.mark.parametrize("index64", [False, True], ids=["i32", "i64"])
 @pytest.mark.parametrize("mode,cin,c,stride", MODES, ids=str)
-def test_bn_add_relu(dev, mode, cin, c, stride):
+def test_bn_add_relu(dev, mode, cin, c, stride, index64, monkeypatch):
+    """Both index paths: 32-bit (these sizes) and the 64-bit one huge tensors take (the limit lowered to 0)."""
+    if index64:
+        from resnet_fused.ops import implicit_gemm
+        monkeypatch.setattr(implicit_gemm, "INT32_LIMIT", 0)
     torch.manual_seed(0)
     nb, h, w = 3, 5, 7
     y = nhwc(torch.randn(nb, c, h, w, device=dev)).requires_grad_()

@@ -17,6 +17,9 @@ Backward, g = dL/dout * [out > 0]:
     mode 3: dL/dr = g * res_scale,  dL/dres_scale = sum g*r,  dL/dres_shift = sum g
 One kernel writes the elementwise gradients and per-tile fp32 partial sums; the channel sums are a fixed-order
 reduction of those partials (deterministic, no atomics).
+Index math: 32-bit when every element offset of every operand fits (checked by the launcher: ``index64``), so the
+row -> (n, h, w) divisions and the address products are 32-bit; 64-bit otherwise (INDEX64, tested by lowering the
+limit).
 """
 from __future__ import annotations
 
@@ -27,20 +30,30 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .implicit_gemm import cdiv, device_guard, empty_nhwc, next_pow2, nhwc_strides, relu
+from .implicit_gemm import cdiv, device_guard, empty_nhwc, index64, next_pow2, nhwc_strides, relu
 
 
 @triton.jit
-def _tile_coords(P, C, H, W, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Rows (image, h, w) and channels of this program's [BLOCK_P, BLOCK_C] tile of the NHWC activation."""
-    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+def _tile_coords(P, C, H, W, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, INDEX64: tl.constexpr):
+    """Rows (image, h, w) and channels of this program's [BLOCK_P, BLOCK_C] tile of the NHWC activation; 64-bit
+    indices only when INDEX64 (an operand with element offsets past 2**31 - 1)."""
+    if INDEX64:
+        offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    else:
+        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     mask = (offs_p < P)[:, None] & c_ok[None, :]
-    n = offs_p // (H * W)
-    h = (offs_p % (H * W)) // W
-    w = offs_p % W
-    return offs_p, offs_c, c_ok, mask, n, h, w, offs_c.to(tl.int64)[None, :]
+    hw = H * W
+    n = offs_p // hw
+    rem = offs_p - n * hw
+    h = rem // W
+    w = rem - h * W
+    if INDEX64:
+        c_idx = offs_c.to(tl.int64)[None, :]
+    else:
+        c_idx = offs_c[None, :]
+    return offs_p, offs_c, c_ok, mask, n, h, w, c_idx
 
 
 @triton.jit
@@ -56,8 +69,8 @@ def bn_add_relu_fwd_kernel(out_ptr,                                 # [P, C] row
                            P, C, H, W, RC,                          # rows, channels, out spatial, r channels
                            y_n, y_h, y_w, y_c, r_n, r_h, r_w, r_c, PAD_FRONT,
                            MODE: tl.constexpr, RES_STRIDE: tl.constexpr, RELU: tl.constexpr,
-                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_p, offs_c, c_ok, mask, n, h, w, c64 = _tile_coords(P, C, H, W, BLOCK_P, BLOCK_C)
+                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, INDEX64: tl.constexpr):
+    offs_p, offs_c, c_ok, mask, n, h, w, c64 = _tile_coords(P, C, H, W, BLOCK_P, BLOCK_C, INDEX64)
     y = _load_tile(y_ptr, n, h, w, c64, y_n, y_h, y_w, y_c, mask)
     scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
@@ -68,8 +81,9 @@ def bn_add_relu_fwd_kernel(out_ptr,                                 # [P, C] row
     elif MODE == 2:
         rc = offs_c - PAD_FRONT
         rmask = mask & ((rc >= 0) & (rc < RC))[None, :]
+        rc_idx = rc.to(tl.int64) if INDEX64 else rc
         v += tl.load(r_ptr + n[:, None] * r_n + (h * RES_STRIDE)[:, None] * r_h + (w * RES_STRIDE)[:, None] * r_w
-                     + rc.to(tl.int64)[None, :] * r_c, mask=rmask, other=0.0).to(tl.float32)
+                     + rc_idx[None, :] * r_c, mask=rmask, other=0.0).to(tl.float32)
     elif MODE == 3:
         r = tl.load(r_ptr + n[:, None] * r_n + h[:, None] * r_h + w[:, None] * r_w + c64 * r_c, mask=mask,
                     other=0.0).to(tl.float32)
@@ -87,9 +101,13 @@ def bn_add_relu_bwd_kernel(gy_ptr, gr_ptr, part_ptr,               # dL/dy, dL/d
                            r_ptr, rs_ptr,                          # projection output and its scale (mode 3)
                            P, C, H, W,
                            g_n, g_h, g_w, g_c, o_n, o_h, o_w, o_c, y_n, y_h, y_w, y_c, r_n, r_h, r_w, r_c,
-                           MODE: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_p = tl.program_id(0).to(tl.int64)
-    offs_p, offs_c, c_ok, mask, n, h, w, c64 = _tile_coords(P, C, H, W, BLOCK_P, BLOCK_C)
+                           MODE: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                           INDEX64: tl.constexpr):
+    if INDEX64:
+        pid_p = tl.program_id(0).to(tl.int64)
+    else:
+        pid_p = tl.program_id(0)
+    offs_p, offs_c, c_ok, mask, n, h, w, c64 = _tile_coords(P, C, H, W, BLOCK_P, BLOCK_C, INDEX64)
     go = _load_tile(go_ptr, n, h, w, c64, g_n, g_h, g_w, g_c, mask)
     if RELU:
         o = tl.load(out_ptr + n[:, None] * o_n + h[:, None] * o_h + w[:, None] * o_w + c64 * o_c, mask=mask,
@@ -130,7 +148,7 @@ def bn_add_relu_forward(y, scale, shift, residual, res_scale, res_shift, mode, r
             out, y, scale, shift, r, res_scale if res_scale is not None else scale,
             res_shift if res_shift is not None else shift, p, c, h, w, r.shape[1],
             *nhwc_strides(y), *nhwc_strides(r), pad_front,
-            MODE=mode, RES_STRIDE=res_stride, RELU=relu, BLOCK_P=bp, BLOCK_C=bc)
+            MODE=mode, RES_STRIDE=res_stride, RELU=relu, BLOCK_P=bp, BLOCK_C=bc, INDEX64=index64(out, y, r))
     return out
 
 
@@ -147,7 +165,7 @@ def bn_add_relu_backward_impl(grad_out, out, y, scale, residual, res_scale, mode
         bn_add_relu_bwd_kernel[(tiles, cdiv(c, bc))](
             gy, gr, part, grad_out, out, y, scale, r, res_scale if res_scale is not None else scale,
             p, c, h, w, *nhwc_strides(grad_out), *nhwc_strides(out), *nhwc_strides(y), *nhwc_strides(r),
-            MODE=mode, RELU=relu, BLOCK_P=bp, BLOCK_C=bc)
+            MODE=mode, RELU=relu, BLOCK_P=bp, BLOCK_C=bc, INDEX64=index64(gy, gr, part, grad_out, out, y, r))
     sums = part.sum(0)
     g_res, g_rs, g_rt = (y.new_empty((0,), dtype=torch.float32) for _ in range(3))  # distinct: no aliasing
     if mode == 1:

@@ -299,6 +299,19 @@ def device_guard(t):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+# Kernels index with 32-bit integers when every element offset of every operand is below this (index64()).
+INT32_LIMIT = 2**31 - 1
+
+
+def index64(*tensors) -> bool:
+    """Whether a kernel over these tensors needs 64-bit index math: some element offset (the furthest element,
+    sum of (size - 1) * stride, plus one tile's overshoot of up to 2**16 masked elements) passes INT32_LIMIT."""
+    from . import implicit_gemm as this  # the module attribute, so that tests can lower the limit
+    furthest = max((sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0) if t.numel() else 0)
+                   for t in tensors)
+    return furthest + 2**16 > this.INT32_LIMIT
+
+
 def nhwc_strides(t):
     """(n, h, w, c) element strides of a logical NCHW tensor, whatever its memory format."""
     return t.stride(0), t.stride(2), t.stride(3), t.stride(1)

@@ -1,0 +1,199 @@
+"""What the shipped Triton kernels compile to on an H100 (sm_90), without a GPU.
+
+    python bench/kernel_report.py                    # ResNet-20 (A and B), batch 512, 28x28: train + eval, fp32 + bf16
+    python bench/kernel_report.py --batch 64 --json bench/results/kernel_report-....json
+
+The FusedResNet step runs on CPU tensors of the real shapes with every Triton launch turned into a compile for
+``GPUTarget("cuda", 90, 32)`` (Triton's own binder picks the specialisations it would pick on the GPU: dtypes,
+16-byte alignment, integers divisible by 16), so exactly the configurations the workloads launch are compiled —
+nothing runs. For each distinct compiled kernel it reports, from the cubin and PTX Triton produced:
+
+  regs / spill   registers per thread and spill stores+loads (bytes), from ptxas -v on the PTX (the bundled ptxas,
+                 sm_90a); ``regs_cubin`` is the register count in the cubin itself (cuobjdump), what the driver
+                 reports as n_regs on a GPU
+  smem           shared memory per block (bytes, Triton's metadata)
+  mul64          64-bit integer multiplies in the PTX (mul.lo/mad.lo/mul.hi on .s64/.u64: several IMADs each);
+                 ``mulwide`` counts 32x32->64 mul.wide (one IMAD.WIDE)
+  ldg.v / stg.v  vectorised global loads/stores in the SASS (LDG/STG .64 and .128) against all LDG/STG
+  mma            tensor-core instructions in the SASS (HMMA, HGMMA/wgmma)
+  sass           SASS instructions in the kernel
+
+Run it before and after a kernel change and commit the JSON beside the benchmark results; on a GPU machine
+``--check-driver`` also loads each cubin and compares its register and spill counts with the driver's.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU target; nothing is run
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from resnet_fused import backends as fused_backends  # noqa: E402
+from resnet_fused import build_model  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+class _CompileOnlyDriver:
+    """Triton's driver as far as compiling needs it: the sm_90 target, device 0, stream 0."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return TARGET
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _tool(name):
+    path = os.path.join(NV_BIN, name)
+    return path if os.path.exists(path) else name
+
+
+def _run(cmd, data=None):
+    return subprocess.run(cmd, capture_output=True, text=True, input=data, check=False)
+
+
+def analyse(kernel, workdir):
+    """The metrics above for one CompiledKernel."""
+    md, ptx, cubin = kernel.metadata, kernel.asm["ptx"], kernel.asm["cubin"]
+    name = md.name
+    ptx_path = os.path.join(workdir, f"{name}.ptx")
+    cubin_path = os.path.join(workdir, f"{name}.cubin")
+    with open(ptx_path, "w") as f:
+        f.write(ptx)
+    with open(cubin_path, "wb") as f:
+        f.write(cubin)
+    res = dict(kernel=name, num_warps=md.num_warps, num_stages=md.num_stages, smem=md.shared)
+    v = _run([_tool("ptxas"), "-arch=sm_90a", "-v", ptx_path, "-o", os.path.join(workdir, "v.cubin")]).stderr
+    regs = re.search(r"Used (\d+) registers", v)
+    st = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", v)
+    res.update(regs=int(regs.group(1)) if regs else None,
+               spill_bytes=(int(st.group(1)) + int(st.group(2))) if st else None)
+    usage = _run([_tool("cuobjdump"), "--dump-resource-usage", cubin_path]).stdout
+    reg = re.search(r"REG:(\d+)", usage)
+    res["regs_cubin"] = int(reg.group(1)) if reg else None
+    res["mul64"] = len(re.findall(r"\b(?:mul|mad)\.(?:lo|hi)\.[su]64\b", ptx))
+    res["mulwide"] = len(re.findall(r"\bmul\.wide\.[su]32\b", ptx))
+    sass = _run([_tool("cuobjdump"), "-sass", cubin_path]).stdout
+    ins = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", sass)  # predicate, opcode
+    ops = collections.Counter(i for i in ins)
+    ldg = [k for k in ops if k.startswith("LDG")]
+    stg = [k for k in ops if k.startswith("STG")]
+    res.update(sass=len(ins),
+               ldg=sum(ops[k] for k in ldg), ldg_vec=sum(ops[k] for k in ldg if ".64" in k or ".128" in k),
+               stg=sum(ops[k] for k in stg), stg_vec=sum(ops[k] for k in stg if ".64" in k or ".128" in k),
+               mma=sum(n for k, n in ops.items() if k.startswith(("HMMA", "HGMMA", "IMMA", "DMMA"))),
+               imad_wide=sum(n for k, n in ops.items() if k.startswith("IMAD.WIDE")))
+    return res
+
+
+def collect(workloads, batch):
+    """{(kernel name, specialisation key): (CompiledKernel, {constexprs}, [workloads])} for the given workloads."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+    driver.set_active(_CompileOnlyDriver())
+    seen = {}
+    current = [None]
+    original = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+        consts = {k: v for k, v in kwargs.items() if isinstance(v, (int, bool, str)) and k.isupper()}
+        key = (kernel.metadata.name, kernel.hash)
+        if key not in seen:
+            seen[key] = (kernel, consts, [])
+        if current[0] not in seen[key][2]:
+            seen[key][2].append(current[0])
+        return kernel
+
+    JITFunction.run = compile_only
+    fused_backends.triton_interpreting = lambda: True  # backend "triton" takes the CPU tensors
+    try:
+        for name, shortcut, mode, prec in workloads:
+            current[0] = f"{name}{shortcut}/{mode}/{prec}"
+            torch.manual_seed(0)
+            model = build_model(name, impl="fused", backend="triton", shortcut=shortcut, cuda_graphs=False)
+            model = model.to(memory_format=torch.channels_last)
+            x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 10, (batch,))
+            model.train(mode == "train")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
+                if mode == "train":
+                    F.cross_entropy(model(x).float(), y).backward()
+                else:
+                    with torch.no_grad():
+                        model(x)
+    finally:
+        JITFunction.run = original
+    return seen
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--modes", default="train,inference")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--shortcuts", default="A,B")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    workloads = [(args.model, s, m, pr) for s in args.shortcuts.split(",") for m in args.modes.split(",")
+                 for pr in args.precisions.split(",")]
+    t0 = time.perf_counter()
+    seen = collect(workloads, args.batch)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for (name, h), (kernel, consts, used) in sorted(seen.items(), key=lambda kv: kv[0][0]):
+            r = analyse(kernel, tmp)
+            r.update(hash=h[:12], constexprs=consts, workloads=used)
+            rows.append(r)
+    cols = ["regs", "regs_cubin", "spill_bytes", "smem", "num_warps", "mul64", "mulwide", "ldg_vec", "ldg",
+            "stg_vec", "stg", "mma", "sass"]
+    print(f"{len(rows)} kernel configurations compiled for sm_90 in {time.perf_counter() - t0:.0f} s "
+          f"(Triton {triton.__version__}, {args.model}, batch {args.batch}, shortcuts {args.shortcuts})")
+    print(f"{'kernel':26s} {'tile (BLOCK_*)':14s} {'workloads':>9s} " + " ".join(f"{c[:8]:>8s}" for c in cols))
+    for r in rows:
+        tile = "x".join(str(v) for k, v in r["constexprs"].items() if k.startswith("BLOCK"))
+        print(f"{r['kernel'][:26]:26s} {tile[:14]:14s} {len(r['workloads']):9d} "
+              + " ".join(f"{str(r[c]):>8s}" for c in cols))
+    tot = {c: sum((r[c] or 0) for r in rows) for c in ("spill_bytes", "mul64", "mma")}
+    print(f"totals: spill bytes {tot['spill_bytes']}, 64-bit multiplies {tot['mul64']}, tensor-core instructions "
+          f"{tot['mma']}")
+    res = dict(target="sm_90", triton=triton.__version__, torch=torch.__version__, model=args.model,
+               batch=args.batch, workloads=["/".join(w[1:]) for w in workloads], kernels=rows, totals=tot,
+               git_commit=os.environ.get("RESNET_FUSED_GIT_COMMIT") or _git_commit())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+def _git_commit():
+    r = _run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--short", "HEAD"])
+    return r.stdout.strip() or "unknown"
+
+
+if __name__ == "__main__":
+    main()
