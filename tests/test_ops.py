@@ -297,3 +297,43 @@ def test_opcheck_conv_bn_stats_proj(dev):
     wp = torch.randn(8, 4, 1, 1, device=dev, requires_grad=True)
     s, t = (torch.rand(8, device=dev) + 0.5).requires_grad_(), torch.randn(8, device=dev).requires_grad_()
     torch.library.opcheck(ops.conv_bn_stats_proj.default, (h, w2, s, t, x, wp, 2))
+
+
+@pytest.mark.parametrize("t,rows,k,c", [(1, 2, 2, 1), (37, 3, 2, 13), (70, 3, 3, 64), (5, 2, 1, 100)], ids=str)
+def test_sum_partials(dev, t, rows, k, c):
+    from resnet_fused.ops.partials import sum_partials
+    part = torch.randn(t, rows, c, device=dev)
+    outs = sum_partials(part, k)
+    assert len(outs) == k and len({o.data_ptr() for o in outs}) == k  # separate tensors (op outputs never alias)
+    for i, o in enumerate(outs):
+        close(o, part[:, i].sum(0))
+    with pytest.raises(ValueError, match="contiguous"):
+        sum_partials(torch.randn(4, 3, 8, device=dev)[:, :, ::2], 1)
+    with pytest.raises(ValueError, match="k must be"):
+        sum_partials(part, rows + 1)
+
+
+@pytest.mark.parametrize("s,cout,cin,k,dtype", [(1, 8, 3, 3, torch.float32), (4, 13, 5, 3, torch.float32),
+                                                (3, 16, 8, 1, torch.bfloat16)], ids=str)
+def test_wgrad_finish(dev, s, cout, cin, k, dtype):
+    """Sums the split partials [S, Co, (kh, kw, Ci)] into PyTorch's [Co, Ci, kh, kw] layout and the weight dtype."""
+    from resnet_fused.ops.partials import wgrad_finish
+    part = torch.randn(s, cout, k * k * cin, device=dev)
+    dw = wgrad_finish(part, k, k, cin, dtype)
+    want = part.sum(0).reshape(cout, k, k, cin).permute(0, 3, 1, 2)
+    assert dw.dtype == dtype and dw.shape == (cout, cin, k, k) and dw.is_contiguous()
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-2)  # 1 bf16 ulp
+    close(dw.float(), want.float(), **tol)
+
+
+@pytest.mark.parametrize("has_gm,has_gv", [(True, True), (True, False), (False, True), (False, False)])
+def test_bn_grad_coeffs(dev, has_gm, has_gv):
+    from resnet_fused.ops.partials import bn_grad_coeffs
+    c, m = 37, 96
+    gm = torch.randn(c, device=dev) if has_gm else None
+    gv = torch.randn(c, device=dev) if has_gv else None
+    mean = torch.randn(c, device=dev)
+    c1, c2 = bn_grad_coeffs(gm, gv, mean, m)
+    want2 = 2 * gv / m if has_gv else torch.zeros(c, device=dev)
+    want1 = (gm / m if has_gm else torch.zeros(c, device=dev)) - want2 * mean
+    close(c1, want1), close(c2, want2)

@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .implicit_gemm import cdiv, device_guard, empty_nhwc, index64, next_pow2, nhwc_strides, relu
+from .partials import sum_partials
 
 
 @triton.jit
@@ -166,7 +167,7 @@ def bn_add_relu_backward_impl(grad_out, out, y, scale, residual, res_scale, mode
             gy, gr, part, grad_out, out, y, scale, r, res_scale if res_scale is not None else scale,
             p, c, h, w, *nhwc_strides(grad_out), *nhwc_strides(out), *nhwc_strides(y), *nhwc_strides(r),
             MODE=mode, RELU=relu, BLOCK_P=bp, BLOCK_C=bc, INDEX64=index64(gy, gr, part, grad_out, out, y, r))
-    sums = part.sum(0)
+    sums = sum_partials(part, 3 if mode == 3 else 2)  # [sum g*y, sum g (, sum g*r)]: separate tensors
     g_res, g_rs, g_rt = (y.new_empty((0,), dtype=torch.float32) for _ in range(3))  # distinct: no aliasing
     if mode == 1:
         g_res = gr
@@ -176,8 +177,8 @@ def bn_add_relu_backward_impl(grad_out, out, y, scale, residual, res_scale, mode
         cin = residual.shape[1]
         g_res[:, :, ::res_stride, ::res_stride] = gr[:, pad_front:pad_front + cin]
     elif mode == 3:
-        g_res, g_rs, g_rt = gr, sums[2].clone(), sums[1].clone()
-    return gy, sums[0].clone(), sums[1].clone(), g_res, g_rs, g_rt
+        g_res, g_rs, g_rt = gr, sums[2], sums[1].clone()  # d shift and d res_shift are both sum g: two tensors
+    return gy, sums[0], sums[1], g_res, g_rs, g_rt
 
 
 # ---- op registration ---------------------------------------------------------------------------------------

@@ -36,8 +36,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .implicit_gemm import (cdiv, conv_launch, conv_out_hw, device_guard, empty_nhwc, next_pow2, wgrad_launch,
+from .implicit_gemm import (cdiv, conv_launch, conv_out_hw, device_guard, empty_nhwc, next_pow2, wgrad_partials,
                             weight_matrix)
+from .partials import bn_grad_coeffs, sum_partials, wgrad_finish
 
 
 # ---- statistics finalize: tile (mean, M2) partials -> channel mean and biased variance ----------------------
@@ -116,8 +117,8 @@ def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale
     kh, kw = weight.shape[2], weight.shape[3]
     m = y.shape[0] * y.shape[2] * y.shape[3]
     f32 = dict(dtype=torch.float32, device=y.device)
-    c2 = (2.0 / m) * grad_var.float() if grad_var is not None else torch.zeros(y.shape[1], **f32)
-    c1 = (grad_mean.float() / m if grad_mean is not None else torch.zeros(y.shape[1], **f32)) - c2 * mean
+    c1, c2 = bn_grad_coeffs(None if grad_mean is None else grad_mean.contiguous(),
+                            None if grad_var is None else grad_var.contiguous(), mean, m)
     gx, gs, gt, gw = (torch.empty(0, **f32) for _ in range(4))  # distinct tensors: outputs may not alias
     if need_x:
         stats = 2 if in_scale is not None else 0
@@ -125,12 +126,10 @@ def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale
                                (x.shape[2], x.shape[3]), transposed=True, pro=2, a2=y, pa=c1, pb=c2,
                                stats=stats, ex=x, es=in_scale, et=in_shift, out_dtype=x.dtype)
         if stats:
-            sums = part.sum(0)
-            gs, gt = sums[0].clone(), sums[1].clone()
+            gs, gt = sum_partials(part)
     if need_w:
-        dw = wgrad_launch(grad_y, x, kh, kw, stride, padding, y=y, c1=c1, c2=c2, xs=in_scale, xt=in_shift)
-        gw = dw.reshape(weight.shape[0], kh, kw, weight.shape[1]).permute(0, 3, 1, 2).to(weight.dtype)
-        gw = gw.contiguous()
+        part_w = wgrad_partials(grad_y, x, kh, kw, stride, padding, y=y, c1=c1, c2=c2, xs=in_scale, xt=in_shift)
+        gw = wgrad_finish(part_w, kh, kw, weight.shape[1], weight.dtype)
     return gx, gw, gs, gt
 
 

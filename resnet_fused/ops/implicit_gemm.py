@@ -398,9 +398,16 @@ def conv_launch(src, w_mat, kh, kw, stride, pad, dest_hw, *, transposed=False, p
     return ((out, out2) if dual_out else out), part, cfg["BLOCK_M"]
 
 
-def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=None, xt=None, config=None):
+def wgrad_launch(dy, x, kh, kw, stride, pad, **kwargs):
     """dW [C_out, kh*kw*C_in] (fp32) of a conv with input x (prologue xs/xt) and output gradient dy (PRO 2 with
-    y, c1, c2 when given)."""
+    y, c1, c2 when given): the split partials of wgrad_partials summed."""
+    part = wgrad_partials(dy, x, kh, kw, stride, pad, **kwargs)
+    return part.sum(0) if part.shape[0] > 1 else part[0]
+
+
+def wgrad_partials(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=None, xt=None, config=None):
+    """The weight gradient's fp32 partials [split, C_out, kh*kw*C_in] (rows of the GEMM split over programs);
+    partials.wgrad_finish sums them into the weight's layout and dtype in one launch."""
     nb, cout, oh, ow = dy.shape
     _, cin, h, w = x.shape
     ktot = kh * kw * cin
@@ -423,7 +430,7 @@ def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=Non
             PRECISION=dot_precision(x.dtype, dev),
             BLOCK_CO=cfg["BLOCK_CO"], BLOCK_R=cfg["BLOCK_R"], BLOCK_P=cfg["BLOCK_P"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return part.sum(0) if split > 1 else part[0]
+    return part
 
 
 def conv_out_hw(h, w, k, stride, padding):
