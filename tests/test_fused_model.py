@@ -54,6 +54,28 @@ def test_train_step_matches_reference(dev, depth, shortcut, plain, size, batch):
     assert_same_state(ref, fused)  # running_mean, running_var, num_batches_tracked
 
 
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_64bit_index_path_matches_reference(dev, shortcut, monkeypatch):
+    """Every Triton kernel's INDEX64 path (what tensors with offsets past 2**31 - 1 take; the limit lowered to 0
+    here): a training step (outputs, every gradient, running statistics) and inference against the reference."""
+    from resnet_fused.ops import implicit_gemm
+    monkeypatch.setattr(implicit_gemm, "INT32_LIMIT", 0)
+    assert implicit_gemm.index64(torch.zeros(1))
+    ref = perturbed_reference(8, shortcut, False, dev)
+    fused = FusedResNet.from_reference(ref, backend="triton")
+    x = torch.randn(2, 1, 9, 9, device=dev)
+    out_r, out_f = ref(x), fused(x)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(out_r)
+    out_r.backward(g)
+    out_f.backward(g)
+    assert_same_grads(ref, fused)
+    assert_same_state(ref, fused)
+    ref.eval(), fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("depth,shortcut,plain,size,batch", CASES[:3], ids=str)
 def test_inference_matches_reference(dev, depth, shortcut, plain, size, batch):
     ref = perturbed_reference(depth, shortcut, plain, dev).eval()

@@ -29,6 +29,16 @@ import triton.language as tl
 
 
 @triton.jit
+def ix(v, INDEX64: tl.constexpr):
+    """An index as the kernel's index type: int64 when INDEX64 (some operand offset may pass 2**31 - 1, see
+    index64()), else unchanged (int32): 32-bit address products and row divisions."""
+    if INDEX64:
+        return v.to(tl.int64)
+    else:
+        return v
+
+
+@triton.jit
 def relu(v):
     """max(v, 0) that keeps NaN, as torch.relu does (Triton's default maximum turns NaN into 0)."""
     return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -40,7 +50,7 @@ def _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr,               # source, second sour
               SH, SW, C,                                    # source spatial size and channels
               s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c,       # strides of source and second source
               KTOT, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-              TRANSPOSED: tl.constexpr, PRO: tl.constexpr):
+              TRANSPOSED: tl.constexpr, PRO: tl.constexpr, INDEX64: tl.constexpr):
     """One [BM, BK] tile of the implicit im2col matrix A, prologue applied, zero outside the image (fp32)."""
     tap = kk // C
     c = kk % C
@@ -57,10 +67,10 @@ def _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr,               # source, second sour
         sw = dw[:, None] * STRIDE - PAD + kw[None, :]
         ok = (sh >= 0) & (sh < SH) & (sw >= 0) & (sw < SW)
     ok = ok & m_ok[:, None] & (kk < KTOT)[None, :]
-    sh64 = sh.to(tl.int64)
-    sw64 = sw.to(tl.int64)
-    c64 = c.to(tl.int64)[None, :]
-    n64 = n_img.to(tl.int64)[:, None]
+    sh64 = ix(sh, INDEX64)
+    sw64 = ix(sw, INDEX64)
+    c64 = ix(c, INDEX64)[None, :]
+    n64 = ix(n_img, INDEX64)[:, None]
     a = tl.load(a_ptr + n64 * s_n + sh64 * s_h + sw64 * s_w + c64 * s_c, mask=ok, other=0.0).to(tl.float32)
     if PRO == 1:
         scale = tl.load(pa_ptr + c, mask=kk < KTOT, other=0.0)
@@ -80,15 +90,15 @@ def _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,
                        n_img, dh, dw, m_ok, offs_n, N,
                        SH, SW, C, s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT,
                        KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
-                       PRO: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                       PRO: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INDEX64: tl.constexpr):
     """acc[BM, BN] += A[rows, :] @ B[:, offs_n] over the whole reduction (KTOT = KH*KW*C)."""
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     for k0 in range(0, KTOT, BLOCK_K):
         kk = k0 + offs_k
         a = _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr, n_img, dh, dw, m_ok, kk, SH, SW, C,
-                      s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT, KW, STRIDE, PAD, TRANSPOSED, PRO)
-        b = tl.load(w_ptr + kk.to(tl.int64)[:, None] * N + offs_n[None, :],
+                      s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT, KW, STRIDE, PAD, TRANSPOSED, PRO, INDEX64)
+        b = tl.load(w_ptr + ix(kk, INDEX64)[:, None] * N + offs_n[None, :],
                     mask=(kk < KTOT)[:, None] & n_ok[None, :], other=0.0)
         # the dot runs in the weight's dtype (fp32, or bf16/fp16 under autocast), accumulating in fp32
         acc = tl.dot(a.to(w_ptr.dtype.element_ty), b, acc, input_precision=PRECISION)
@@ -129,8 +139,8 @@ def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows o
                 KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, STRIDE2: tl.constexpr,
                 TRANSPOSED: tl.constexpr, PRO: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr,
                 DUAL: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INDEX64: tl.constexpr):
+    pid_m = ix(tl.program_id(0), INDEX64)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -145,17 +155,17 @@ def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows o
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr, n_img, dh, dw, m_ok, offs_n, N,
                              SH, SW, C, s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT,
-                             KW, STRIDE, PAD, TRANSPOSED, PRO, BLOCK_K, PRECISION)
+                             KW, STRIDE, PAD, TRANSPOSED, PRO, BLOCK_K, PRECISION, INDEX64)
     if DUAL == 1:
         acc = _implicit_gemm_acc(acc, x2_ptr, x2_ptr, pa_ptr, pb_ptr, w2_ptr, n_img, dh, dw, m_ok, offs_n, N,
                                  SH2, SW2, C2, x_n, x_h, x_w, x_c, x_n, x_h, x_w, x_c, C2,
-                                 1, STRIDE2, 0, False, 0, BLOCK_K, PRECISION)
+                                 1, STRIDE2, 0, False, 0, BLOCK_K, PRECISION, INDEX64)
     mask = m_ok[:, None] & n_ok[None, :]
     if DUAL == 2:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc2 = _implicit_gemm_acc(acc2, x2_ptr, x2_ptr, pa_ptr, pb_ptr, w2_ptr, n_img, dh, dw, m_ok, offs_n, N,
                                   SH2, SW2, C2, x_n, x_h, x_w, x_c, x_n, x_h, x_w, x_c, C2,
-                                  1, STRIDE2, 0, False, 0, BLOCK_K, PRECISION)
+                                  1, STRIDE2, 0, False, 0, BLOCK_K, PRECISION, INDEX64)
         if STATS == 1:
             cnt2 = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
             mean2 = tl.sum(tl.where(mask, acc2, 0.0), axis=0) / cnt2
@@ -168,13 +178,13 @@ def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows o
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RES == 1:
         r = tl.load(res_ptr + n_img[:, None] * r_n + dh[:, None] * r_h + dw[:, None] * r_w
-                    + offs_n[None, :].to(tl.int64) * r_c, mask=mask, other=0.0)
+                    + ix(offs_n, INDEX64)[None, :] * r_c, mask=mask, other=0.0)
         acc += r.to(tl.float32)
     elif RES == 2:
         rc = offs_n - PAD_FRONT
         rmask = mask & ((rc >= 0) & (rc < RC))[None, :]
         r = tl.load(res_ptr + n_img[:, None] * r_n + (dh * STRIDE2)[:, None] * r_h + (dw * STRIDE2)[:, None] * r_w
-                    + rc[None, :].to(tl.int64) * r_c, mask=rmask, other=0.0)
+                    + ix(rc, INDEX64)[None, :] * r_c, mask=rmask, other=0.0)
         acc += r.to(tl.float32)
     if RELU:
         acc = relu(acc)
@@ -188,7 +198,7 @@ def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows o
         tl.store(sbase + N, m2_t, mask=n_ok)
     elif STATS == 2:
         x = tl.load(ex_ptr + n_img[:, None] * e_n + dh[:, None] * e_h + dw[:, None] * e_w
-                    + offs_n[None, :].to(tl.int64) * e_c, mask=mask, other=0.0).to(tl.float32)
+                    + ix(offs_n, INDEX64)[None, :] * e_c, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(es_ptr + offs_n, mask=n_ok, other=0.0)
         shift = tl.load(et_ptr + offs_n, mask=n_ok, other=0.0)
         g = tl.where(mask & ~(x * scale[None, :] + shift[None, :] <= 0), acc, 0.0)  # as threshold_backward
@@ -214,10 +224,10 @@ def conv_wgrad_kernel(part_ptr,                               # fp32 [SPLIT, COU
                       d_n, d_h, d_w, d_c, y_n, y_h, y_w, y_c, x_n, x_h, x_w, x_c,
                       KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                       DY_PRO: tl.constexpr, X_PRO: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_CO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+                      BLOCK_CO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, INDEX64: tl.constexpr):
     pid_co = tl.program_id(0)
     pid_r = tl.program_id(1)
-    pid_s = tl.program_id(2).to(tl.int64)
+    pid_s = ix(tl.program_id(2), INDEX64)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     co_ok = offs_co < COUT
@@ -244,21 +254,21 @@ def conv_wgrad_kernel(part_ptr,                               # fp32 [SPLIT, COU
         ow = rem % OW
         dmask = p_ok[:, None] & co_ok[None, :]
         dy = tl.load(dy_ptr + n_img[:, None] * d_n + oh[:, None] * d_h + ow[:, None] * d_w
-                     + offs_co[None, :].to(tl.int64) * d_c, mask=dmask, other=0.0).to(tl.float32)
+                     + ix(offs_co, INDEX64)[None, :] * d_c, mask=dmask, other=0.0).to(tl.float32)
         if DY_PRO == 2:
             y = tl.load(y_ptr + n_img[:, None] * y_n + oh[:, None] * y_h + ow[:, None] * y_w
-                        + offs_co[None, :].to(tl.int64) * y_c, mask=dmask, other=0.0).to(tl.float32)
+                        + ix(offs_co, INDEX64)[None, :] * y_c, mask=dmask, other=0.0).to(tl.float32)
             dy = tl.where(dmask, dy + y * c2[None, :] + c1[None, :], 0.0)
         ih = oh[:, None] * STRIDE - PAD + kh[None, :]
         iw = ow[:, None] * STRIDE - PAD + kw[None, :]
         xmask = p_ok[:, None] & r_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_ptr + n_img[:, None] * x_n + ih.to(tl.int64) * x_h + iw.to(tl.int64) * x_w
-                    + c[None, :].to(tl.int64) * x_c, mask=xmask, other=0.0).to(tl.float32)
+        a = tl.load(x_ptr + n_img[:, None] * x_n + ix(ih, INDEX64) * x_h + ix(iw, INDEX64) * x_w
+                    + ix(c, INDEX64)[None, :] * x_c, mask=xmask, other=0.0).to(tl.float32)
         if X_PRO == 1:
             a = tl.where(xmask, relu(a * xs[None, :] + xt[None, :]), 0.0)
         dt = x_ptr.dtype.element_ty  # the layer's compute dtype
         acc = tl.dot(tl.trans(dy.to(dt)), a.to(dt), acc, input_precision=PRECISION)
-    out = part_ptr + pid_s * COUT * KTOT + offs_co[:, None].to(tl.int64) * KTOT + offs_r[None, :]
+    out = part_ptr + pid_s * COUT * KTOT + ix(offs_co, INDEX64)[:, None] * KTOT + offs_r[None, :]
     tl.store(out, acc, mask=co_ok[:, None] & r_ok[None, :])
 
 
@@ -304,12 +314,17 @@ INT32_LIMIT = 2**31 - 1
 
 
 def index64(*tensors) -> bool:
-    """Whether a kernel over these tensors needs 64-bit index math: some element offset (the furthest element,
-    sum of (size - 1) * stride, plus one tile's overshoot of up to 2**16 masked elements) passes INT32_LIMIT."""
+    """Whether a kernel over these tensors needs 64-bit index math: some element offset passes INT32_LIMIT. A
+    tensor's furthest element is sum((size - 1) * stride); masked-off lanes of a tile may compute addresses up to
+    one step past the outermost index and a tile beyond the end: two of the largest stride plus 2**16 allow for
+    both."""
     from . import implicit_gemm as this  # the module attribute, so that tests can lower the limit
-    furthest = max((sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0) if t.numel() else 0)
-                   for t in tensors)
-    return furthest + 2**16 > this.INT32_LIMIT
+
+    def reach(t):
+        if t.numel() == 0:
+            return 0
+        return sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 2 * max(t.stride(), default=0) + 2**16
+    return max(map(reach, tensors)) > this.INT32_LIMIT
 
 
 def nhwc_strides(t):
@@ -394,6 +409,7 @@ def conv_launch(src, w_mat, kh, kw, stride, pad, dest_hw, *, transposed=False, p
             DUAL=(2 if dual_out else 1) if x2 is not None else 0,
             RELU=relu, STATS=stats, PRECISION=dot_precision(w_mat.dtype, dev),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            INDEX64=index64(*(t for t in (out, out2, part, src, a2, w_mat, w2_mat, res, x2_, ex_) if t is not None)),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return ((out, out2) if dual_out else out), part, cfg["BLOCK_M"]
 
@@ -429,7 +445,7 @@ def wgrad_partials(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=N
             KW=kw, STRIDE=stride, PAD=pad, DY_PRO=2 if c1 is not None else 0, X_PRO=1 if xs is not None else 0,
             PRECISION=dot_precision(x.dtype, dev),
             BLOCK_CO=cfg["BLOCK_CO"], BLOCK_R=cfg["BLOCK_R"], BLOCK_P=cfg["BLOCK_P"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            INDEX64=index64(part, dy, y_, x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return part
 
 

@@ -54,8 +54,10 @@ def sum_partials(part: torch.Tensor, k: Optional[int] = None):
     if c:
         block_c = max(16, min(64, next_pow2(c)))
         with device_guard(part):
+            # three [BLOCK_T, BLOCK_C] tiles in flight at k = 3: 16 rows keep them in registers (32 spilled 8 bytes
+            # at 64 channels: bench/kernel_report.py)
             sum_partials_kernel[(cdiv(c, block_c),)](outs[0], outs[min(1, k - 1)], outs[k - 1], part, t, c,
-                                                     ROWS=rows, K=k, BLOCK_T=32, BLOCK_C=block_c)
+                                                     ROWS=rows, K=k, BLOCK_T=16 if k == 3 else 32, BLOCK_C=block_c)
     return outs
 
 
