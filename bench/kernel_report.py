@@ -18,8 +18,9 @@ nothing runs. For each distinct compiled kernel it reports, from the cubin and P
   mma            tensor-core instructions in the SASS (HMMA, HGMMA/wgmma)
   sass           SASS instructions in the kernel
 
-Run it before and after a kernel change and commit the JSON beside the benchmark results; on a GPU machine
-``--check-driver`` also loads each cubin and compares its register and spill counts with the driver's.
+Run it before and after a kernel change and commit the JSON beside the benchmark results. On a GPU machine
+``--check-driver`` compiles for that GPU instead (the real driver), loads every kernel and records the driver's
+register and spill counts beside ptxas's (``driver_regs``, ``driver_spills``); the run fails if they disagree.
 """
 from __future__ import annotations
 
@@ -109,11 +110,13 @@ def analyse(kernel, workdir):
     return res
 
 
-def collect(workloads, batch):
-    """{(kernel name, specialisation key): (CompiledKernel, {constexprs}, [workloads])} for the given workloads."""
+def collect(workloads, batch, real_driver=False):
+    """{(kernel name, specialisation key): (CompiledKernel, {constexprs}, [workloads])} for the given workloads;
+    ``real_driver``: compile for the GPU of this machine (the tensors stay on the CPU: nothing is launched)."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
-    driver.set_active(_CompileOnlyDriver())
+    if not real_driver:
+        driver.set_active(_CompileOnlyDriver())
     seen = {}
     current = [None]
     original = JITFunction.run
@@ -158,20 +161,32 @@ def main(argv=None):
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--shortcuts", default="A,B")
     p.add_argument("--json", default=None)
+    p.add_argument("--check-driver", action="store_true",
+                   help="on a GPU machine: compile for its GPU and compare ptxas's counts with the driver's")
     args = p.parse_args(argv)
+    if args.check_driver and not torch.cuda.is_available():
+        raise SystemExit("error: --check-driver needs a CUDA GPU (it loads every kernel through the driver)")
     workloads = [(args.model, s, m, pr) for s in args.shortcuts.split(",") for m in args.modes.split(",")
                  for pr in args.precisions.split(",")]
     t0 = time.perf_counter()
-    seen = collect(workloads, args.batch)
-    rows = []
+    seen = collect(workloads, args.batch, real_driver=args.check_driver)
+    rows, disagree = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for (name, h), (kernel, consts, used) in sorted(seen.items(), key=lambda kv: kv[0][0]):
             r = analyse(kernel, tmp)
             r.update(hash=h[:12], constexprs=consts, workloads=used)
+            if args.check_driver:
+                kernel._init_handles()  # cuModuleLoadData + the function's attributes, as a first launch does
+                r.update(driver_regs=kernel.n_regs, driver_spills=kernel.n_spills)
+                if kernel.n_regs != r["regs_cubin"] or (kernel.n_spills > 0) != ((r["spill_bytes"] or 0) > 0):
+                    disagree.append(f"{name} {h[:12]}: driver {kernel.n_regs} regs / {kernel.n_spills} spills, "
+                                    f"cubin {r['regs_cubin']} regs, ptxas {r['spill_bytes']} spill bytes")
             rows.append(r)
     cols = ["regs", "regs_cubin", "spill_bytes", "smem", "num_warps", "mul64", "mulwide", "ldg_vec", "ldg",
             "stg_vec", "stg", "mma", "sass"]
-    print(f"{len(rows)} kernel configurations compiled for sm_90 in {time.perf_counter() - t0:.0f} s "
+    target = (f"sm_{torch.cuda.get_device_capability()[0]}{torch.cuda.get_device_capability()[1]} "
+              f"({torch.cuda.get_device_name()})") if args.check_driver else "sm_90"
+    print(f"{len(rows)} kernel configurations compiled for {target} in {time.perf_counter() - t0:.0f} s "
           f"(Triton {triton.__version__}, {args.model}, batch {args.batch}, shortcuts {args.shortcuts})")
     print(f"{'kernel':26s} {'tile (BLOCK_*)':14s} {'workloads':>9s} " + " ".join(f"{c[:8]:>8s}" for c in cols))
     for r in rows:
@@ -181,12 +196,17 @@ def main(argv=None):
     tot = {c: sum((r[c] or 0) for r in rows) for c in ("spill_bytes", "mul64", "mma")}
     print(f"totals: spill bytes {tot['spill_bytes']}, 64-bit multiplies {tot['mul64']}, tensor-core instructions "
           f"{tot['mma']}")
-    res = dict(target="sm_90", triton=triton.__version__, torch=torch.__version__, model=args.model,
+    if disagree:
+        print("driver and compiler disagree:\n  " + "\n  ".join(disagree))
+    res = dict(target=target, driver_checked=args.check_driver, driver_disagreements=disagree,
+               triton=triton.__version__, torch=torch.__version__, model=args.model,
                batch=args.batch, workloads=["/".join(w[1:]) for w in workloads], kernels=rows, totals=tot,
                git_commit=os.environ.get("RESNET_FUSED_GIT_COMMIT") or _git_commit())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
+    if disagree:
+        raise SystemExit(1)
     return res
 
 

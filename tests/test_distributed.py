@@ -39,6 +39,8 @@ def spawn(fn, world, *args, timeout=240):
 
 
 def init(rank, world, port):
+    from conftest import fast_interpreter  # a spawned worker does not run conftest
+    fast_interpreter()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
 

@@ -210,3 +210,22 @@ def test_bn_finalize_refuses_operands_on_another_device(cuda):
                                            1e-5)
     torch.cuda.synchronize()  # the context is still usable
     assert torch.equal(rm, torch.zeros_like(rm)) and torch.equal(rv, torch.ones_like(rv)) and int(nbt) == 0
+
+
+def test_kernel_report_agrees_with_the_driver(cuda, tmp_path):
+    """bench/kernel_report.py --check-driver: every kernel of a small workload compiled for this GPU and loaded; the
+    driver's register and spill counts agree with ptxas/cuobjdump's (what the CPU-side report relies on)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "kernel_report.py")
+    out = tmp_path / "kr.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, script, "--check-driver", "--model", "resnet8", "--batch", "8",
+                        "--shortcuts", "A", "--json", str(out)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    d = json.loads(out.read_text())
+    assert d["driver_checked"] and not d["driver_disagreements"]
+    assert all(k["driver_regs"] == k["regs_cubin"] for k in d["kernels"])

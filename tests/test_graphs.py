@@ -84,10 +84,12 @@ def test_training_loop_matches_eager(shortcut, cl):
 
 
 def test_triton_backend_under_emulated_graphs(dev):
+    """The Triton ops under the emulated capture: warm-up, capture (their effects undone) and replays of a training
+    step give the numbers of the same model without graphs (small: every step is interpreted on CPU)."""
     g, e = pair("A", backend="triton", depth=8, device=dev)
     og, oe = (torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (g, e))
     for i in range(3):
-        x, y = batch(4, hw=8, seed=i, device=dev)
+        x, y = batch(2, hw=6, seed=i, device=dev)
         torch.testing.assert_close(train_step(g, og, x, y), train_step(e, oe, x, y), rtol=1e-4, atol=1e-5)
         assert_same_state(g, e, tol=dict(rtol=1e-4, atol=1e-5))
     assert g.graphs.stats["replays"] == 2

@@ -67,10 +67,17 @@ def _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr,               # source, second sour
         sw = dw[:, None] * STRIDE - PAD + kw[None, :]
         ok = (sh >= 0) & (sh < SH) & (sw >= 0) & (sw < SW)
     ok = ok & m_ok[:, None] & (kk < KTOT)[None, :]
-    sh64 = ix(sh, INDEX64)
-    sw64 = ix(sw, INDEX64)
-    c64 = ix(c, INDEX64)[None, :]
-    n64 = ix(n_img, INDEX64)[:, None]
+    # inline rather than ix(): a nested jit call per tile costs ~2x under the interpreter (CI runs it)
+    if INDEX64:
+        sh64 = sh.to(tl.int64)
+        sw64 = sw.to(tl.int64)
+        c64 = c.to(tl.int64)[None, :]
+        n64 = n_img.to(tl.int64)[:, None]
+    else:
+        sh64 = sh
+        sw64 = sw
+        c64 = c[None, :]
+        n64 = n_img[:, None]
     a = tl.load(a_ptr + n64 * s_n + sh64 * s_h + sw64 * s_w + c64 * s_c, mask=ok, other=0.0).to(tl.float32)
     if PRO == 1:
         scale = tl.load(pa_ptr + c, mask=kk < KTOT, other=0.0)
@@ -98,7 +105,11 @@ def _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,
         kk = k0 + offs_k
         a = _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr, n_img, dh, dw, m_ok, kk, SH, SW, C,
                       s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT, KW, STRIDE, PAD, TRANSPOSED, PRO, INDEX64)
-        b = tl.load(w_ptr + ix(kk, INDEX64)[:, None] * N + offs_n[None, :],
+        if INDEX64:
+            rows = kk.to(tl.int64)[:, None] * N
+        else:
+            rows = kk[:, None] * N
+        b = tl.load(w_ptr + rows + offs_n[None, :],
                     mask=(kk < KTOT)[:, None] & n_ok[None, :], other=0.0)
         # the dot runs in the weight's dtype (fp32, or bf16/fp16 under autocast), accumulating in fp32
         acc = tl.dot(a.to(w_ptr.dtype.element_ty), b, acc, input_precision=PRECISION)
@@ -242,6 +253,8 @@ def conv_wgrad_kernel(part_ptr,                               # fp32 [SPLIT, COU
     if X_PRO == 1:
         xs = tl.load(xs_ptr + c, mask=r_ok, other=0.0)
         xt = tl.load(xt_ptr + c, mask=r_ok, other=0.0)
+    co_idx = ix(offs_co, INDEX64)[None, :]  # hoisted out of the loop
+    c64w = ix(c, INDEX64)[None, :]
     acc = tl.zeros((BLOCK_CO, BLOCK_R), dtype=tl.float32)
     ohw = OH * OW
     p_start = pid_s * P_PER_SPLIT
@@ -254,16 +267,19 @@ def conv_wgrad_kernel(part_ptr,                               # fp32 [SPLIT, COU
         ow = rem % OW
         dmask = p_ok[:, None] & co_ok[None, :]
         dy = tl.load(dy_ptr + n_img[:, None] * d_n + oh[:, None] * d_h + ow[:, None] * d_w
-                     + ix(offs_co, INDEX64)[None, :] * d_c, mask=dmask, other=0.0).to(tl.float32)
+                     + co_idx * d_c, mask=dmask, other=0.0).to(tl.float32)
         if DY_PRO == 2:
             y = tl.load(y_ptr + n_img[:, None] * y_n + oh[:, None] * y_h + ow[:, None] * y_w
-                        + ix(offs_co, INDEX64)[None, :] * y_c, mask=dmask, other=0.0).to(tl.float32)
+                        + co_idx * y_c, mask=dmask, other=0.0).to(tl.float32)
             dy = tl.where(dmask, dy + y * c2[None, :] + c1[None, :], 0.0)
         ih = oh[:, None] * STRIDE - PAD + kh[None, :]
         iw = ow[:, None] * STRIDE - PAD + kw[None, :]
         xmask = p_ok[:, None] & r_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_ptr + n_img[:, None] * x_n + ix(ih, INDEX64) * x_h + ix(iw, INDEX64) * x_w
-                    + ix(c, INDEX64)[None, :] * x_c, mask=xmask, other=0.0).to(tl.float32)
+        if INDEX64:
+            x_off = n_img[:, None] * x_n + ih.to(tl.int64) * x_h + iw.to(tl.int64) * x_w + c64w * x_c
+        else:
+            x_off = n_img[:, None] * x_n + ih * x_h + iw * x_w + c[None, :] * x_c
+        a = tl.load(x_ptr + x_off, mask=xmask, other=0.0).to(tl.float32)
         if X_PRO == 1:
             a = tl.where(xmask, relu(a * xs[None, :] + xt[None, :]), 0.0)
         dt = x_ptr.dtype.element_ty  # the layer's compute dtype
