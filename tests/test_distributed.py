@@ -63,43 +63,20 @@ def global_batch(n, hw=10, seed=1):
 SHARDS = {2: [(0, 5), (5, 8)]}  # unequal shards: the merge must weight each rank by its count
 
 
-def _sync_worker(rank, world, port, backend, shortcut, sync, steps, out):
-    init(rank, world, port)
-    try:
-        model = FusedResNet.from_reference(reference(shortcut), backend=backend, sync_bn=sync, cuda_graphs=False)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        lo, hi = SHARDS[world][rank]
-        res = dict(outputs=[], grads=[], xgrads=[])
-        for step in range(steps):
-            x, y = global_batch(8, seed=step)
-            xs = x[lo:hi].clone().requires_grad_(True)
-            out_ = model(xs)
-            # this rank's share of the global mean loss; gradients summed over ranks = the global batch's
-            loss = F.cross_entropy(out_, y[lo:hi], reduction="sum") / x.shape[0]
-            loss.backward()
-            for p in model.parameters():
-                dist.all_reduce(p.grad)
-            res["outputs"].append(out_.detach())
-            res["xgrads"].append(xs.grad)
-            res["grads"].append({n: p.grad.clone() for n, p in model.named_parameters()})
-            opt.step()
-            opt.zero_grad()
-        res["state"] = {k: v.clone() for k, v in model.state_dict().items()}
-        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _single(backend, shortcut, steps, lo=0, hi=8):
-    """One process on rows [lo, hi) of every global batch: the oracle."""
-    model = FusedResNet.from_reference(reference(shortcut), backend=backend, cuda_graphs=False)
+def _steps(backend, shortcut, steps, lo, hi, denominator, sync=False, reduce=False):
+    """SGD steps of a FusedResNet on rows [lo, hi) of every global batch with loss = sum of CE / denominator;
+    ``reduce``: gradients summed over the processes (the ranks' shares of one global-batch loss)."""
+    model = FusedResNet.from_reference(reference(shortcut), backend=backend, sync_bn=sync, cuda_graphs=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     res = dict(outputs=[], grads=[], xgrads=[])
     for step in range(steps):
         x, y = global_batch(8, seed=step)
         xs = x[lo:hi].clone().requires_grad_(True)
         out_ = model(xs)
-        F.cross_entropy(out_, y[lo:hi], reduction="sum").div(hi - lo).backward()
+        F.cross_entropy(out_, y[lo:hi], reduction="sum").div(denominator).backward()
+        if reduce:
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
         res["outputs"].append(out_.detach())
         res["xgrads"].append(xs.grad)
         res["grads"].append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -107,6 +84,21 @@ def _single(backend, shortcut, steps, lo=0, hi=8):
         opt.zero_grad()
     res["state"] = {k: v.clone() for k, v in model.state_dict().items()}
     return res
+
+
+def _sync_worker(rank, world, port, backend, shortcut, sync, steps, out):
+    init(rank, world, port)
+    try:
+        lo, hi = SHARDS[world][rank]
+        res = _steps(backend, shortcut, steps, lo, hi, 8, sync=sync, reduce=sync)
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _single(backend, shortcut, steps, lo=0, hi=8):
+    """One process on rows [lo, hi) of every global batch: the oracle."""
+    return _steps(backend, shortcut, steps, lo, hi, hi - lo)
 
 
 def _cases():

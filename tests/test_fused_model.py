@@ -41,17 +41,21 @@ CASES = [(8, "A", False, 28, 2), (8, "B", False, 11, 3), (8, "A", True, 7, 4), (
 
 
 @pytest.mark.parametrize("depth,shortcut,plain,size,batch", CASES, ids=str)
-def test_train_step_matches_reference(dev, depth, shortcut, plain, size, batch):
-    ref = perturbed_reference(depth, shortcut, plain, dev)
-    fused = FusedResNet.from_reference(ref, backend="triton")
-    x = torch.randn(batch, 1, size, size, device=dev)
+def check_train_step(ref, fused, x):
+    """One training step of both on x: outputs, every gradient, running_mean/var and num_batches_tracked."""
     out_r, out_f = ref(x), fused(x)
     torch.testing.assert_close(out_f, out_r, rtol=1e-4, atol=1e-5)
     g = torch.randn_like(out_r)
     out_r.backward(g)
     out_f.backward(g)
     assert_same_grads(ref, fused)
-    assert_same_state(ref, fused)  # running_mean, running_var, num_batches_tracked
+    assert_same_state(ref, fused)
+
+
+def test_train_step_matches_reference(dev, depth, shortcut, plain, size, batch):
+    ref = perturbed_reference(depth, shortcut, plain, dev)
+    fused = FusedResNet.from_reference(ref, backend="triton")
+    check_train_step(ref, fused, torch.randn(batch, 1, size, size, device=dev))
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])
@@ -64,13 +68,7 @@ def test_64bit_index_path_matches_reference(dev, shortcut, monkeypatch):
     ref = perturbed_reference(8, shortcut, False, dev)
     fused = FusedResNet.from_reference(ref, backend="triton")
     x = torch.randn(2, 1, 9, 9, device=dev)
-    out_r, out_f = ref(x), fused(x)
-    torch.testing.assert_close(out_f, out_r, rtol=1e-4, atol=1e-5)
-    g = torch.randn_like(out_r)
-    out_r.backward(g)
-    out_f.backward(g)
-    assert_same_grads(ref, fused)
-    assert_same_state(ref, fused)
+    check_train_step(ref, fused, x)
     ref.eval(), fused.eval()
     with torch.no_grad():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
