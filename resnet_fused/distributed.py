@@ -1,7 +1,7 @@
 """Distributed training pieces: synchronized BatchNorm statistics for FusedResNet, and torchrun's environment.
 
 Synchronized BatchNorm (``FusedResNet(sync_bn=True)``): each BatchNorm's batch statistics are those of the global
-batch. The fused kernels produce each rank's biased (mean, var) over its ``n`` values per channel; ``sync_stats``
+batch. The fused kernels produce each rank's biased (mean, var) over its ``n`` values per channel; ``BatchSync``
 all-gathers ``[mean, var, n]`` from every rank in **one collective** and merges them exactly (Chan et al.'s
 parallel variance):
 
