@@ -40,7 +40,6 @@ CASES = [(8, "A", False, 28, 2), (8, "B", False, 11, 3), (8, "A", True, 7, 4), (
          (14, "B", False, 7, 2)]
 
 
-@pytest.mark.parametrize("depth,shortcut,plain,size,batch", CASES, ids=str)
 def check_train_step(ref, fused, x):
     """One training step of both on x: outputs, every gradient, running_mean/var and num_batches_tracked."""
     out_r, out_f = ref(x), fused(x)
@@ -52,6 +51,7 @@ def check_train_step(ref, fused, x):
     assert_same_state(ref, fused)
 
 
+@pytest.mark.parametrize("depth,shortcut,plain,size,batch", CASES, ids=str)
 def test_train_step_matches_reference(dev, depth, shortcut, plain, size, batch):
     ref = perturbed_reference(depth, shortcut, plain, dev)
     fused = FusedResNet.from_reference(ref, backend="triton")
