@@ -11,6 +11,7 @@ augmentation come from a generator seeded with (seed, epoch), so a resumed run s
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -266,11 +267,25 @@ def load_splits(name: str, root: str | None = None, download: bool = False, val_
     return out
 
 
+def rotate_zoom(x, angle, zoom):
+    """Images x [B, C, H, W] (float) each rotated counter-clockwise by ``angle[b]`` radians and magnified by
+    ``zoom[b]`` about the image centre; bilinear, zero fill outside."""
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # output -> input coordinates
+    zero = torch.zeros_like(cos)
+    # affine_grid's (x, y) have y pointing down: a counter-clockwise turn on screen samples the input at the
+    # output point turned clockwise
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 class DeviceLoader:
     """Batches from a :class:`Split` held on a device: shuffled, translated, normalised there.
 
     Iterating yields (float images [B, 1, H, W], labels [B]); ``epoch`` selects the seeded order and shifts.
-    ``max_shift`` pixels of random translation (zero fill), 0 disables augmentation.
+    ``max_shift`` pixels of random translation (zero fill), 0 disables it; ``rotate`` (degrees) and ``scale``
+    (relative) add a random rotation in [-rotate, rotate] and zoom in [1 - scale, 1 + scale] about the centre
+    (bilinear, zero fill), drawn per image after the translation; 0 disables each.
     ``shard=(rank, world)`` (distributed training): ``batch_size`` is the global batch; every rank draws the same
     order and the same shifts for it and yields only its own contiguous part (disjoint, reshuffled every epoch), so
     W ranks together see exactly the batches one process would.
@@ -278,9 +293,11 @@ class DeviceLoader:
 
     def __init__(self, split: Split, batch_size: int, mean: float, std: float, shuffle: bool = False,
                  max_shift: int = 0, seed: int = 0, drop_last: bool = False, channels_last: bool = False,
-                 dtype=torch.float32, shard: tuple = (0, 1)):
+                 dtype=torch.float32, shard: tuple = (0, 1), rotate: float = 0.0, scale: float = 0.0):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not (0.0 <= rotate <= 180.0 and 0.0 <= scale < 1.0):
+            raise ValueError(f"rotate must be in [0, 180] degrees and scale in [0, 1), got {rotate} and {scale}")
         rank, world = shard
         if not 0 <= rank < world:
             raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
@@ -288,6 +305,7 @@ class DeviceLoader:
         self.shuffle, self.max_shift, self.seed, self.drop_last = shuffle, int(max_shift), int(seed), drop_last
         self.channels_last, self.dtype, self.epoch = channels_last, dtype, 0
         self.rank, self.world = int(rank), int(world)
+        self.rotate, self.scale = float(rotate), float(scale)
 
     @property
     def device(self):
@@ -325,6 +343,12 @@ class DeviceLoader:
         cidx = torch.arange(c, device=x.device)[None, :, None, None]
         return padded[bidx, cidx, rows, cols]
 
+    def _warp(self, imgs_u8, g, rows=None):
+        """Rotate and zoom every image by its own draw (the whole global batch is drawn, as in _translate)."""
+        lo, hi, total = rows if rows is not None else (0, imgs_u8.shape[0], imgs_u8.shape[0])
+        u = torch.rand(2, total, device=imgs_u8.device, generator=g, dtype=torch.float64)[:, lo:hi]
+        return rotate_zoom(imgs_u8.float(), (2 * u[0] - 1) * math.radians(self.rotate), 1 + (2 * u[1] - 1) * self.scale)
+
     def __iter__(self):
         n = len(self.split)
         g = self._generator()
@@ -343,4 +367,6 @@ class DeviceLoader:
                 imgs, labels = self.split.images[idx], self.split.labels[idx]
             if self.max_shift:
                 imgs = self._translate(imgs, g, rows)
+            if self.rotate or self.scale:
+                imgs = self._warp(imgs, g, rows)
             yield self.normalize(imgs), labels

@@ -25,6 +25,9 @@ def build_parser():
     p.add_argument("--data-root", default=None)
     p.add_argument("--download", action="store_true")
     p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--weights", choices=["ema", "trained"], default=None,
+                   help="a run with --ema saved two sets of weights: the average (what the run reported) or the "
+                        "trained ones [ema where the checkpoint has it]")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     p.add_argument("--device", default=None)
@@ -111,13 +114,19 @@ def evaluate(argv=None):
     data = load_splits(cfg["dataset"], args.data_root, args.download, val_size=cfg.get("val_size", 0),
                        subset=cfg.get("subset") or None, seed=cfg.get("seed", 0), device=device)
     model = make_model(cfg, cfg["in_channels"], cfg["num_classes"], device)
-    load_model_state(model, ckpt["model"], f"checkpoint {args.checkpoint!r}")
+    weights = args.weights or ("ema" if "ema" in ckpt else "trained")
+    if weights == "ema" and "ema" not in ckpt:
+        raise UserError(f"checkpoint {args.checkpoint!r} has no weight EMA (the run had no --ema): use "
+                        f"--weights trained")
+    state = ckpt["ema"]["model"] if weights == "ema" else ckpt["model"]
+    load_model_state(model, state, f"checkpoint {args.checkpoint!r}" + (" (EMA)" if weights == "ema" else ""))
     loader = DeviceLoader(data[args.split], args.batch_size, cfg["mean"], cfg["std"],
                           channels_last=cfg.get("channels_last", False))
     loss, acc, conf = evaluate_split(model, loader, device, args.amp, cfg["num_classes"])
     classes = data["classes"]
     per_class = (conf.diag().double() / conf.sum(1).clamp_min(1).double()).tolist()
-    print(f"{cfg['model']} ({cfg['impl']}) from {args.checkpoint}, epoch {ckpt['epoch']}, {cfg['dataset']} "
+    print(f"{cfg['model']} ({cfg['impl']}, {weights} weights) from {args.checkpoint}, epoch {ckpt['epoch']}, "
+          f"{cfg['dataset']} "
           f"{args.split}: accuracy {100 * acc:.2f}% ({int(conf.diag().sum())}/{int(conf.sum())}), loss {loss:.4f}")
     print("per-class accuracy:")
     for name, a, n in zip(classes, per_class, conf.sum(1).tolist()):
@@ -127,7 +136,8 @@ def evaluate(argv=None):
     print(" " * 6 + "".join(f"{i:>{w}d}" for i in range(conf.shape[1])))
     for i, row in enumerate(conf.tolist()):
         print(f"{i:>5d} " + "".join(f"{v:>{w}d}" for v in row))
-    result = dict(checkpoint=args.checkpoint, model=cfg["model"], dataset=cfg["dataset"], split=args.split,
+    result = dict(checkpoint=args.checkpoint, model=cfg["model"], recipe=cfg.get("recipe", "default"),
+                  weights=weights, dataset=cfg["dataset"], split=args.split,
                   accuracy=acc, loss=loss, per_class_accuracy=dict(zip(map(str, classes), per_class)),
                   confusion_matrix=conf.tolist())
     if args.plots:

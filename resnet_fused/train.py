@@ -31,13 +31,25 @@ from . import distributed as rf_dist
 from .checkpoint import (UserError, atomic_save, atomic_write_bytes, atomic_write_text, check_writable_dir,
                          clean_stale_temp_files, clean_state_dict, load_checkpoint, load_model_state, run_cli, seal)
 from .data import DATASETS, DeviceLoader, load_splits
+from .ema import WeightEMA
 from .zoo import MODEL_NAMES, build_model, parse_model_name
 
 DEFAULTS = dict(model="resnet20", impl="fused", dataset="mnist", epochs=15, batch_size=128, lr=0.1,
                 momentum=0.9, wd=5e-4, schedule="cosine", warmup_epochs=1.0, label_smoothing=0.0, amp="off",
-                max_shift=2, val_size=0, subset=0, seed=0, shortcut=None, sync_bn=False)
+                max_shift=2, rotate=0.0, scale=0.0, ema=0.0, val_size=0, subset=0, seed=0, shortcut=None,
+                sync_bn=False)
 # Flags that define the run: on --resume they come from the checkpoint unless given again (and must then agree).
 RECIPE_KEYS = tuple(DEFAULTS)
+# --recipe NAME: values over DEFAULTS (flags given on the command line override them). How each was chosen, with
+# the measurements: README "Accuracy" and results/recipes/.
+RECIPES = dict(
+    default={},
+    # the fewest images to 99.5% MNIST test accuracy
+    fast=dict(epochs=2, schedule="onecycle", lr=0.2, label_smoothing=0.1),
+    # the best single-model accuracy: small rotations/zooms on top of the shifts, label smoothing, weight EMA,
+    # a longer schedule
+    best=dict(epochs=40, rotate=10.0, scale=0.1, label_smoothing=0.1, ema=0.999),
+)
 
 
 def build_parser():
@@ -45,6 +57,9 @@ def build_parser():
     # the checkpoint on --resume, so argparse itself holds None for them)
     p = argparse.ArgumentParser(prog="python -m resnet_fused.train", description=__doc__.split("\n\n")[0])
     a = p.add_argument
+    a("--recipe", choices=list(RECIPES),
+      help="a named set of the defaults below: fast (the fewest images to 99.5%% on MNIST), best (the best "
+           "single-model accuracy); flags given override it [default]")
     a("--model", help=f"one of {', '.join(MODEL_NAMES)} (or resnetN/plainN) [default resnet20]")
     a("--impl", choices=["reference", "fused"],
       help="fused = FusedResNet (Triton on a GPU, the C++ operators on a CPU, plain PyTorch math where neither is "
@@ -61,7 +76,11 @@ def build_parser():
     a("--schedule", choices=["multistep", "cosine", "onecycle"], help="learning-rate schedule [cosine]")
     a("--warmup-epochs", type=float, help="linear warm-up for multistep/cosine [1]")
     a("--label-smoothing", type=float, help="[0]")
-    a("--max-shift", type=int, help="random translation in pixels, 0 = no augmentation [2]")
+    a("--max-shift", type=int, help="random translation in pixels, 0 = none [2]")
+    a("--rotate", type=float, help="random rotation in degrees, +- this, 0 = none [0]")
+    a("--scale", type=float, help="random zoom, 1 +- this, 0 = none [0]")
+    a("--ema", type=float, help="decay of an exponential moving average of the weights (BatchNorm statistics "
+                                "too), evaluated and saved besides the trained weights; 0 = off [0]")
     a("--val-size", type=int, help="images carved from train for validation; best.pt then follows val [0]")
     a("--subset", type=int, help="use only the first N training (and test) images, 0 = all [0]")
     a("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype [off]")
@@ -213,10 +232,16 @@ def write_metrics(history, out):
 def resolve_config(args):
     """The run's recipe: flags over (on --resume) the checkpoint's config over DEFAULTS."""
     ckpt, path = None, None
+    recipe = args.recipe or "default"
     if args.resume:
         path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
         ckpt = load_checkpoint(path)
-        base = dict(DEFAULTS)
+        had = ckpt["config"].get("recipe", "default")
+        if args.recipe is not None and args.recipe != had:
+            raise UserError(f"--recipe {args.recipe} does not match the checkpoint {path!r} ({had}); resume with "
+                            f"the same recipe or start a new --out")
+        recipe = had
+        base = dict(DEFAULTS) | RECIPES.get(recipe, {})
         base.update({k: v for k, v in ckpt["config"].items() if k in RECIPE_KEYS})
         for k in ("model", "dataset", "shortcut", "batch_size", "seed", "subset", "val_size"):
             given = getattr(args, k, None)
@@ -224,8 +249,9 @@ def resolve_config(args):
                 raise UserError(f"--{k.replace('_', '-')} {given} does not match the checkpoint {path!r} "
                                 f"({base[k]}); resume with the same {k.replace('_', ' ')} or start a new --out")
     else:
-        base = dict(DEFAULTS)
+        base = dict(DEFAULTS) | RECIPES[recipe]
     cfg = {k: (getattr(args, k) if getattr(args, k, None) is not None else base[k]) for k in RECIPE_KEYS}
+    cfg["recipe"] = recipe
     cfg["channels_last"] = bool(args.channels_last or (ckpt and ckpt["config"].get("channels_last")))
     cfg["compile"] = bool(args.compile)
     try:
@@ -244,7 +270,8 @@ def resolve_config(args):
 # flag -> (lowest, highest, whether the lowest itself is allowed); None = unbounded
 _RANGES = dict(epochs=(1, None, True), batch_size=(1, None, True), lr=(0.0, None, False), momentum=(0.0, None, True),
                wd=(0.0, None, True), warmup_epochs=(0.0, None, True), label_smoothing=(0.0, 1.0, True),
-               max_shift=(0, None, True), val_size=(0, None, True), subset=(0, None, True), seed=(0, 2**31 - 1, True))
+               max_shift=(0, None, True), rotate=(0.0, 180.0, True), scale=(0.0, None, True),
+               ema=(0.0, None, True), val_size=(0, None, True), subset=(0, None, True), seed=(0, 2**31 - 1, True))
 
 
 def validate_config(cfg):
@@ -258,6 +285,10 @@ def validate_config(cfg):
             raise UserError(f"{flag} must be {where}, got {v}")
     if cfg["momentum"] >= 1.0:
         raise UserError(f"--momentum must be below 1 (SGD diverges at 1 and above), got {cfg['momentum']}")
+    if cfg["scale"] >= 1.0:
+        raise UserError(f"--scale must be below 1 (a zoom of 1 - scale must stay positive), got {cfg['scale']}")
+    if cfg["ema"] >= 1.0:
+        raise UserError(f"--ema must be below 1 (0 = off; 0.999 averages over about 1000 steps), got {cfg['ema']}")
     if cfg["warmup_epochs"] > cfg["epochs"]:
         raise UserError(f"--warmup-epochs {cfg['warmup_epochs']} is longer than the run (--epochs {cfg['epochs']})")
 
@@ -401,6 +432,7 @@ def _train(args, cfg, ckpt, resume_path, denv, device):
                           lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["momentum"] > 0)
     loader_kw = dict(mean=data["mean"], std=data["std"], channels_last=cfg["channels_last"])
     train_loader = DeviceLoader(data["train"], global_batch, shuffle=True, max_shift=cfg["max_shift"],
+                                rotate=cfg["rotate"], scale=cfg["scale"],
                                 seed=cfg["seed"], drop_last=world > 1 or len(data["train"]) >= 2 * global_batch,
                                 shard=(denv.rank, world), **loader_kw)
     test_loader = DeviceLoader(shard_split(data["test"], denv), 1000, **loader_kw)
@@ -410,8 +442,15 @@ def _train(args, cfg, ckpt, resume_path, denv, device):
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
 
     start_epoch, history, best = 0, [], -1.0
+    ema = WeightEMA(model, cfg["ema"]) if cfg["ema"] > 0 else None
     if ckpt is not None:
         load_model_state(model, ckpt["model"], f"checkpoint {resume_path!r}")
+        if ema is not None:
+            if "ema" not in ckpt:
+                raise UserError(f"checkpoint {resume_path!r} has no weight EMA but this run asks for --ema "
+                                f"{cfg['ema']}: resume with its own settings or start a new --out")
+            load_model_state(ema.model, ckpt["ema"]["model"], f"checkpoint {resume_path!r} (EMA)")
+            ema.updates = int(ckpt["ema"]["updates"])
         try:
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
@@ -474,6 +513,8 @@ def _train(args, cfg, ckpt, resume_path, denv, device):
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             loss_sum += loss.detach().double() * y.numel()
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.numel()
@@ -488,13 +529,19 @@ def _train(args, cfg, ckpt, resume_path, denv, device):
             loss_sum, correct, seen = packed[0], packed[1], int(packed[2].item())
         train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
         train_time = time.perf_counter() - t0
-        test_loss, test_acc, _ = evaluate_split(run_model, test_loader, device, cfg["amp"], num_classes,
+        # with --ema the averaged weights are the run's result: test/val columns are theirs (the trained weights'
+        # test accuracy besides, as test_acc_raw)
+        judged = ema.model if ema is not None else run_model
+        test_loss, test_acc, _ = evaluate_split(judged, test_loader, device, cfg["amp"], num_classes,
                                                 reduce=world > 1)
         row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], train_loss=train_loss, train_acc=train_acc,
                    test_loss=test_loss, test_acc=test_acc, epoch_time_s=train_time,
                    images_per_s=seen / train_time)
+        if ema is not None:
+            row["test_acc_raw"] = evaluate_split(run_model, test_loader, device, cfg["amp"], num_classes,
+                                                 reduce=world > 1)[1]
         if val_loader is not None:
-            row["val_loss"], row["val_acc"], _ = evaluate_split(run_model, val_loader, device, cfg["amp"],
+            row["val_loss"], row["val_acc"], _ = evaluate_split(judged, val_loader, device, cfg["amp"],
                                                                 num_classes, reduce=world > 1)
         history.append(row)
         score = row.get("val_acc", test_acc)
@@ -503,7 +550,9 @@ def _train(args, cfg, ckpt, resume_path, denv, device):
         if main:
             state = seal(dict(model=clean_state_dict(model.state_dict()), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), scaler=scaler.state_dict(), epoch=epoch + 1, best=best,
-                              history=history, rng=rng_state(), config=cfg, torch_version=str(torch.__version__)))
+                              history=history, rng=rng_state(), config=cfg, torch_version=str(torch.__version__),
+                              **(dict(ema=dict(model=clean_state_dict(ema.model.state_dict()), updates=ema.updates))
+                                 if ema is not None else {})))
             # checkpoints first, then the metrics that describe them: metrics.csv never shows an epoch that no
             # checkpoint holds
             atomic_save(state, os.path.join(out, "last.pt"))
@@ -511,6 +560,7 @@ def _train(args, cfg, ckpt, resume_path, denv, device):
                 atomic_save(state, os.path.join(out, "best.pt"))
             write_metrics(history, out)
             extra = f" val_acc {row['val_acc']:.4f}" if "val_acc" in row else ""
+            extra += f" (EMA; trained weights {row['test_acc_raw']:.4f})" if ema is not None else ""
             print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  loss {train_loss:.4f}  train_acc {train_acc:.4f}  "
                   f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}{extra}  {seen / train_time:,.0f} img/s  "
                   f"{train_time:.1f}s", flush=True)

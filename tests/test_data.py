@@ -81,14 +81,46 @@ def test_idx_family_datasets_load_through_torchvision(mnist_root, tmp_path, name
     assert d["train"].images.shape == (100, 1, 28, 28) and len(d["classes"]) == 10
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_loader_splits_the_global_batches(world):
+def test_rotate_zoom_turns_and_magnifies():
+    import math
+    from resnet_fused.data import rotate_zoom
+    x = torch.randn(3, 2, 5, 5)
+    f64 = dict(dtype=torch.float64)
+    out = rotate_zoom(x, torch.tensor([math.pi / 2, 0.0, -math.pi / 2], **f64), torch.ones(3, **f64))
+    torch.testing.assert_close(out[0], torch.rot90(x[0], 1, (1, 2)), rtol=0, atol=1e-5)  # counter-clockwise
+    torch.testing.assert_close(out[1], x[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[2], torch.rot90(x[2], -1, (1, 2)), rtol=0, atol=1e-5)
+    half = rotate_zoom(torch.ones(1, 1, 8, 8), torch.zeros(1, **f64), torch.full((1,), 0.5, **f64))[0, 0]
+    expect = torch.zeros(8, 8)
+    expect[2:6, 2:6] = 1  # shrunk to the central half, zero around it
+    torch.testing.assert_close(half, expect, rtol=0, atol=1e-6)
+
+
+def test_rotation_and_zoom_are_seeded_and_bounded(mnist_root):
+    d = load_splits("mnist", mnist_root, subset=64)
+    plain = next(iter(_loader(d)))[0]
+    a, b = (next(iter(_loader(d, rotate=15, scale=0.1, seed=5)))[0] for _ in range(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, plain, atol=1e-3)
+    bg = (0 - d["mean"]) / d["std"]
+    assert a.min() >= bg - 1e-5 and a.max() <= plain.max() + 1e-5  # bilinear: within the pixels' range
+    # a small turn keeps most of the ink (zoom within 10% changes it by at most ~21%)
+    ink = lambda t: (t - bg).sum((1, 2, 3))
+    assert ((ink(a) / ink(plain)) - 1).abs().max() < 0.3
+    with pytest.raises(ValueError, match="rotate"):
+        _loader(d, rotate=200)
+    with pytest.raises(ValueError, match="scale"):
+        _loader(d, scale=1.0)
+
+
+@pytest.mark.parametrize("world,aug", [(2, {}), (3, {}), (2, dict(rotate=10.0, scale=0.1))])
+def test_sharded_loader_splits_the_global_batches(world, aug):
     """W ranks' batches, concatenated in rank order, are exactly one process's batches (order, labels, shifts):
     disjoint shards, reshuffled every epoch."""
     from resnet_fused.data import Split
     g = torch.Generator().manual_seed(0)
     split = Split(torch.randint(0, 255, (53, 1, 8, 8), dtype=torch.uint8, generator=g), torch.arange(53))
-    kw = dict(mean=0.1, std=0.3, shuffle=True, max_shift=2, seed=3, drop_last=True)
+    kw = dict(mean=0.1, std=0.3, shuffle=True, max_shift=2, seed=3, drop_last=True, **aug)
     one = DeviceLoader(split, 12, **kw)
     ranks = [DeviceLoader(split, 12, **kw, shard=(r, world)) for r in range(world)]
     firsts = []

@@ -35,16 +35,64 @@ def test_short_training_lowers_the_loss_and_writes_its_files(mnist_root, tmp_pat
     assert conf.shape == (10, 10) and conf.sum() == 1000
 
 
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(mnist_root, tmp_path):
-    args = ("--model", "resnet8", "--epochs", "2", "--no-plot")
+@pytest.mark.parametrize("extra", [(), ("--recipe", "best", "--ema", "0.9")])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(mnist_root, tmp_path, extra):
+    """Also with the best recipe's rotations/zooms, label smoothing and weight EMA (saved and restored)."""
+    args = ("--model", "resnet8", "--epochs", "2", "--no-plot", *extra)
     full = run_train(base_args(mnist_root, tmp_path / "full", *args))
     run_train(base_args(mnist_root, tmp_path / "split", *args, "--stop-after-epoch", "1"))
-    resumed = run_train(base_args(mnist_root, tmp_path / "split", *args[2:], "--resume"))
-    assert [h["train_loss"] for h in resumed] == pytest.approx([h["train_loss"] for h in full], rel=1e-5)
+    resumed = run_train(base_args(mnist_root, tmp_path / "split", *args[2:4], "--resume"))
+    for key in ("train_loss", "test_acc") + (("test_acc_raw",) if extra else ()):
+        assert [h[key] for h in resumed] == pytest.approx([h[key] for h in full], rel=1e-5), key
     a = load_checkpoint(str(tmp_path / "full" / "last.pt"))
     b = load_checkpoint(str(tmp_path / "split" / "last.pt"))
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, msg=lambda m: f"{k}: {m}")
+    assert ("ema" in a) == bool(extra)
+    if extra:
+        assert b["config"]["recipe"] == "best" and b["ema"]["updates"] == a["ema"]["updates"] == 20
+        for k, v in a["ema"]["model"].items():
+            torch.testing.assert_close(b["ema"]["model"][k], v, msg=lambda m: f"ema {k}: {m}")
+
+
+def test_recipes_set_defaults_that_flags_override(mnist_root, tmp_path, capsys):
+    from resnet_fused.train import DEFAULTS, RECIPES, build_parser, resolve_config
+    for name, values in RECIPES.items():
+        cfg = resolve_config(build_parser().parse_args(["--recipe", name]))[0]
+        assert cfg["recipe"] == name and {k: cfg[k] for k in values} == values
+        assert all(cfg[k] == v for k, v in DEFAULTS.items() if k not in values)
+    cfg = resolve_config(build_parser().parse_args(["--recipe", "fast", "--epochs", "3", "--lr", "0.05"]))[0]
+    assert (cfg["epochs"], cfg["lr"], cfg["schedule"]) == (3, 0.05, RECIPES["fast"]["schedule"])
+    assert resolve_config(build_parser().parse_args([]))[0]["recipe"] == "default"
+    # a recipe's run resumes with its own recipe: another one is refused, none given keeps it
+    out = tmp_path / "run"
+    run_train(base_args(mnist_root, out, "--model", "resnet8", "--recipe", "fast", "--epochs", "2", "--subset",
+                        "200", "--stop-after-epoch", "1", "--no-plot"))
+    err = cli_error(capsys, train.main, base_args(mnist_root, out, "--recipe", "best", "--subset", "200", "--resume"))
+    assert "--recipe best does not match" in err and "(fast)" in err
+    hist = run_train(base_args(mnist_root, out, "--subset", "200", "--resume", "--no-plot"))
+    assert len(hist) == 2 and load_checkpoint(str(out / "last.pt"))["config"]["recipe"] == "fast"
+    for bad, what in ((("--ema", "1"), "--ema must be below 1"), (("--scale", "1.5"), "--scale must be below 1"),
+                      (("--rotate", "200"), "--rotate must be"), (("--ema", "-0.1"), "--ema must be")):
+        assert what in cli_error(capsys, train.main, base_args(mnist_root, tmp_path / "bad", *bad))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_evaluate_uses_the_ema_weights_of_an_ema_run(mnist_root, tmp_path, capsys):
+    hist = run_train(base_args(mnist_root, tmp_path / "run", "--model", "resnet8", "--epochs", "1", "--subset",
+                               "200", "--ema", "0.5", "--no-plot"))
+    ckpt = str(tmp_path / "run" / "last.pt")
+    common = ["--data-root", mnist_root, "--device", "cpu"]
+    ema = evaluate.evaluate([ckpt, *common])
+    trained = evaluate.evaluate([ckpt, *common, "--weights", "trained"])
+    assert (ema["weights"], trained["weights"]) == ("ema", "trained")
+    assert ema["accuracy"] == pytest.approx(hist[-1]["test_acc"])
+    assert trained["accuracy"] == pytest.approx(hist[-1]["test_acc_raw"])
+    assert ema["loss"] != trained["loss"]
+    run_train(base_args(mnist_root, tmp_path / "plain", "--model", "resnet8", "--epochs", "1", "--subset", "200",
+                        "--no-plot"))
+    err = cli_error(capsys, evaluate.main, [str(tmp_path / "plain" / "last.pt"), *common, "--weights", "ema"])
+    assert "no weight EMA" in err
 
 
 def cli_error(capsys, fn, argv):
