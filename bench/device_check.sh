@@ -98,7 +98,7 @@ else
   THROUGHPUT=(--models resnet20 --batch-sizes 512 --precisions fp32,bf16 --modes train,inference
               --impls "$IMPLS" --iters 20 --repeats 5)
   HOST=()
-  TTA=(--impls fused,reference --epochs 4)
+  TTA=(--impls fused,reference,reference-compile --amp bf16)  # the fast recipe (2 epochs)
 fi
 
 # build: in the background from the first second (its output joins the log when it ends)

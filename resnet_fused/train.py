@@ -317,6 +317,24 @@ def make_model(cfg, in_channels, num_classes, device):
     return model
 
 
+def make_optimizer(model, cfg):
+    """SGD (Nesterov momentum) of the recipe; no weight decay on BatchNorm parameters and biases."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([dict(params=decay, weight_decay=cfg["wd"]), dict(params=no_decay, weight_decay=0.0)],
+                           lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["momentum"] > 0)
+
+
+def make_train_loader(data, cfg, global_batch, shard=(0, 1)):
+    """The recipe's shuffled, augmented training batches (the last, smaller one dropped where the split holds at
+    least two batches, and always in a distributed run)."""
+    world = shard[1]
+    return DeviceLoader(data["train"], global_batch, data["mean"], data["std"], shuffle=True,
+                        max_shift=cfg["max_shift"], rotate=cfg["rotate"], scale=cfg["scale"], seed=cfg["seed"],
+                        drop_last=world > 1 or len(data["train"]) >= 2 * global_batch,
+                        channels_last=cfg["channels_last"], shard=shard)
+
+
 # the files a run writes in --out (their stale temp files are cleaned at start)
 RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "metrics.json", "curves.png")
 
@@ -425,16 +443,9 @@ def _train(args, cfg, ckpt, resume_path, denv, device):
         out = check_writable_dir(args.out)  # the first thing written: every check above has passed
         clean_stale_temp_files(out, RUN_FILES)
 
-    decay, no_decay = [], []
-    for n_, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.SGD([dict(params=decay, weight_decay=cfg["wd"]), dict(params=no_decay, weight_decay=0.0)],
-                          lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["momentum"] > 0)
+    opt = make_optimizer(model, cfg)
     loader_kw = dict(mean=data["mean"], std=data["std"], channels_last=cfg["channels_last"])
-    train_loader = DeviceLoader(data["train"], global_batch, shuffle=True, max_shift=cfg["max_shift"],
-                                rotate=cfg["rotate"], scale=cfg["scale"],
-                                seed=cfg["seed"], drop_last=world > 1 or len(data["train"]) >= 2 * global_batch,
-                                shard=(denv.rank, world), **loader_kw)
+    train_loader = make_train_loader(data, cfg, global_batch, shard=(denv.rank, world))
     test_loader = DeviceLoader(shard_split(data["test"], denv), 1000, **loader_kw)
     val_loader = DeviceLoader(shard_split(data["val"], denv), 1000, **loader_kw) if data["val"] is not None else None
     steps = len(train_loader)

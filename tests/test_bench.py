@@ -43,16 +43,34 @@ def test_throughput_tiny_cpu(tmp_path):
 
 
 def test_time_to_accuracy_tiny_cpu(tmp_path, mnist_root):
+    """Two seeds of one implementation with the best recipe (rotations, zooms, label smoothing, weight EMA): the
+    clock, the targets and the summary over seeds."""
     import time_to_accuracy
     out = tmp_path / "tta.json"
     time_to_accuracy.main(["--device", "cpu", "--model", "resnet8", "--impls", "reference", "--subset", "256",
-                           "--epochs", "1", "--batch-size", "64", "--amp", "off", "--data-root", mnist_root,
-                           "--json", str(out)])
+                           "--recipe", "best", "--epochs", "2", "--batch-size", "64", "--seeds", "0,1",
+                           "--targets", "0.0,0.995", "--data-root", mnist_root, "--json", str(out)])
     d = json.loads(out.read_text())
-    assert d["complete"] is True
-    r = d["results"][0]
-    assert r["impl"] == "reference" and r["warmup_s"] > 0 and len(r["history"]) == 1
-    assert set(r["seconds_to"]) == {"99.0%", "99.5%"} and 0 <= r["final_test_acc"] <= 1
+    assert d["complete"] is True and d["settings"]["recipe_config"]["ema"] > 0
+    assert [(r["impl"], r["seed"]) for r in d["results"]] == [("reference", 0), ("reference", 1)]
+    for r in d["results"]:
+        assert r["warmup_s"] > 0 and r["eval_s"] > 0 and len(r["history"]) == 2
+        assert 0 < r["history"][0]["train_seconds"] < r["history"][1]["train_seconds"]
+        assert [h["images"] for h in r["history"]] == [256, 512]  # 4 batches of 64 per epoch (drop_last)
+        assert all(0 < h["train_loss"] < 5 for h in r["history"])
+        # 0% is reached at the first epoch's end, 99.5% (nearly) never by a ResNet-8 on 256 images
+        assert r["seconds_to"]["0.0%"] == r["history"][0]["train_seconds"] and r["images_to"]["0.0%"] == 256
+        assert r["seconds_to"]["99.5%"] is None and 0 <= r["final_test_acc"] <= 1
+    (s,) = d["summary"]
+    accs = [r["final_test_acc"] for r in d["results"]]
+    assert s["impl"] == "reference" and s["seeds"] == [0, 1] and s["reached_0.0%"] == 2
+    assert s["final_acc_mean"] == pytest.approx(sum(accs) / 2) and s["seconds_to_99.5%"] is None
+    assert d["parity"] == []  # no fused row to compare
+    fake = [dict(impl=i, seed=0, final_test_acc=acc, history=[dict(train_loss=l0), dict(train_loss=l1)])
+            for i, acc, l0, l1 in (("reference", 0.99, 1.0, 0.5), ("fused", 0.995, 1.01, 0.49))]
+    (p,) = time_to_accuracy.parity(fake)
+    assert p["seed"] == 0 and p["max_rel_train_loss_diff"] == pytest.approx(0.02)
+    assert p["final_acc_diff_points"] == pytest.approx(0.5)
 
 
 def test_host_overhead_tool(tmp_path):
