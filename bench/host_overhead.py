@@ -1,6 +1,6 @@
 """Host-side cost of one FusedResNet (backend "triton") training step, measurable without a GPU.
 
-    python bench/host_overhead.py [--model resnet20] [--steps 50] [--profile]
+    python bench/host_overhead.py [--model resnet20] [--steps 50] [--amp off|bf16] [--profile]
 
 Without CUDA graphs the fused training step is bound by the host (H100 run 1: ~700 launches, 64 ms per step
 against 9 ms with a graph). This tool measures that host work on any machine: every Triton kernel launch
@@ -133,13 +133,15 @@ def count_kernel_ops(step):
     return c.calls, c.inner
 
 
-def train_step(model, x, y):
+def train_step(model, x, y, amp="off"):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True)
 
-    def step():
-        F.cross_entropy(model(x), y).backward()
+    def step():  # the ordinary loop of the README's usage (zero_grad's default: gradients set to None)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=False)
     return step
 
 
@@ -159,6 +161,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet20")
     p.add_argument("--steps", type=int, default=20, help="steps per timed window (5 windows, round-robin)")
+    p.add_argument("--amp", choices=["off", "bf16"], default="off",
+                   help="the step under autocast (CPU autocast standing in for CUDA's: the same casts of conv and "
+                        "linear operands)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -169,7 +174,7 @@ def main(argv=None):
     fused = build_model(args.model, impl="fused", backend="triton", cuda_graphs=False).to(
         memory_format=torch.channels_last)
     ref = build_model(args.model).to(memory_format=torch.channels_last)
-    sf, sr = train_step(fused, x, y), train_step(ref, x, y)
+    sf, sr = train_step(fused, x, y, args.amp), train_step(ref, x, y, args.amp)
     tf, tr = [], []
     for _ in range(5):  # round-robin windows: the machine's drift hits both alike
         tf += per_step_ms(sf, args.steps, 1)
@@ -182,14 +187,14 @@ def main(argv=None):
     # GPU kernels of one step: every Triton launch, and every ATen op that launches one, at the top level (outside
     # the custom ops) or inside the Python custom ops; the custom ops themselves launch nothing of their own
     outer_aten = sum(v for k, v in ops.items() if not k.startswith("resnet_fused."))
-    res = dict(model=args.model, fused_host_ms=statistics.median(tf), reference_host_ms=statistics.median(tr),
+    res = dict(model=args.model, amp=args.amp, fused_host_ms=statistics.median(tf), reference_host_ms=statistics.median(tr),
                fused_host_us=statistics.median(tf) * 1e3, reference_host_us=statistics.median(tr) * 1e3,
                triton_launches_per_step=launches, kernel_ops_per_step=sum(ops.values()),
                kernel_ops=dict(ops.most_common()), aten_ops_inside_custom_ops=dict(inner.most_common()),
                gpu_kernels_per_step=launches + outer_aten + sum(inner.values()),
                reference_gpu_kernels_per_step=sum(ref_ops.values()),
                torch=torch.__version__, triton=triton.__version__)
-    print(f"{args.model}: fused host work {res['fused_host_us']:,.0f} us/step, reference eager on tiny tensors "
+    print(f"{args.model} ({'bf16 autocast' if args.amp == 'bf16' else 'fp32'}): fused host work {res['fused_host_us']:,.0f} us/step, reference eager on tiny tensors "
           f"{res['reference_host_us']:,.0f} us/step")
     print(f"GPU kernels per training step: fused {res['gpu_kernels_per_step']} ({launches} Triton launches, "
           f"{outer_aten} ATen ops around the custom ops, {sum(inner.values())} inside them), reference "

@@ -45,7 +45,7 @@ RECIPE_KEYS = tuple(DEFAULTS)
 RECIPES = dict(
     default={},
     # the fewest images to 99.5% MNIST test accuracy
-    fast=dict(epochs=2, schedule="onecycle", lr=0.2, label_smoothing=0.1),
+    fast=dict(epochs=2, batch_size=256, schedule="onecycle", lr=0.4, label_smoothing=0.1),
     # the best single-model accuracy: small rotations/zooms on top of the shifts, label smoothing, weight EMA,
     # a longer schedule
     best=dict(epochs=40, rotate=10.0, scale=0.1, label_smoothing=0.1, ema=0.999),

@@ -213,21 +213,63 @@ def test_every_conv_config(dev, cfg):
     x = nhwc(torch.randn(2, 16, 9, 9, device=dev))
     w = torch.randn(24, 16, 3, 3, device=dev)
     config = ig.CONV_CONFIGS[cfg]
-    y, part, tile = ig.conv_launch(x, ig.weight_matrix(w), 3, 3, 2, 1, (5, 5), stats=1, config=config)
+    y, part, tile = ig.conv_launch(x, w, 3, 3, 2, 1, (5, 5), stats=1, config=config)
     close(y, F.conv2d(x, w, stride=2, padding=1))
     dy = nhwc(torch.randn(2, 24, 5, 5, device=dev))
-    gx, _, _ = ig.conv_launch(dy, ig.weight_matrix(w, True), 3, 3, 2, 1, (9, 9), transposed=True, config=config)
+    gx, _, _ = ig.conv_launch(dy, w, 3, 3, 2, 1, (9, 9), transposed=True, config=config)
     close(gx, torch.nn.grad.conv2d_input(x.shape, w, dy, stride=2, padding=1))
     # the dual-output (option-B train) variant of the same kernel
     h = nhwc(torch.randn(2, 24, 5, 5, device=dev))
     w2 = torch.randn(24, 24, 3, 3, device=dev)
     wp = torch.randn(24, 16, 1, 1, device=dev)
-    (y2, ys), part, tile = ig.conv_launch(h, ig.weight_matrix(w2), 3, 3, 1, 1, (5, 5), x2=x,
-                                          w2_mat=ig.weight_matrix(wp), stride2=2, dual_out=True, stats=1,
+    (y2, ys), part, tile = ig.conv_launch(h, w2, 3, 3, 1, 1, (5, 5), x2=x,
+                                          w2=wp, stride2=2, dual_out=True, stats=1,
                                           config=config)
     close(y2, F.conv2d(h, w2, padding=1)), close(ys, F.conv2d(x, wp, stride=2))
     from resnet_fused.ops.conv_bn_stats import bn_stats_finalize
     close(bn_stats_finalize(part[1], 50, tile)[1], ys.var((0, 2, 3), unbiased=False))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_conv_reads_the_weight_where_it_lies(dev, layout):
+    """The implicit GEMM reads B from the conv weight in place through its strides (no permuted copy per step):
+    forward, input gradient and the option-B 1x1 weight, whatever the weight's layout."""
+    torch.manual_seed(3)
+    w = torch.randn(12, 6, 3, 3, device=dev)
+    wp = torch.randn(12, 5, 1, 1, device=dev)
+    if layout == "channels_last":
+        w, wp = (t.contiguous(memory_format=torch.channels_last) for t in (w, wp))
+    elif layout == "strided":  # every other input channel of a wider weight, a transposed 1x1
+        w = torch.randn(12, 12, 3, 3, device=dev)[:, ::2]
+        wp = torch.randn(5, 12, 1, 1, device=dev).transpose(0, 1)
+    x = nhwc(torch.randn(2, 6, 7, 7, device=dev))
+    y, _, _ = ig.conv_launch(x, w, 3, 3, 1, 1, (7, 7))
+    close(y, F.conv2d(x, w, padding=1))
+    dy = nhwc(torch.randn(2, 12, 4, 4, device=dev))
+    gx, _, _ = ig.conv_launch(dy, w, 3, 3, 2, 1, (7, 7), transposed=True)
+    close(gx, torch.nn.grad.conv2d_input(x.shape, w, dy, stride=2, padding=1))
+    h = nhwc(torch.randn(2, 6, 4, 4, device=dev))
+    xs = nhwc(torch.randn(2, 5, 7, 7, device=dev))
+    out, _, _ = ig.conv_launch(h, w, 3, 3, 1, 1, (4, 4), x2=xs, w2=wp, stride2=2)
+    close(out, F.conv2d(h, w, padding=1) + F.conv2d(xs, wp, stride=2))
+    with pytest.raises(ValueError, match="does not fit"):
+        ig.conv_launch(x, w[:, :5], 3, 3, 1, 1, (7, 7))
+
+
+def test_fp32_weights_with_half_activations(dev):
+    """Under autocast the fp32 parameters go to the kernels as they are (cast on load, no per-step weight copy):
+    the same output and statistics as with the weight cast first, and the weight gradient in fp32."""
+    torch.manual_seed(4)
+    x = nhwc(torch.randn(2, 8, 6, 6, device=dev)).half()
+    w = torch.randn(8, 8, 3, 3, device=dev, requires_grad=True)
+    w16 = w.detach().half().requires_grad_()
+    outs = [ops.conv_bn_stats(x, wt, None, None, 1, 1) for wt in (w, w16)]
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for (y, m, v), wt in zip(outs, (w, w16)):
+        (y.float().square().mean() + m.sum() + v.sum()).backward()
+    assert w.grad.dtype == torch.float32 and w16.grad.dtype == torch.float16
+    close(w.grad, w16.grad.float(), rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("cfg", range(len(ig.WGRAD_CONFIGS)))
@@ -324,6 +366,10 @@ def test_wgrad_finish(dev, s, cout, cin, k, dtype):
     assert dw.dtype == dtype and dw.shape == (cout, cin, k, k) and dw.is_contiguous()
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-2)  # 1 bf16 ulp
     close(dw.float(), want.float(), **tol)
+    # laid out like a channels_last weight (autograd then takes it as .grad without a copy)
+    like = torch.empty(cout, cin, k, k, device=dev).contiguous(memory_format=torch.channels_last)
+    dw_cl = wgrad_finish(part, k, k, cin, dtype, like=like)
+    assert dw_cl.stride() == like.stride() and torch.equal(dw_cl, dw)
 
 
 @pytest.mark.parametrize("has_gm,has_gv", [(True, True), (True, False), (False, True), (False, False)])

@@ -72,7 +72,7 @@ class TritonBackend(Backend):
             return (mean, var, _count(y)) if sync is None else sync(mean, var, y)
 
         def conv_stats(a, cb, scale=None, shift=None):
-            y, mean, var = ops.conv_bn_stats(a, cb.conv.weight.to(dtype), in_scale=scale, in_shift=shift,
+            y, mean, var = ops.conv_bn_stats(a, cb.conv.weight, in_scale=scale, in_shift=shift,
                                              stride=cb.stride, padding=cb.padding)
             mean, var, count = stats(y, mean, var)
             _update_running(cb.bn, mean, var, count)
@@ -84,8 +84,8 @@ class TritonBackend(Backend):
         for b in model.plan.blocks:
             y1, (s1, t1) = conv_stats(a, b.conv1)
             if b.mode == ShortcutMode.PROJ_B:  # conv2 and the projection in one launch, both with statistics
-                y2, m2, v2, ys, ms, vs = ops.conv_bn_stats_proj(y1, b.conv2.conv.weight.to(dtype), s1, t1, a,
-                                                                b.proj.conv.weight.to(dtype), proj_stride=b.stride)
+                y2, m2, v2, ys, ms, vs = ops.conv_bn_stats_proj(y1, b.conv2.conv.weight, s1, t1, a,
+                                                                b.proj.conv.weight, proj_stride=b.stride)
                 m2, v2, count = stats(y2, m2, v2)
                 ms, vs, _ = stats(ys, ms, vs)
                 for cb, m, v in ((b.conv2, m2, v2), (b.proj, ms, vs)):

@@ -36,8 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .implicit_gemm import (cdiv, conv_launch, conv_out_hw, device_guard, empty_nhwc, next_pow2, wgrad_partials,
-                            weight_matrix)
+from .implicit_gemm import cdiv, conv_launch, conv_out_hw, device_guard, empty_nhwc, next_pow2, wgrad_partials
 from .partials import bn_grad_coeffs, sum_partials, wgrad_finish
 
 
@@ -89,7 +88,7 @@ def conv_bn_stats_forward(x, weight, in_scale, in_shift, stride, padding):
     kh, kw = weight.shape[2], weight.shape[3]
     oh, ow = conv_out_hw(x.shape[2], x.shape[3], kh, stride, padding)
     pro = 1 if in_scale is not None else 0
-    y, part, tile = conv_launch(x, weight_matrix(weight), kh, kw, stride, padding, (oh, ow), pro=pro,
+    y, part, tile = conv_launch(x, weight, kh, kw, stride, padding, (oh, ow), pro=pro,
                                 pa=in_scale, pb=in_shift, stats=1, out_dtype=x.dtype)
     mean, var = bn_stats_finalize(part, y.shape[0] * oh * ow, tile)
     return y, mean, var
@@ -103,8 +102,8 @@ def conv_bn_stats_proj_forward(h, weight, in_scale, in_shift, x, proj_weight, pr
         raise ValueError(f"conv_bn_stats_proj: the conv of {tuple(h.shape)} by {tuple(weight.shape)} and the "
                          f"projection of {tuple(x.shape)} by {tuple(proj_weight.shape)} (stride {proj_stride}) "
                          f"must give outputs of one shape")
-    (y, ys), part, tile = conv_launch(h, weight_matrix(weight), kh, kw, 1, kh // 2, (oh, ow), pro=1, pa=in_scale,
-                                      pb=in_shift, x2=x, w2_mat=weight_matrix(proj_weight), stride2=proj_stride,
+    (y, ys), part, tile = conv_launch(h, weight, kh, kw, 1, kh // 2, (oh, ow), pro=1, pa=in_scale,
+                                      pb=in_shift, x2=x, w2=proj_weight, stride2=proj_stride,
                                       dual_out=True, stats=1, out_dtype=h.dtype)
     m = y.shape[0] * oh * ow
     mean, var = bn_stats_finalize(part[0], m, tile)
@@ -122,14 +121,14 @@ def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale
     gx, gs, gt, gw = (torch.empty(0, **f32) for _ in range(4))  # distinct tensors: outputs may not alias
     if need_x:
         stats = 2 if in_scale is not None else 0
-        gx, part, _ = conv_launch(grad_y, weight_matrix(weight, transposed=True), kh, kw, stride, padding,
+        gx, part, _ = conv_launch(grad_y, weight, kh, kw, stride, padding,
                                (x.shape[2], x.shape[3]), transposed=True, pro=2, a2=y, pa=c1, pb=c2,
                                stats=stats, ex=x, es=in_scale, et=in_shift, out_dtype=x.dtype)
         if stats:
             gs, gt = sum_partials(part)
     if need_w:
         part_w = wgrad_partials(grad_y, x, kh, kw, stride, padding, y=y, c1=c1, c2=c2, xs=in_scale, xt=in_shift)
-        gw = wgrad_finish(part_w, kh, kw, weight.shape[1], weight.dtype)
+        gw = wgrad_finish(part_w, kh, kw, weight.shape[1], weight.dtype, like=weight)
     return gx, gw, gs, gt
 
 
@@ -165,7 +164,7 @@ def _(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, strid
     def empty():
         return grad_y.new_empty((0,), dtype=torch.float32)
     gx = empty_nhwc(*x.shape, x.dtype, x.device) if need_x else empty()
-    gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else empty()
+    gw = torch.empty_like(weight) if need_w else empty()  # the weight's layout (wgrad_finish's like=)
     has = in_scale is not None and need_x
     gs = x.new_empty((x.shape[1],), dtype=torch.float32) if has else empty()
     gt = x.new_empty((x.shape[1],), dtype=torch.float32) if has else empty()

@@ -95,24 +95,32 @@ def _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr,               # source, second sour
 @triton.jit
 def _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,
                        n_img, dh, dw, m_ok, offs_n, N,
-                       SH, SW, C, s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT,
+                       SH, SW, C, s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, w_n, w_c, w_h, w_w, KTOT,
                        KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
                        PRO: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INDEX64: tl.constexpr):
-    """acc[BM, BN] += A[rows, :] @ B[:, offs_n] over the whole reduction (KTOT = KH*KW*C)."""
+    """acc[BM, BN] += A[rows, :] @ B[:, offs_n] over the whole reduction (KTOT = KH*KW*C). B is read from the conv
+    weight where it lies: B[(kh*KW + kw)*C + c, n] = w[n*w_n + c*w_c + kh*w_h + kw*w_w] (forward: n = out channel,
+    c = in channel; input gradient: the two swapped), no permuted copy per step."""
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
+    if INDEX64:
+        cols = offs_n.to(tl.int64)[None, :] * w_n
+    else:
+        cols = offs_n[None, :] * w_n
     for k0 in range(0, KTOT, BLOCK_K):
         kk = k0 + offs_k
         a = _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr, n_img, dh, dw, m_ok, kk, SH, SW, C,
                       s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT, KW, STRIDE, PAD, TRANSPOSED, PRO, INDEX64)
+        tap = kk // C
         if INDEX64:
-            rows = kk.to(tl.int64)[:, None] * N
+            rows = ((kk % C).to(tl.int64) * w_c + (tap // KW).to(tl.int64) * w_h + (tap % KW).to(tl.int64) * w_w)
         else:
-            rows = kk[:, None] * N
-        b = tl.load(w_ptr + rows + offs_n[None, :],
-                    mask=(kk < KTOT)[:, None] & n_ok[None, :], other=0.0)
-        # the dot runs in the weight's dtype (fp32, or bf16/fp16 under autocast), accumulating in fp32
-        acc = tl.dot(a.to(w_ptr.dtype.element_ty), b, acc, input_precision=PRECISION)
+            rows = (kk % C) * w_c + (tap // KW) * w_h + (tap % KW) * w_w
+        b = tl.load(w_ptr + rows[:, None] + cols, mask=(kk < KTOT)[:, None] & n_ok[None, :], other=0.0)
+        # the dot runs in the activations' dtype (fp32, or bf16/fp16 under autocast: fp32 weights are cast on
+        # load, so autocast needs no per-step weight copy), accumulating in fp32
+        dt = a_ptr.dtype.element_ty
+        acc = tl.dot(a.to(dt), b.to(dt), acc, input_precision=PRECISION)
     return acc
 
 
@@ -139,10 +147,11 @@ def _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,
 # compiled variants; bench/results/README.md, H100 run 2).
 @triton.jit
 def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows of NHWC; fp32 partials [tiles, 2, N]
-                a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,        # A source(s), prologue vectors, B [KTOT, N]
+                a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,        # A source(s), prologue vectors, conv weight (B)
                 bias_ptr, res_ptr, x2_ptr, w2_ptr, ex_ptr, es_ptr, et_ptr,  # epilogue operands
                 M, N, DH, DW, SH, SW, C,                     # rows, cols, dest / source spatial, source channels
                 s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c,      # strides: source, second source
+                w_n, w_c, w_h, w_w, v_n, v_c,                # strides: weight (B), DUAL's 1x1 weight
                 r_n, r_c, r_h, r_w, RC, RH, RW, PAD_FRONT,   # residual strides / channels / spatial / pad
                 x_n, x_h, x_w, x_c, SH2, SW2, C2,            # DUAL: the projection's source
                 e_n, e_h, e_w, e_c,                          # STATS 2: strides of the saved layer input x
@@ -165,17 +174,17 @@ def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows o
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr, n_img, dh, dw, m_ok, offs_n, N,
-                             SH, SW, C, s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT,
+                             SH, SW, C, s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, w_n, w_c, w_h, w_w, KTOT,
                              KW, STRIDE, PAD, TRANSPOSED, PRO, BLOCK_K, PRECISION, INDEX64)
     if DUAL == 1:
         acc = _implicit_gemm_acc(acc, x2_ptr, x2_ptr, pa_ptr, pb_ptr, w2_ptr, n_img, dh, dw, m_ok, offs_n, N,
-                                 SH2, SW2, C2, x_n, x_h, x_w, x_c, x_n, x_h, x_w, x_c, C2,
+                                 SH2, SW2, C2, x_n, x_h, x_w, x_c, x_n, x_h, x_w, x_c, v_n, v_c, 0, 0, C2,
                                  1, STRIDE2, 0, False, 0, BLOCK_K, PRECISION, INDEX64)
     mask = m_ok[:, None] & n_ok[None, :]
     if DUAL == 2:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc2 = _implicit_gemm_acc(acc2, x2_ptr, x2_ptr, pa_ptr, pb_ptr, w2_ptr, n_img, dh, dw, m_ok, offs_n, N,
-                                  SH2, SW2, C2, x_n, x_h, x_w, x_c, x_n, x_h, x_w, x_c, C2,
+                                  SH2, SW2, C2, x_n, x_h, x_w, x_c, x_n, x_h, x_w, x_c, v_n, v_c, 0, 0, C2,
                                   1, STRIDE2, 0, False, 0, BLOCK_K, PRECISION, INDEX64)
         if STATS == 1:
             cnt2 = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
@@ -378,19 +387,26 @@ def empty_nhwc(n, c, h, w, dtype, device):
     return torch.empty((n, c, h, w), dtype=dtype, device=device, memory_format=torch.channels_last)
 
 
-def conv_launch(src, w_mat, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0, pa=None, pb=None, a2=None,
-                bias=None, residual=None, res_mode=0, res_stride=1, pad_front=0, x2=None, w2_mat=None,
+def conv_launch(src, w, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0, pa=None, pb=None, a2=None,
+                bias=None, residual=None, res_mode=0, res_stride=1, pad_front=0, x2=None, w2=None,
                 stride2=1, dual_out=False, relu=False, stats=0, ex=None, es=None, et=None, out_dtype=None,
                 config=None):
-    """Run conv_kernel. src is the gathered tensor (NCHW logical, any strides), w_mat [kh*kw*C_src, N].
+    """Run conv_kernel. src is the gathered tensor (NCHW logical, any strides), w the conv weight [C_out, C_in,
+    kh, kw] (any strides and float dtype: read in place, cast to src's dtype on load); transposed: the input
+    gradient (src = the output gradient, N = C_in).
 
     Returns (out [NB, N, DH, DW] channels_last, fp32 partials [tiles, 2, N] or None, rows per tile). With x2 the
-    1x1 projection GEMM (x2, w2_mat, stride2) is added into the same tile (eval), or with ``dual_out`` written as a
-    second output: then out is a pair and the partials are [2, tiles, 2, N] (conv, projection).
+    1x1 projection GEMM (x2, w2 [N, C_x2, 1, 1], stride2) is added into the same tile (eval), or with ``dual_out``
+    written as a second output: then out is a pair and the partials are [2, tiles, 2, N] (conv, projection).
     """
     nb, c_src, sh, sw = src.shape
     dh, dw = dest_hw
-    ktot, n_out = w_mat.shape
+    n_out = w.shape[1] if transposed else w.shape[0]
+    if (w.shape[0] if transposed else w.shape[1]) != c_src or tuple(w.shape[2:]) != (kh, kw):
+        raise ValueError(f"conv_launch: weight {tuple(w.shape)} does not fit a {kh}x{kw} conv of {c_src}-channel "
+                         f"{'gradients' if transposed else 'input'}")
+    w_n, w_c = (w.stride(1), w.stride(0)) if transposed else (w.stride(0), w.stride(1))
+    ktot = kh * kw * c_src
     m = nb * dh * dw
     dev = src.device
     cfg = conv_config(m, n_out, ktot, dev, config)
@@ -411,11 +427,12 @@ def conv_launch(src, w_mat, kh, kw, stride, pad, dest_hw, *, transposed=False, p
     with device_guard(src):
         conv_kernel[grid](
             out, part if part is not None else dummy, out2 if out2 is not None else dummy,
-            src, a2, pa if pa is not None else dummy, pb if pb is not None else dummy, w_mat,
-            bias if bias is not None else dummy, res, x2_, w2_mat if w2_mat is not None else w_mat,
+            src, a2, pa if pa is not None else dummy, pb if pb is not None else dummy, w,
+            bias if bias is not None else dummy, res, x2_, w2 if w2 is not None else w,
             ex_, es if es is not None else dummy, et if et is not None else dummy,
             m, n_out, dh, dw, sh, sw, c_src,
             *nhwc_strides(src), *nhwc_strides(a2),
+            w_n, w_c, w.stride(2), w.stride(3), *((w2.stride(0), w2.stride(1)) if w2 is not None else (0, 0)),
             r_n, r_c, r_h, r_w, rc, rh, rw, pad_front,
             *nhwc_strides(x2_), sh2, sw2, c2_,
             *nhwc_strides(ex_),
@@ -423,9 +440,9 @@ def conv_launch(src, w_mat, kh, kw, stride, pad, dest_hw, *, transposed=False, p
             KW=kw, STRIDE=stride, PAD=pad, STRIDE2=stride2 if x2 is not None else res_stride,
             TRANSPOSED=transposed, PRO=pro, BIAS=bias is not None, RES=res_mode,
             DUAL=(2 if dual_out else 1) if x2 is not None else 0,
-            RELU=relu, STATS=stats, PRECISION=dot_precision(w_mat.dtype, dev),
+            RELU=relu, STATS=stats, PRECISION=dot_precision(src.dtype, dev),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            INDEX64=index64(*(t for t in (out, out2, part, src, a2, w_mat, w2_mat, res, x2_, ex_) if t is not None)),
+            INDEX64=index64(*(t for t in (out, out2, part, src, a2, w, w2, res, x2_, ex_) if t is not None)),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return ((out, out2) if dual_out else out), part, cfg["BLOCK_M"]
 
@@ -492,10 +509,3 @@ def wgrad_split(p, cout, ktot, config, dev):
 @functools.lru_cache(maxsize=None)
 def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def weight_matrix(w, transposed=False):
-    """[KH*KW*C_in, C_out] (forward) or [KH*KW*C_out, C_in] (input gradient) view of a conv weight."""
-    if transposed:
-        return w.permute(2, 3, 0, 1).reshape(-1, w.shape[1]).contiguous()
-    return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous()

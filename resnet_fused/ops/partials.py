@@ -62,9 +62,10 @@ def sum_partials(part: torch.Tensor, k: Optional[int] = None):
 
 
 @triton.jit(do_not_specialize=["S"])
-def wgrad_finish_kernel(dw_ptr, part_ptr, S, CO, CI, KHW: tl.constexpr, BLOCK_CO: tl.constexpr,
-                        BLOCK_R: tl.constexpr):
-    """dw[co, ci, tap] = sum_s part[s, co, tap * CI + ci]; tile over (co, r = tap * CI + ci)."""
+def wgrad_finish_kernel(dw_ptr, part_ptr, S, CO, CI, d_co, d_ci, d_h, d_w, KW: tl.constexpr, KHW: tl.constexpr,
+                        BLOCK_CO: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dw[co, ci, kh, kw] = sum_s part[s, co, (kh * KW + kw) * CI + ci] (dw through its strides: the weight's
+    layout); tile over (co, r = tap * CI + ci)."""
     offs_co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     ktot = KHW * CI
@@ -75,21 +76,25 @@ def wgrad_finish_kernel(dw_ptr, part_ptr, S, CO, CI, KHW: tl.constexpr, BLOCK_CO
         acc += tl.load(part_ptr + s * CO * ktot + src, mask=mask, other=0.0)
     tap = offs_r // CI
     ci = offs_r - tap * CI
-    dst = offs_co.to(tl.int64)[:, None] * ktot + (ci * KHW + tap)[None, :]
+    dst = offs_co.to(tl.int64)[:, None] * d_co + (ci * d_ci + (tap // KW) * d_h + (tap % KW) * d_w)[None, :]
     tl.store(dw_ptr + dst, acc.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
-def wgrad_finish(part: torch.Tensor, kh: int, kw: int, cin: int, dtype) -> torch.Tensor:
-    """The weight gradient [C_out, C_in, kh, kw] in ``dtype`` from the split partials [S, C_out, kh*kw*C_in]."""
+def wgrad_finish(part: torch.Tensor, kh: int, kw: int, cin: int, dtype, like=None) -> torch.Tensor:
+    """The weight gradient [C_out, C_in, kh, kw] in ``dtype`` from the split partials [S, C_out, kh*kw*C_in], laid
+    out like the weight ``like`` (so that autograd accumulates it into .grad without a copy), else contiguous."""
     s, cout, ktot = part.shape
     if ktot != kh * kw * cin:
         raise ValueError(f"wgrad_finish: partials {tuple(part.shape)} do not hold {kh}x{kw}x{cin} columns")
-    dw = torch.empty((cout, cin, kh, kw), dtype=dtype, device=part.device)
+    if like is not None and tuple(like.shape) == (cout, cin, kh, kw):
+        dw = torch.empty_like(like, dtype=dtype)
+    else:
+        dw = torch.empty((cout, cin, kh, kw), dtype=dtype, device=part.device)
     if dw.numel():
         bco, br = max(16, min(32, next_pow2(cout))), 64
         with device_guard(part):
-            wgrad_finish_kernel[(cdiv(cout, bco), cdiv(ktot, br))](dw, part.contiguous(), s, cout, cin,
-                                                                   KHW=kh * kw, BLOCK_CO=bco, BLOCK_R=br)
+            wgrad_finish_kernel[(cdiv(cout, bco), cdiv(ktot, br))](dw, part.contiguous(), s, cout, cin, *dw.stride(),
+                                                                   KW=kw, KHW=kh * kw, BLOCK_CO=bco, BLOCK_R=br)
     return dw
 
 
