@@ -2,7 +2,8 @@
 
 The whole dataset lives on the device (see resnet_fused.data); the defaults (ResNet-20, SGD momentum 0.9, lr 0.1
 with cosine decay after a one-epoch warm-up, weight decay 5e-4, batch 128, +-2 px translations, 15 epochs) reach
-about 99.6% MNIST test accuracy without tuning. Each epoch writes metrics.csv / metrics.json and the checkpoints
+about 99.6% MNIST test accuracy without tuning; ``--recipe fast`` (2 epochs) and ``--recipe best`` are named sets
+of other defaults (RECIPES below). Each epoch writes metrics.csv / metrics.json and the checkpoints
 last.pt / best.pt (atomically) to --out; --resume continues exactly where a run stopped.
 
 Distributed: ``torchrun --nproc_per_node=N -m resnet_fused.train ...`` (NCCL on GPUs, gloo on CPUs) wraps the model

@@ -49,6 +49,39 @@ def test_conv_bn_stats_forward_and_backward(dev, shape, prologue):
         close(g, r, rtol=2e-4, atol=1e-4, msg=f"grad {name}")
 
 
+@pytest.mark.parametrize("prologue,affine", [(False, "both"), (True, "both"), (True, "bias"), (False, "none")],
+                         ids=str)
+def test_conv_bn_train_is_conv_bn_stats_then_bn_scale_shift(dev, prologue, affine):
+    """conv_bn_train (the BN affine from the statistics' finalize launch, its backward from the coefficient launch)
+    gives what conv_bn_stats followed by bn_scale_shift gives: every output, and every input's gradient (bn
+    weight/bias too), with and without an upstream gradient of the statistics themselves."""
+    torch.manual_seed(1)
+    nb, ci, co, h, w = 2, 5, 12, 7, 7
+    x = nhwc(torch.randn(nb, ci, h, w, device=dev)).requires_grad_()
+    wt = torch.randn(co, ci, 3, 3, device=dev, requires_grad=True)
+    sc = (torch.rand(ci, device=dev) + 0.5).requires_grad_() if prologue else None
+    sh = (torch.randn(ci, device=dev) * 0.5).requires_grad_() if prologue else None
+    g = (torch.rand(co, device=dev) + 0.5).requires_grad_() if affine == "both" else None
+    b = torch.randn(co, device=dev, requires_grad=True) if affine in ("both", "bias") else None
+    got = ops.conv_bn_train(x, wt, sc, sh, g, b, eps=1e-5, stride=2, padding=1)
+    y, mean, var = ops.conv_bn_stats(x, wt, sc, sh, 2, 1)
+    want = (y, mean, var, *ops.bn_scale_shift(mean, var, g, b, eps=1e-5))
+    for name, a, r in zip(["y", "mean", "var", "scale", "shift"], got, want):
+        close(a, r, rtol=1e-6, atol=1e-6, msg=name)
+    inputs = [t for t in (x, wt, sc, sh, g, b) if t is not None]
+    for stats_grads in (False, True):
+        outs = [torch.randn_like(t) for t in want]
+        if not stats_grads:  # FusedResNet's case: mean/var go only to the running update (detached)
+            outs[1] = outs[2] = None
+        pick = [i for i in range(5) if outs[i] is not None]
+        ga = torch.autograd.grad([got[i] for i in pick], inputs, [outs[i] for i in pick], retain_graph=True)
+        gr = torch.autograd.grad([want[i] for i in pick], inputs, [outs[i] for i in pick], retain_graph=True)
+        for i, (a, r) in enumerate(zip(ga, gr)):
+            close(a, r, rtol=1e-5, atol=1e-6, msg=f"grad {i} (stats grads {stats_grads})")
+    with pytest.raises(ValueError, match="bn_weight must be a \\[12\\]"):
+        ops.conv_bn_train(x, wt, sc, sh, torch.ones(5, device=dev), b, eps=1e-5, stride=2, padding=1)
+
+
 # (batch, c_in of the block, c_out, h, w of the block input, stride)
 PROJ_SHAPES = [(2, 4, 8, 9, 9, 2), (1, 5, 12, 7, 7, 1), (3, 16, 16, 8, 6, 2)]
 

@@ -1,12 +1,14 @@
 """The Triton backend: FusedResNet's network through the fused Triton kernels (resnet_fused/ops).
 
 Training, per BasicBlock:
-    y1, mean1, var1 = conv_bn_stats(x, W1)                          conv1, BN1 statistics in its epilogue
-    y2, mean2, var2 = conv_bn_stats(y1, W2, scale1, shift1)         BN1 + ReLU applied on load, BN2 statistics
-    out = bn_add_relu(y2, scale2, shift2, shortcut)                 BN2 + shortcut (identity / A / B) + ReLU
-option B: conv_bn_stats_proj computes y2 and the 1x1 projection of x (each with its statistics) in one launch;
-(scale, shift) = bn_scale_shift(mean, var, gamma, beta, eps), so autograd carries gradients to gamma, beta and
-through the statistics; bn_running_update updates the running buffers exactly as nn.BatchNorm2d.
+    y1, mean1, var1, scale1, shift1 = conv_bn_train(x, W1, bn1)            conv1, BN1 statistics in its epilogue
+    y2, mean2, var2, scale2, shift2 = conv_bn_train(y1, W2, bn2, scale1, shift1)   BN1 + ReLU applied on load
+    out = bn_add_relu(y2, scale2, shift2, shortcut)                        BN2 + shortcut (identity / A / B) + ReLU
+(scale, shift) = (gamma / sqrt(var + eps), beta - mean * scale) come from the statistics' finalize launch, and
+autograd carries gradients to gamma, beta and through the statistics; bn_running_update updates the running
+buffers exactly as nn.BatchNorm2d. With sync_bn the statistics are merged over processes first: conv_bn_stats,
+the collective, then bn_scale_shift. Option B: conv_bn_stats_proj computes y2 and the 1x1 projection of x (each
+with its statistics) in one launch, then bn_scale_shift for each.
 Inference: the folded plan, one conv_bn_act per conv with bias, shortcut (option B as a second GEMM in the same
 tile) and ReLU in its epilogue.
 """
@@ -72,6 +74,11 @@ class TritonBackend(Backend):
             return (mean, var, _count(y)) if sync is None else sync(mean, var, y)
 
         def conv_stats(a, cb, scale=None, shift=None):
+            if sync is None:  # the statistics' finalize launch also gives BatchNorm's (scale, shift)
+                y, mean, var, s, t = ops.conv_bn_train(a, cb.conv.weight, scale, shift, cb.bn.weight, cb.bn.bias,
+                                                       eps=cb.bn.eps, stride=cb.stride, padding=cb.padding)
+                _update_running(cb.bn, mean, var, _count(y))
+                return y, (s, t)
             y, mean, var = ops.conv_bn_stats(a, cb.conv.weight, in_scale=scale, in_shift=shift,
                                              stride=cb.stride, padding=cb.padding)
             mean, var, count = stats(y, mean, var)

@@ -42,10 +42,12 @@ from .partials import bn_grad_coeffs, sum_partials, wgrad_finish
 
 # ---- statistics finalize: tile (mean, M2) partials -> channel mean and biased variance ----------------------
 
-@triton.jit(do_not_specialize=["M", "N", "T", "TILE"])
+@triton.jit(do_not_specialize=["M", "N", "T", "TILE", "EPS"])
 def bn_stats_finalize_kernel(mean_ptr, var_ptr,            # out: fp32 [N] mean and biased variance
                              part_ptr,                     # fp32 [T, 2, N]: per-tile mean, M2
                              M, N, T, TILE,                # rows, channels, tiles, rows per tile
+                             scale_ptr, shift_ptr, w_ptr, b_ptr, EPS,  # AFFINE: out fp32 [N] scale, shift
+                             AFFINE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < N
@@ -67,31 +69,47 @@ def bn_stats_finalize_kernel(mean_ptr, var_ptr,            # out: fp32 [N] mean 
         m2t = tl.load(base + N, mask=mask, other=0.0)
         d = mt - mean[None, :]
         m2 += tl.sum(tl.where(mask, m2t + cnt[:, None] * d * d, 0.0), axis=0)
+    var = m2 / M
     tl.store(mean_ptr + offs_c, mean, mask=c_ok)
-    tl.store(var_ptr + offs_c, m2 / M, mask=c_ok)
+    tl.store(var_ptr + offs_c, var, mask=c_ok)
+    if AFFINE:  # BatchNorm's (scale, shift), bn_scale_shift's formulas
+        scale = 1.0 / tl.sqrt(var + EPS)
+        if HAS_W:
+            scale = scale * tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        shift = -mean * scale
+        if HAS_B:
+            shift += tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        tl.store(scale_ptr + offs_c, scale, mask=c_ok)
+        tl.store(shift_ptr + offs_c, shift, mask=c_ok)
 
 
-def bn_stats_finalize(part, m, tile):
+def bn_stats_finalize(part, m, tile, affine=None):
+    """(mean, var) fp32 [N] from the tile partials; ``affine=(weight, bias, eps)``: also BatchNorm's (scale, shift)
+    in the same launch: (mean, var, scale, shift)."""
     t, _, n = part.shape
     mean = torch.empty(n, dtype=torch.float32, device=part.device)
     var = torch.empty_like(mean)
+    scale, shift = (torch.empty_like(mean), torch.empty_like(mean)) if affine is not None else (mean, mean)
+    w, b, eps = affine if affine is not None else (None, None, 0.0)
     block_c = max(16, min(64, next_pow2(n)))
     with device_guard(part):
-        bn_stats_finalize_kernel[(cdiv(n, block_c),)](mean, var, part, m, n, t, tile, BLOCK_T=32,
-                                                             BLOCK_C=block_c)
-    return mean, var
+        bn_stats_finalize_kernel[(cdiv(n, block_c),)](
+            mean, var, part, m, n, t, tile, scale, shift, w.contiguous() if w is not None else mean,
+            b.contiguous() if b is not None else mean, float(eps), AFFINE=affine is not None, HAS_W=w is not None,
+            HAS_B=b is not None, BLOCK_T=32, BLOCK_C=block_c)
+    return (mean, var) if affine is None else (mean, var, scale, shift)
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------
 
-def conv_bn_stats_forward(x, weight, in_scale, in_shift, stride, padding):
+def conv_bn_stats_forward(x, weight, in_scale, in_shift, stride, padding, affine=None):
+    """(y, mean, var), and with ``affine=(bn_weight, bn_bias, eps)`` BatchNorm's (scale, shift) after them."""
     kh, kw = weight.shape[2], weight.shape[3]
     oh, ow = conv_out_hw(x.shape[2], x.shape[3], kh, stride, padding)
     pro = 1 if in_scale is not None else 0
     y, part, tile = conv_launch(x, weight, kh, kw, stride, padding, (oh, ow), pro=pro,
                                 pa=in_scale, pb=in_shift, stats=1, out_dtype=x.dtype)
-    mean, var = bn_stats_finalize(part, y.shape[0] * oh * ow, tile)
-    return y, mean, var
+    return (y, *bn_stats_finalize(part, y.shape[0] * oh * ow, tile, affine))
 
 
 def conv_bn_stats_proj_forward(h, weight, in_scale, in_shift, x, proj_weight, proj_stride):
@@ -112,12 +130,14 @@ def conv_bn_stats_proj_forward(h, weight, in_scale, in_shift, x, proj_weight, pr
 
 
 def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride,
-                                padding, need_x, need_w):
+                                padding, need_x, need_w, affine=None):
+    """(grad_x, grad_weight, grad_in_scale, grad_in_shift); with ``affine=(grad_scale, grad_shift, var, bn_weight,
+    eps, param_dtype)`` (conv_bn_train) also (grad_bn_weight, grad_bn_bias), from the same coefficient launch."""
     kh, kw = weight.shape[2], weight.shape[3]
     m = y.shape[0] * y.shape[2] * y.shape[3]
     f32 = dict(dtype=torch.float32, device=y.device)
-    c1, c2 = bn_grad_coeffs(None if grad_mean is None else grad_mean.contiguous(),
-                            None if grad_var is None else grad_var.contiguous(), mean, m)
+    c1, c2, *bn_grads = bn_grad_coeffs(None if grad_mean is None else grad_mean.contiguous(),
+                                       None if grad_var is None else grad_var.contiguous(), mean, m, affine)
     gx, gs, gt, gw = (torch.empty(0, **f32) for _ in range(4))  # distinct tensors: outputs may not alias
     if need_x:
         stats = 2 if in_scale is not None else 0
@@ -129,7 +149,7 @@ def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale
     if need_w:
         part_w = wgrad_partials(grad_y, x, kh, kw, stride, padding, y=y, c1=c1, c2=c2, xs=in_scale, xt=in_shift)
         gw = wgrad_finish(part_w, kh, kw, weight.shape[1], weight.dtype, like=weight)
-    return gx, gw, gs, gt
+    return (gx, gw, gs, gt, *bn_grads)
 
 
 # ---- op registration ---------------------------------------------------------------------------------------
@@ -159,8 +179,7 @@ def conv_bn_stats_backward(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var
                                        stride, padding, need_x, need_w)
 
 
-@conv_bn_stats_backward.register_fake
-def _(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride, padding, need_x, need_w):
+def _fake_conv_grads(grad_y, x, weight, in_scale, need_x, need_w):
     def empty():
         return grad_y.new_empty((0,), dtype=torch.float32)
     gx = empty_nhwc(*x.shape, x.dtype, x.device) if need_x else empty()
@@ -169,6 +188,11 @@ def _(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, strid
     gs = x.new_empty((x.shape[1],), dtype=torch.float32) if has else empty()
     gt = x.new_empty((x.shape[1],), dtype=torch.float32) if has else empty()
     return gx, gw, gs, gt
+
+
+@conv_bn_stats_backward.register_fake
+def _(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride, padding, need_x, need_w):
+    return _fake_conv_grads(grad_y, x, weight, in_scale, need_x, need_w)
 
 
 def _setup_context(ctx, inputs, output):
@@ -193,6 +217,97 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
 
 
 conv_bn_stats.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- conv_bn_train: conv_bn_stats with BatchNorm's (scale, shift) from the statistics' finalize launch ----------
+#
+# The training conv of FusedResNet when the statistics need no collective (no sync_bn): bn_scale_shift's forward
+# rides in bn_stats_finalize_kernel and its backward in bn_grad_coeffs_kernel, two launches fewer per BatchNorm
+# and step. Same formulas, same order: the results equal conv_bn_stats followed by bn_scale_shift.
+
+def _bn_param_dtype(bn_weight, bn_bias):
+    return bn_weight.dtype if bn_weight is not None else bn_bias.dtype if bn_bias is not None else torch.float32
+
+
+def _check_bn(weight, bn_weight, bn_bias):
+    c = weight.shape[0]
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        if t is not None and (t.shape != (c,) or t.device != weight.device):
+            raise ValueError(f"conv_bn_train: {name} must be a [{c}] tensor on {weight.device}, got "
+                             f"{tuple(t.shape)} on {t.device}")
+
+
+@torch.library.custom_op("resnet_fused::conv_bn_train", mutates_args=())
+def conv_bn_train(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                  bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float, stride: int,
+                  padding: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, var, scale, shift): conv_bn_stats, and (scale, shift) = (bn_weight / sqrt(var + eps),
+    bn_bias - mean * scale) in fp32 (bn_scale_shift's)."""
+    _check_bn(weight, bn_weight, bn_bias)
+    return conv_bn_stats_forward(x, weight, in_scale, in_shift, stride, padding, affine=(bn_weight, bn_bias, eps))
+
+
+@conv_bn_train.register_fake
+def _(x, weight, in_scale, in_shift, bn_weight, bn_bias, eps, stride, padding):
+    _check_bn(weight, bn_weight, bn_bias)
+    oh, ow = conv_out_hw(x.shape[2], x.shape[3], weight.shape[2], stride, padding)
+    y = empty_nhwc(x.shape[0], weight.shape[0], oh, ow, x.dtype, x.device)
+    stat = x.new_empty((weight.shape[0],), dtype=torch.float32)
+    return y, stat, torch.empty_like(stat), torch.empty_like(stat), torch.empty_like(stat)
+
+
+@torch.library.custom_op("resnet_fused::conv_bn_train_backward", mutates_args=())
+def conv_bn_train_backward(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
+                           grad_scale: Tensor, grad_shift: Tensor, x: Tensor, weight: Tensor,
+                           in_scale: Optional[Tensor], in_shift: Optional[Tensor], y: Tensor, mean: Tensor,
+                           var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
+                           stride: int, padding: int, need_x: bool,
+                           need_w: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_in_scale, grad_in_shift, grad_bn_weight, grad_bn_bias); empty tensors for what
+    was not asked for (grad_bn_weight: when there is no bn_weight)."""
+    return conv_bn_stats_backward_impl(
+        grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride, padding, need_x, need_w,
+        affine=(grad_scale, grad_shift, var, bn_weight, eps, _bn_param_dtype(bn_weight, bn_bias)))
+
+
+@conv_bn_train_backward.register_fake
+def _(grad_y, grad_mean, grad_var, grad_scale, grad_shift, x, weight, in_scale, in_shift, y, mean, var, bn_weight,
+      bn_bias, eps, stride, padding, need_x, need_w):
+    gx, gw, gs, gt = _fake_conv_grads(grad_y, x, weight, in_scale, need_x, need_w)
+    pdt = _bn_param_dtype(bn_weight, bn_bias)
+    c = weight.shape[0]
+    return (gx, gw, gs, gt, mean.new_empty((c if bn_weight is not None else 0,), dtype=pdt),
+            mean.new_empty((c,), dtype=pdt))
+
+
+def _train_setup_context(ctx, inputs, output):
+    x, weight, in_scale, in_shift, bn_weight, bn_bias, eps, stride, padding = inputs
+    y, mean, var, _, _ = output
+    ctx.save_for_backward(x, weight, in_scale, in_shift, y, mean, var, bn_weight, bn_bias)
+    ctx.stride, ctx.padding, ctx.eps = stride, padding, eps
+    ctx.set_materialize_grads(False)  # mean/var feed only the (detached) running update: no zero-filled grads
+
+
+def _train_backward(ctx, grad_y, grad_mean, grad_var, grad_scale, grad_shift):
+    x, weight, in_scale, in_shift, y, mean, var, bn_weight, bn_bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_x = need[0] or (in_scale is not None and any(need[2:4]))
+    if grad_y is None:
+        grad_y = torch.zeros_like(y)
+    if grad_scale is None:
+        grad_scale = torch.zeros_like(mean)
+    if grad_shift is None:
+        grad_shift = torch.zeros_like(mean)
+    gx, gw, gs, gt, gbw, gbb = torch.ops.resnet_fused.conv_bn_train_backward(
+        grad_y, grad_mean, grad_var, grad_scale, grad_shift, x, weight, in_scale, in_shift, y, mean, var,
+        bn_weight, bn_bias, eps=ctx.eps, stride=ctx.stride, padding=ctx.padding, need_x=need_x, need_w=need[1])
+    return (gx if need[0] else None, gw if need[1] else None,
+            gs if in_scale is not None and need[2] else None, gt if in_shift is not None and need[3] else None,
+            gbw if bn_weight is not None and need[4] else None, gbb if bn_bias is not None and need[5] else None,
+            None, None, None)
+
+
+conv_bn_train.register_autograd(_train_backward, setup_context=_train_setup_context)
 
 
 @torch.library.custom_op("resnet_fused::conv_bn_stats_proj", mutates_args=())
