@@ -45,7 +45,7 @@ RECIPE_KEYS = tuple(DEFAULTS)
 # the measurements: README "Accuracy" and results/recipes/.
 RECIPES = dict(
     default={},
-    # the fewest images to 99.5% MNIST test accuracy
+    # the fewest images to 99.5% MNIST test accuracy (a candidate: 5 of 6 seeded runs so far, README "Accuracy")
     fast=dict(epochs=2, batch_size=256, schedule="onecycle", lr=0.4, label_smoothing=0.1),
     # the best single-model accuracy: small rotations/zooms on top of the shifts, label smoothing, weight EMA,
     # a longer schedule
@@ -59,8 +59,8 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m resnet_fused.train", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--recipe", choices=list(RECIPES),
-      help="a named set of the defaults below: fast (the fewest images to 99.5%% on MNIST), best (the best "
-           "single-model accuracy); flags given override it [default]")
+      help="a named set of the defaults below: fast (2 epochs, aiming at 99.5%% on MNIST), best (aiming at the "
+           "best single-model accuracy; not yet measured); flags given override it [default]")
     a("--model", help=f"one of {', '.join(MODEL_NAMES)} (or resnetN/plainN) [default resnet20]")
     a("--impl", choices=["reference", "fused"],
       help="fused = FusedResNet (Triton on a GPU, the C++ operators on a CPU, plain PyTorch math where neither is "

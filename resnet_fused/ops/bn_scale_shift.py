@@ -27,6 +27,31 @@ from torch import Tensor
 from .implicit_gemm import cdiv, device_guard, next_pow2
 
 
+@triton.jit
+def bn_affine(mean, var, w_ptr, b_ptr, offs, ok, EPS, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """(scale, shift) of channels offs from fp32 mean/var: the formulas above (shared with conv_bn_train's
+    finalize launch)."""
+    scale = 1.0 / tl.sqrt(var + EPS)
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    shift = -mean * scale
+    if HAS_B:
+        shift += tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    return scale, shift
+
+
+@triton.jit
+def bn_affine_vjp(gs, gt, mean, var, w_ptr, offs, ok, EPS, HAS_W: tl.constexpr):
+    """(dL/dmean, dL/dvar, dL/dweight, dL/dbias) from (dL/dscale, dL/dshift): the formulas above (shared with
+    conv_bn_train's gradient-coefficient launch)."""
+    invstd = 1.0 / tl.sqrt(var + EPS)
+    w = tl.full(mean.shape, 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    g = gs - mean * gt
+    return -(w * invstd) * gt, -0.5 * g * w * invstd * invstd * invstd, g * invstd, gt
+
+
 @triton.jit(do_not_specialize=["C", "EPS"])
 def bn_scale_shift_fwd_kernel(scale_ptr, shift_ptr,        # out: fp32 [C]
                               mean_ptr, var_ptr, w_ptr, b_ptr, C, EPS,
@@ -35,12 +60,7 @@ def bn_scale_shift_fwd_kernel(scale_ptr, shift_ptr,        # out: fp32 [C]
     ok = offs < C
     mean = tl.load(mean_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     var = tl.load(var_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    scale = 1.0 / tl.sqrt(var + EPS)
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    shift = -mean * scale
-    if HAS_B:
-        shift += tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    scale, shift = bn_affine(mean, var, w_ptr, b_ptr, offs, ok, EPS, HAS_W, HAS_B)
     tl.store(scale_ptr + offs, scale, mask=ok)
     tl.store(shift_ptr + offs, shift, mask=ok)
 
@@ -54,22 +74,18 @@ def bn_scale_shift_bwd_kernel(gmean_ptr, gvar_ptr, gw_ptr, gb_ptr,   # out: [C] 
     ok = offs < C
     mean = tl.load(mean_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     var = tl.load(var_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    invstd = 1.0 / tl.sqrt(var + EPS)
-    w = tl.full((BLOCK_C,), 1.0, tl.float32)
     gs = tl.zeros((BLOCK_C,), tl.float32)
     gt = tl.zeros((BLOCK_C,), tl.float32)
-    if HAS_W:
-        w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_GS:
         gs = tl.load(gs_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_GT:
         gt = tl.load(gt_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    g = gs - mean * gt
-    tl.store(gmean_ptr + offs, -(w * invstd) * gt, mask=ok)
-    tl.store(gvar_ptr + offs, -0.5 * g * w * invstd * invstd * invstd, mask=ok)
+    gmean, gvar, gw, gb = bn_affine_vjp(gs, gt, mean, var, w_ptr, offs, ok, EPS, HAS_W)
+    tl.store(gmean_ptr + offs, gmean, mask=ok)
+    tl.store(gvar_ptr + offs, gvar, mask=ok)
     if HAS_W:
-        tl.store(gw_ptr + offs, (g * invstd).to(gw_ptr.dtype.element_ty), mask=ok)
-    tl.store(gb_ptr + offs, gt.to(gb_ptr.dtype.element_ty), mask=ok)
+        tl.store(gw_ptr + offs, gw.to(gw_ptr.dtype.element_ty), mask=ok)
+    tl.store(gb_ptr + offs, gb.to(gb_ptr.dtype.element_ty), mask=ok)
 
 
 def _block(c):

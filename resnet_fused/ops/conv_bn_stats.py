@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .implicit_gemm import cdiv, conv_launch, conv_out_hw, device_guard, empty_nhwc, next_pow2, wgrad_partials
+from .bn_scale_shift import bn_affine
 from .partials import bn_grad_coeffs, sum_partials, wgrad_finish
 
 
@@ -73,12 +74,7 @@ def bn_stats_finalize_kernel(mean_ptr, var_ptr,            # out: fp32 [N] mean 
     tl.store(mean_ptr + offs_c, mean, mask=c_ok)
     tl.store(var_ptr + offs_c, var, mask=c_ok)
     if AFFINE:  # BatchNorm's (scale, shift), bn_scale_shift's formulas
-        scale = 1.0 / tl.sqrt(var + EPS)
-        if HAS_W:
-            scale = scale * tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-        shift = -mean * scale
-        if HAS_B:
-            shift += tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        scale, shift = bn_affine(mean, var, w_ptr, b_ptr, offs_c, c_ok, EPS, HAS_W, HAS_B)
         tl.store(scale_ptr + offs_c, scale, mask=c_ok)
         tl.store(shift_ptr + offs_c, shift, mask=c_ok)
 

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .bn_scale_shift import bn_affine_vjp
 from .implicit_gemm import cdiv, device_guard, next_pow2
 
 
@@ -115,15 +116,9 @@ def bn_grad_coeffs_kernel(c1_ptr, c2_ptr, gw_ptr, gb_ptr, gm_ptr, gv_ptr, mean_p
     mean = tl.load(mean_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if AFFINE:  # bn_scale_shift's backward (its formulas, in its order), its mean/var gradients added to gm, gv
         var = tl.load(var_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        invstd = 1.0 / tl.sqrt(var + EPS)
-        w = tl.full((BLOCK_C,), 1.0, tl.float32)
-        if HAS_W:
-            w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         gs = tl.load(gs_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         gt = tl.load(gt_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        g = gs - mean * gt
-        gm_affine = -(w * invstd) * gt
-        gv_affine = -0.5 * g * w * invstd * invstd * invstd
+        gm_affine, gv_affine, gw, gb = bn_affine_vjp(gs, gt, mean, var, w_ptr, offs, ok, EPS, HAS_W)
         if HAS_GM:
             gm = gm + gm_affine
         else:
@@ -133,8 +128,8 @@ def bn_grad_coeffs_kernel(c1_ptr, c2_ptr, gw_ptr, gb_ptr, gm_ptr, gv_ptr, mean_p
         else:
             gv = gv_affine
         if HAS_W:
-            tl.store(gw_ptr + offs, (g * invstd).to(gw_ptr.dtype.element_ty), mask=ok)
-        tl.store(gb_ptr + offs, gt.to(gb_ptr.dtype.element_ty), mask=ok)
+            tl.store(gw_ptr + offs, gw.to(gw_ptr.dtype.element_ty), mask=ok)
+        tl.store(gb_ptr + offs, gb.to(gb_ptr.dtype.element_ty), mask=ok)
     c2 = 2.0 * INV_M * gv
     c1 = INV_M * gm - c2 * mean
     tl.store(c1_ptr + offs, c1, mask=ok)
