@@ -59,7 +59,7 @@ def recipe_config(args):
     return cfg
 
 
-def run_one(name, seed, data, cfg, dev):
+def run_one(name, seed, data, cfg, dev, targets):
     impl, compiled = IMPLS[name]
     cfg = dict(cfg, seed=seed, channels_last=cfg["channels_last"] or impl == "fused")
     torch.manual_seed(seed)
@@ -123,16 +123,14 @@ def run_one(name, seed, data, cfg, dev):
         history.append(dict(epoch=epoch + 1, images=images, train_seconds=clock, train_loss=loss_sum.item() / steps,
                             test_acc=acc))
         print(f"  {name:17s} seed {seed} epoch {epoch + 1}: {clock:8.2f} s  test acc {100 * acc:.2f}%", flush=True)
-        for target in TARGETS:
+        for target in targets:
             if acc >= target and target not in reached:
                 reached[target] = (clock, images)
     return dict(impl=name, seed=seed, warmup_s=warmup_s, eval_s=eval_s, history=history,
-                seconds_to={f"{100 * t:.1f}%": reached[t][0] if t in reached else None for t in TARGETS},
-                images_to={f"{100 * t:.1f}%": reached[t][1] if t in reached else None for t in TARGETS},
+                seconds_to={f"{100 * t:.1f}%": reached[t][0] if t in reached else None for t in targets},
+                images_to={f"{100 * t:.1f}%": reached[t][1] if t in reached else None for t in targets},
                 final_test_acc=history[-1]["test_acc"])
 
-
-TARGETS = (0.99, 0.995)
 
 
 def summarize(results):
@@ -169,7 +167,6 @@ def parity(results, a="fused", b="reference"):
 
 
 def main(argv=None):
-    global TARGETS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--impls", default="fused,reference,reference-compile", help=f"of {', '.join(IMPLS)}")
     p.add_argument("--recipe", default="fast", choices=list(RECIPES), help="train.py's --recipe [fast]")
@@ -189,7 +186,7 @@ def main(argv=None):
     bad = [n for n in args.impls.split(",") if n not in IMPLS]
     if bad:
         p.error(f"unknown --impls {', '.join(bad)}; choose from {', '.join(IMPLS)}")
-    TARGETS = tuple(float(t) for t in args.targets.split(","))
+    targets = tuple(float(t) for t in args.targets.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     cfg = recipe_config(args)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -206,7 +203,7 @@ def main(argv=None):
     out = dict(environment=env, settings=dict(vars(args), recipe_config=cfg), results=results, complete=False)
     for seed in seeds:  # seeds outermost: the implementations of one seed run side by side
         for name in args.impls.split(","):
-            results.append(run_one(name, seed, data, cfg, dev))
+            results.append(run_one(name, seed, data, cfg, dev, targets))
             out["summary"], out["parity"] = summarize(results), parity(results)
             write_json(out, path)  # after every run: a run cut short keeps what it measured
     out["complete"] = True

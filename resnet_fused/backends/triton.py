@@ -67,7 +67,7 @@ class TritonBackend(Backend):
         return self.train_features(model, x, sync) if model.training else self.eval_features(model, x)
 
     def train_features(self, model, x, sync=None):
-        ops, dtype = torch.ops.resnet_fused, x.dtype
+        ops = torch.ops.resnet_fused
 
         def stats(y, mean, var):
             """This rank's statistics, or with sync_bn the global batch's (one collective per BatchNorm)."""

@@ -119,14 +119,8 @@ def bn_grad_coeffs_kernel(c1_ptr, c2_ptr, gw_ptr, gb_ptr, gm_ptr, gv_ptr, mean_p
         gs = tl.load(gs_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         gt = tl.load(gt_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         gm_affine, gv_affine, gw, gb = bn_affine_vjp(gs, gt, mean, var, w_ptr, offs, ok, EPS, HAS_W)
-        if HAS_GM:
-            gm = gm + gm_affine
-        else:
-            gm = gm_affine
-        if HAS_GV:
-            gv = gv + gv_affine
-        else:
-            gv = gv_affine
+        gm += gm_affine
+        gv += gv_affine
         if HAS_W:
             tl.store(gw_ptr + offs, gw.to(gw_ptr.dtype.element_ty), mask=ok)
         tl.store(gb_ptr + offs, gb.to(gb_ptr.dtype.element_ty), mask=ok)
