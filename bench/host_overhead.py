@@ -48,10 +48,15 @@ class _NoLaunch:
     """Stands in for a @triton.jit kernel: ``kernel[grid](*args)`` does nothing; counts the launches."""
 
     launches = 0
+    by_kernel = collections.Counter()
+
+    def __init__(self, name):
+        self.name = name
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             _NoLaunch.launches += 1
+            _NoLaunch.by_kernel[self.name] += 1
         return launch
 
 
@@ -60,7 +65,7 @@ def mock_kernels():
         mod = importlib.import_module(f"resnet_fused.ops.{info.name}")
         for name in dir(mod):
             if isinstance(getattr(mod, name), triton.runtime.jit.JITFunction):
-                setattr(mod, name, _NoLaunch())
+                setattr(mod, name, _NoLaunch(name))
     fused_backends.triton_interpreting = lambda: True  # backend "triton" accepts the CPU tensors
 
 
@@ -180,8 +185,9 @@ def main(argv=None):
         tf += per_step_ms(sf, args.steps, 1)
         tr += per_step_ms(sr, args.steps, 1)
     _NoLaunch.launches = 0
+    _NoLaunch.by_kernel.clear()
     sf()
-    launches = _NoLaunch.launches
+    launches, by_kernel = _NoLaunch.launches, collections.Counter(_NoLaunch.by_kernel)
     ops, inner = count_kernel_ops(sf)
     ref_ops, _ = count_kernel_ops(sr)
     # GPU kernels of one step: every Triton launch, and every ATen op that launches one, at the top level (outside
@@ -189,7 +195,8 @@ def main(argv=None):
     outer_aten = sum(v for k, v in ops.items() if not k.startswith("resnet_fused."))
     res = dict(model=args.model, amp=args.amp, fused_host_ms=statistics.median(tf), reference_host_ms=statistics.median(tr),
                fused_host_us=statistics.median(tf) * 1e3, reference_host_us=statistics.median(tr) * 1e3,
-               triton_launches_per_step=launches, kernel_ops_per_step=sum(ops.values()),
+               triton_launches_per_step=launches, triton_launches=dict(by_kernel.most_common()),
+               kernel_ops_per_step=sum(ops.values()),
                kernel_ops=dict(ops.most_common()), aten_ops_inside_custom_ops=dict(inner.most_common()),
                gpu_kernels_per_step=launches + outer_aten + sum(inner.values()),
                reference_gpu_kernels_per_step=sum(ref_ops.values()),
@@ -199,6 +206,10 @@ def main(argv=None):
     print(f"GPU kernels per training step: fused {res['gpu_kernels_per_step']} ({launches} Triton launches, "
           f"{outer_aten} ATen ops around the custom ops, {sum(inner.values())} inside them), reference "
           f"{res['reference_gpu_kernels_per_step']}")
+    for k, v in by_kernel.most_common():
+        print(f"  Triton launches:          {v:4d} x {k}")
+    for k, v in ((k, v) for k, v in ops.most_common() if not k.startswith("resnet_fused.")):
+        print(f"  around the custom ops:    {v:4d} x {k}")
     for k, v in inner.most_common(8):
         print(f"  inside the custom ops: {v:4d} x {k}")
     if args.json:

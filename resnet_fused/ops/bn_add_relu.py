@@ -15,8 +15,8 @@ Backward, g = dL/dout * [out > 0]:
     dL/dy = g * scale,  dL/dscale = sum g*y,  dL/dshift = sum g
     mode 1: dL/dr = g;  mode 2: dL/dr[n, c, h*s, w*s] = g[n, c + pad_front, h, w], zero elsewhere
     mode 3: dL/dr = g * res_scale,  dL/dres_scale = sum g*r,  dL/dres_shift = sum g
-One kernel writes the elementwise gradients and per-tile fp32 partial sums; the channel sums are a fixed-order
-reduction of those partials (deterministic, no atomics).
+One kernel writes the elementwise gradients and per-tile fp32 partial sums; the last tile of each channel block
+to finish sums the partials in tile order (deterministic, no float atomics) in the same launch.
 Index math: 32-bit when every element offset of every operand fits (checked by the launcher: ``index64``), so the
 row -> (n, h, w) divisions and the address products are 32-bit; 64-bit otherwise (INDEX64, tested by lowering the
 limit).
@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .implicit_gemm import cdiv, device_guard, empty_nhwc, index64, next_pow2, nhwc_strides, relu
-from .partials import sum_partials
+from .implicit_gemm import (cdiv, device_guard, empty_nhwc, index64, last_to_finish, next_pow2, nhwc_strides, relu,
+                            semaphores, tile_sums)
 
 
 @triton.jit
@@ -98,6 +98,8 @@ def bn_add_relu_fwd_kernel(out_ptr,                                 # [P, C] row
 
 @triton.jit
 def bn_add_relu_bwd_kernel(gy_ptr, gr_ptr, part_ptr,               # dL/dy, dL/d(shortcut) [P, C]; fp32 [T, 3, C]
+                           gs_ptr, gt_ptr, grs_ptr, grt_ptr,       # fp32 [C]: dL/dscale, dshift, dres_scale, dres_shift
+                           cnt_ptr,                                # int32 counters (last_to_finish)
                            go_ptr, out_ptr, y_ptr, scale_ptr,      # dL/dout, out (mask), y, scale
                            r_ptr, rs_ptr,                          # projection output and its scale (mode 3)
                            P, C, H, W,
@@ -131,6 +133,14 @@ def bn_add_relu_bwd_kernel(gy_ptr, gr_ptr, part_ptr,               # dL/dy, dL/d
         rs = tl.load(rs_ptr + offs_c, mask=c_ok, other=0.0)
         tl.store(gr_ptr + rows, (g * rs[None, :]).to(gr_ptr.dtype.element_ty), mask=mask)
         tl.store(base + 2 * C, tl.sum(g * r, axis=0), mask=c_ok)
+    if last_to_finish(cnt_ptr + tl.program_id(1), tl.num_programs(0)):  # the channel sums, tiles in order
+        s_gy, s_g, s_gr = tile_sums(part_ptr, C, tl.num_programs(0), offs_c, c_ok, 3, 3 if MODE == 3 else 2,
+                                    2048 // BLOCK_C)
+        tl.store(gs_ptr + offs_c, s_gy, mask=c_ok)
+        tl.store(gt_ptr + offs_c, s_g, mask=c_ok)
+        if MODE == 3:
+            tl.store(grs_ptr + offs_c, s_gr, mask=c_ok)
+            tl.store(grt_ptr + offs_c, s_g, mask=c_ok)
 
 
 def _blocks(c):
@@ -162,13 +172,16 @@ def bn_add_relu_backward_impl(grad_out, out, y, scale, residual, res_scale, mode
     gr = empty_nhwc(nb, c, h, w, residual.dtype, y.device) if mode else gy
     part = torch.empty((tiles, 3, c), dtype=torch.float32, device=y.device)
     r = residual if mode == 3 else y
+    # [sum g*y, sum g (, sum g*r, sum g)]: separate tensors (outputs may not alias), each written by the kernel
+    sums = [torch.empty(c if mode == 3 or i < 2 else 0, dtype=torch.float32, device=y.device) for i in range(4)]
+    grid = (tiles, cdiv(c, bc))
     with device_guard(y):
-        bn_add_relu_bwd_kernel[(tiles, cdiv(c, bc))](
-            gy, gr, part, grad_out, out, y, scale, r, res_scale if res_scale is not None else scale,
+        bn_add_relu_bwd_kernel[grid](
+            gy, gr, part, *sums, semaphores(y.device, grid[1]), grad_out, out, y, scale, r,
+            res_scale if res_scale is not None else scale,
             p, c, h, w, *nhwc_strides(grad_out), *nhwc_strides(out), *nhwc_strides(y), *nhwc_strides(r),
             MODE=mode, RELU=relu, BLOCK_P=bp, BLOCK_C=bc, INDEX64=index64(gy, gr, part, grad_out, out, y, r))
-    sums = sum_partials(part, 3 if mode == 3 else 2)  # [sum g*y, sum g (, sum g*r)]: separate tensors
-    g_res, g_rs, g_rt = (y.new_empty((0,), dtype=torch.float32) for _ in range(3))  # distinct: no aliasing
+    g_res = y.new_empty((0,), dtype=torch.float32)
     if mode == 1:
         g_res = gr
     elif mode == 2:  # scatter back onto the strided positions of the block input; the padded channels drop out
@@ -177,8 +190,8 @@ def bn_add_relu_backward_impl(grad_out, out, y, scale, residual, res_scale, mode
         cin = residual.shape[1]
         g_res[:, :, ::res_stride, ::res_stride] = gr[:, pad_front:pad_front + cin]
     elif mode == 3:
-        g_res, g_rs, g_rt = gr, sums[2], sums[1].clone()  # d shift and d res_shift are both sum g: two tensors
-    return gy, sums[0], sums[1], g_res, g_rs, g_rt
+        g_res = gr
+    return gy, sums[0], sums[1], g_res, sums[2], sums[3]
 
 
 # ---- op registration ---------------------------------------------------------------------------------------

@@ -24,32 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .bn_affine import bn_affine, bn_affine_vjp
 from .implicit_gemm import cdiv, device_guard, next_pow2
-
-
-@triton.jit
-def bn_affine(mean, var, w_ptr, b_ptr, offs, ok, EPS, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """(scale, shift) of channels offs from fp32 mean/var: the formulas above (shared with conv_bn_train's
-    finalize launch)."""
-    scale = 1.0 / tl.sqrt(var + EPS)
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    shift = -mean * scale
-    if HAS_B:
-        shift += tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    return scale, shift
-
-
-@triton.jit
-def bn_affine_vjp(gs, gt, mean, var, w_ptr, offs, ok, EPS, HAS_W: tl.constexpr):
-    """(dL/dmean, dL/dvar, dL/dweight, dL/dbias) from (dL/dscale, dL/dshift): the formulas above (shared with
-    conv_bn_train's gradient-coefficient launch)."""
-    invstd = 1.0 / tl.sqrt(var + EPS)
-    w = tl.full(mean.shape, 1.0, tl.float32)
-    if HAS_W:
-        w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    g = gs - mean * gt
-    return -(w * invstd) * gt, -0.5 * g * w * invstd * invstd * invstd, g * invstd, gt
 
 
 @triton.jit(do_not_specialize=["C", "EPS"])

@@ -28,10 +28,9 @@ def conv_bn_act(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tens
                          f"{res_mode} with x2 {'set' if x2 is not None else 'None'}")
     kh, kw = weight.shape[2], weight.shape[3]
     out_hw = conv_out_hw(x.shape[2], x.shape[3], kh, stride, padding)
-    out, _, _ = conv_launch(x, weight, kh, kw, stride, padding, out_hw, bias=bias, residual=residual,
-                            res_mode=0 if res_mode == 3 else res_mode, res_stride=res_stride, pad_front=pad_front,
-                            x2=x2, w2=weight2,
-                            stride2=res_stride, relu=relu, out_dtype=x.dtype)
+    out, _ = conv_launch(x, weight, kh, kw, stride, padding, out_hw, bias=bias, residual=residual,
+                         res_mode=0 if res_mode == 3 else res_mode, res_stride=res_stride, pad_front=pad_front,
+                         x2=x2, w2=weight2, stride2=res_stride, relu=relu, out_dtype=x.dtype)
     return out
 
 

@@ -5,9 +5,9 @@ Forward, for input x (NHWC), weight W and optional per-channel (scale, shift) of
     a    = relu(x * scale + shift)      if scale is given, else x        (on load: never written)
     y    = conv2d(a, W, stride, padding)                                 (implicit GEMM, fp32 accumulation)
     mean = mean_{n,h,w} y,   var = mean_{n,h,w} (y - mean)^2             (biased; what BN normalises with)
-The epilogue writes y and, per output tile, the channel mean and M2 of its rows; bn_stats_finalize_kernel combines
-the tiles with Chan's parallel formula (fixed order, fp32: deterministic and free of the E[y^2]-E[y]^2
-cancellation). Saved for backward: x, W, scale, shift, y, mean.
+The epilogue writes y and, per output tile, the channel mean and M2 of its rows; the last tile of the launch to
+finish combines the tiles with Chan's parallel formula (fixed order, fp32: deterministic and free of the
+E[y^2]-E[y]^2 cancellation), in the same launch. Saved for backward: x, W, scale, shift, y, mean.
 
 Backward. The consumer of (y, mean, var) (the next conv's prologue or bn_add_relu) returns dL/dy, dL/dmean and
 dL/dvar; with M = N*H*W rows,
@@ -18,7 +18,7 @@ mean/var -> invstd -> scale/shift. dy_total is never materialised: it is the A-o
     dA = conv_transpose(dy_total, W)     (input gradient, implicit GEMM with the transposed gather)
     dW = dy_total^T @ im2col(a)          (weight gradient, split over rows, fp32 partials)
 and when the input went through relu(x*scale+shift), the input-gradient's epilogue applies the ReLU mask and
-returns dL/dx = g * scale with the per-tile sums of g*x and g, i.e. dL/dscale and dL/dshift (STATS 2).
+returns dL/dx = g * scale and the sums of g*x and g, i.e. dL/dscale and dL/dshift (STATS 2, finished in-launch).
 
 conv_bn_stats_proj: the last conv of an option-B block and its 1x1 projection shortcut in one launch. Each output
 tile runs both implicit GEMMs (the 3x3 conv of relu(h*scale+shift), and the 1x1 stride-s conv of the block input x)
@@ -32,68 +32,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from .implicit_gemm import cdiv, conv_launch, conv_out_hw, device_guard, empty_nhwc, next_pow2, wgrad_partials
-from .bn_scale_shift import bn_affine
-from .partials import bn_grad_coeffs, sum_partials, wgrad_finish
-
-
-# ---- statistics finalize: tile (mean, M2) partials -> channel mean and biased variance ----------------------
-
-@triton.jit(do_not_specialize=["M", "N", "T", "TILE", "EPS"])
-def bn_stats_finalize_kernel(mean_ptr, var_ptr,            # out: fp32 [N] mean and biased variance
-                             part_ptr,                     # fp32 [T, 2, N]: per-tile mean, M2
-                             M, N, T, TILE,                # rows, channels, tiles, rows per tile
-                             scale_ptr, shift_ptr, w_ptr, b_ptr, EPS,  # AFFINE: out fp32 [N] scale, shift
-                             AFFINE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < N
-    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        mask = (offs_t < T)[:, None] & c_ok[None, :]
-        cnt = tl.minimum(M - offs_t * TILE, TILE).to(tl.float32)
-        mt = tl.load(part_ptr + offs_t[:, None] * 2 * N + offs_c[None, :], mask=mask, other=0.0)
-        total += tl.sum(tl.where(mask, cnt[:, None] * mt, 0.0), axis=0)
-    mean = total / M
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        mask = (offs_t < T)[:, None] & c_ok[None, :]
-        cnt = tl.minimum(M - offs_t * TILE, TILE).to(tl.float32)
-        base = part_ptr + offs_t[:, None] * 2 * N + offs_c[None, :]
-        mt = tl.load(base, mask=mask, other=0.0)
-        m2t = tl.load(base + N, mask=mask, other=0.0)
-        d = mt - mean[None, :]
-        m2 += tl.sum(tl.where(mask, m2t + cnt[:, None] * d * d, 0.0), axis=0)
-    var = m2 / M
-    tl.store(mean_ptr + offs_c, mean, mask=c_ok)
-    tl.store(var_ptr + offs_c, var, mask=c_ok)
-    if AFFINE:  # BatchNorm's (scale, shift), bn_scale_shift's formulas
-        scale, shift = bn_affine(mean, var, w_ptr, b_ptr, offs_c, c_ok, EPS, HAS_W, HAS_B)
-        tl.store(scale_ptr + offs_c, scale, mask=c_ok)
-        tl.store(shift_ptr + offs_c, shift, mask=c_ok)
-
-
-def bn_stats_finalize(part, m, tile, affine=None):
-    """(mean, var) fp32 [N] from the tile partials; ``affine=(weight, bias, eps)``: also BatchNorm's (scale, shift)
-    in the same launch: (mean, var, scale, shift)."""
-    t, _, n = part.shape
-    mean = torch.empty(n, dtype=torch.float32, device=part.device)
-    var = torch.empty_like(mean)
-    scale, shift = (torch.empty_like(mean), torch.empty_like(mean)) if affine is not None else (mean, mean)
-    w, b, eps = affine if affine is not None else (None, None, 0.0)
-    block_c = max(16, min(64, next_pow2(n)))
-    with device_guard(part):
-        bn_stats_finalize_kernel[(cdiv(n, block_c),)](
-            mean, var, part, m, n, t, tile, scale, shift, w.contiguous() if w is not None else mean,
-            b.contiguous() if b is not None else mean, float(eps), AFFINE=affine is not None, HAS_W=w is not None,
-            HAS_B=b is not None, BLOCK_T=32, BLOCK_C=block_c)
-    return (mean, var) if affine is None else (mean, var, scale, shift)
+from .implicit_gemm import conv_launch, conv_out_hw, empty_nhwc, wgrad_launch
+from .bn_grad_coeffs import bn_grad_coeffs
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------
@@ -103,9 +45,9 @@ def conv_bn_stats_forward(x, weight, in_scale, in_shift, stride, padding, affine
     kh, kw = weight.shape[2], weight.shape[3]
     oh, ow = conv_out_hw(x.shape[2], x.shape[3], kh, stride, padding)
     pro = 1 if in_scale is not None else 0
-    y, part, tile = conv_launch(x, weight, kh, kw, stride, padding, (oh, ow), pro=pro,
-                                pa=in_scale, pb=in_shift, stats=1, out_dtype=x.dtype)
-    return (y, *bn_stats_finalize(part, y.shape[0] * oh * ow, tile, affine))
+    y, st = conv_launch(x, weight, kh, kw, stride, padding, (oh, ow), pro=pro, pa=in_scale, pb=in_shift, stats=1,
+                        affine=affine, out_dtype=x.dtype)
+    return (y, *st)
 
 
 def conv_bn_stats_proj_forward(h, weight, in_scale, in_shift, x, proj_weight, proj_stride):
@@ -116,12 +58,9 @@ def conv_bn_stats_proj_forward(h, weight, in_scale, in_shift, x, proj_weight, pr
         raise ValueError(f"conv_bn_stats_proj: the conv of {tuple(h.shape)} by {tuple(weight.shape)} and the "
                          f"projection of {tuple(x.shape)} by {tuple(proj_weight.shape)} (stride {proj_stride}) "
                          f"must give outputs of one shape")
-    (y, ys), part, tile = conv_launch(h, weight, kh, kw, 1, kh // 2, (oh, ow), pro=1, pa=in_scale,
-                                      pb=in_shift, x2=x, w2=proj_weight, stride2=proj_stride,
-                                      dual_out=True, stats=1, out_dtype=h.dtype)
-    m = y.shape[0] * oh * ow
-    mean, var = bn_stats_finalize(part[0], m, tile)
-    mean_s, var_s = bn_stats_finalize(part[1], m, tile)
+    (y, ys), (mean, var, mean_s, var_s) = conv_launch(h, weight, kh, kw, 1, kh // 2, (oh, ow), pro=1, pa=in_scale,
+                                                      pb=in_shift, x2=x, w2=proj_weight, stride2=proj_stride,
+                                                      dual_out=True, stats=1, out_dtype=h.dtype)
     return y, mean, var, ys, mean_s, var_s
 
 
@@ -137,14 +76,14 @@ def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale
     gx, gs, gt, gw = (torch.empty(0, **f32) for _ in range(4))  # distinct tensors: outputs may not alias
     if need_x:
         stats = 2 if in_scale is not None else 0
-        gx, part, _ = conv_launch(grad_y, weight, kh, kw, stride, padding,
-                               (x.shape[2], x.shape[3]), transposed=True, pro=2, a2=y, pa=c1, pb=c2,
-                               stats=stats, ex=x, es=in_scale, et=in_shift, out_dtype=x.dtype)
+        gx, sums = conv_launch(grad_y, weight, kh, kw, stride, padding, (x.shape[2], x.shape[3]), transposed=True,
+                               pro=2, a2=y, pa=c1, pb=c2, stats=stats, ex=x, es=in_scale, et=in_shift,
+                               out_dtype=x.dtype)
         if stats:
-            gs, gt = sum_partials(part)
+            gs, gt = sums
     if need_w:
-        part_w = wgrad_partials(grad_y, x, kh, kw, stride, padding, y=y, c1=c1, c2=c2, xs=in_scale, xt=in_shift)
-        gw = wgrad_finish(part_w, kh, kw, weight.shape[1], weight.dtype, like=weight)
+        gw = wgrad_launch(grad_y, x, kh, kw, stride, padding, y=y, c1=c1, c2=c2, xs=in_scale, xt=in_shift,
+                          dtype=weight.dtype, like=weight)
     return (gx, gw, gs, gt, *bn_grads)
 
 
@@ -179,7 +118,7 @@ def _fake_conv_grads(grad_y, x, weight, in_scale, need_x, need_w):
     def empty():
         return grad_y.new_empty((0,), dtype=torch.float32)
     gx = empty_nhwc(*x.shape, x.dtype, x.device) if need_x else empty()
-    gw = torch.empty_like(weight) if need_w else empty()  # the weight's layout (wgrad_finish's like=)
+    gw = torch.empty_like(weight) if need_w else empty()  # the weight's layout (wgrad_launch's like=)
     has = in_scale is not None and need_x
     gs = x.new_empty((x.shape[1],), dtype=torch.float32) if has else empty()
     gt = x.new_empty((x.shape[1],), dtype=torch.float32) if has else empty()
@@ -215,10 +154,10 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
 conv_bn_stats.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ---- conv_bn_train: conv_bn_stats with BatchNorm's (scale, shift) from the statistics' finalize launch ----------
+# ---- conv_bn_train: conv_bn_stats with BatchNorm's (scale, shift) from the statistics' finish ------------------
 #
 # The training conv of FusedResNet when the statistics need no collective (no sync_bn): bn_scale_shift's forward
-# rides in bn_stats_finalize_kernel and its backward in bn_grad_coeffs_kernel, two launches fewer per BatchNorm
+# rides in the conv's statistics finish and its backward in bn_grad_coeffs_kernel, two launches fewer per BatchNorm
 # and step. Same formulas, same order: the results equal conv_bn_stats followed by bn_scale_shift.
 
 def _bn_param_dtype(bn_weight, bn_bias):

@@ -27,6 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .bn_affine import bn_affine
+
 
 @triton.jit
 def ix(v, INDEX64: tl.constexpr):
@@ -42,6 +44,64 @@ def ix(v, INDEX64: tl.constexpr):
 def relu(v):
     """max(v, 0) that keeps NaN, as torch.relu does (Triton's default maximum turns NaN into 0)."""
     return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def last_to_finish(cnt_ptr, n):
+    """Whether this program is the last of the n programs that share the int32 counter at cnt_ptr to get here
+    (then it resets the counter to 0, as every launch expects to find it). What the other programs stored before
+    they got here is visible to the last one: every thread's stores precede the barrier, the barrier precedes the
+    counter's acquire-release atomic; the last program reads those stores with ld.global.cg (not through L1)."""
+    tl.debug_barrier()
+    last = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == n - 1
+    if last:
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def tile_stats_merge(part_ptr, M, N, T, TILE, offs_c, c_ok, BLOCK_T: tl.constexpr):
+    """Channel mean and biased variance from per-tile (mean, M2) partials part[t, 0:2, c] of T tiles of TILE rows
+    (the last has M - (T-1)*TILE): Chan's parallel formula, tiles in order (deterministic; no E[y^2] - E[y]^2
+    cancellation). Loads bypass L1 (.cg): other programs of the launch wrote the partials (last_to_finish)."""
+    total = tl.zeros(offs_c.shape, dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        mask = (offs_t < T)[:, None] & c_ok[None, :]
+        cnt = tl.minimum(M - offs_t * TILE, TILE).to(tl.float32)
+        mt = tl.load(part_ptr + offs_t[:, None] * 2 * N + offs_c[None, :], mask=mask, other=0.0,
+                     cache_modifier=".cg")
+        total += tl.sum(tl.where(mask, cnt[:, None] * mt, 0.0), axis=0)
+    mean = total / M
+    m2 = tl.zeros(offs_c.shape, dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        mask = (offs_t < T)[:, None] & c_ok[None, :]
+        cnt = tl.minimum(M - offs_t * TILE, TILE).to(tl.float32)
+        base = part_ptr + offs_t[:, None] * 2 * N + offs_c[None, :]
+        mt = tl.load(base, mask=mask, other=0.0, cache_modifier=".cg")
+        m2t = tl.load(base + N, mask=mask, other=0.0, cache_modifier=".cg")
+        d = mt - mean[None, :]
+        m2 += tl.sum(tl.where(mask, m2t + cnt[:, None] * d * d, 0.0), axis=0)
+    return mean, m2 / M
+
+
+@triton.jit
+def tile_sums(part_ptr, N, T, offs_c, c_ok, ROWS: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The sums over T tiles, in order, of the first K (2 or 3) of the ROWS rows of partials part[t, row, c] (a
+    third sum of zeros when K == 2); .cg loads, as in tile_stats_merge."""
+    s0 = tl.zeros(offs_c.shape, dtype=tl.float32)
+    s1 = tl.zeros(offs_c.shape, dtype=tl.float32)
+    s2 = tl.zeros(offs_c.shape, dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        mask = (offs_t < T)[:, None] & c_ok[None, :]
+        base = part_ptr + offs_t[:, None] * ROWS * N + offs_c[None, :]
+        s0 += tl.sum(tl.load(base, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+        s1 += tl.sum(tl.load(base + N, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+        if K > 2:
+            s2 += tl.sum(tl.load(base + 2 * N, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+    return s0, s1, s2
 
 
 @triton.jit
@@ -136,19 +196,24 @@ def _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,
 #              accumulator, written to out2        the same launch as conv2; with STATS == 1 its tile statistics go
 #                                                  to the second half of the partials ([2, tiles, 2, N])
 #   RELU
-#   STATS == 1 per-tile channel mean and M2 of the output (train: BatchNorm statistics, reduced deterministically
-#              by bn_stats_finalize; the tile count is min(BLOCK_M, M - tile * BLOCK_M))
+#   STATS == 1 per-tile channel mean and M2 of the output (train: BatchNorm statistics; the tile count is
+#              min(BLOCK_M, M - tile * BLOCK_M)). The last row tile of each column block to finish merges the
+#              column's tiles in order (tile_stats_merge) into s0 = mean, s1 = biased var, and with AFFINE
+#              BatchNorm's s2 = scale, s3 = shift (bn_affine); with DUAL 2 s2, s3 = the projection's mean, var.
 #   STATS == 2 input-gradient of a layer whose input went through PRO 1 (relu(x*scale+shift)):
-#              g = acc * [x*scale+shift > 0];  out = g * scale;  per-tile sums of g*x and g (the gradients of
-#              scale and shift, reduced by the caller)
+#              g = acc * [x*scale+shift > 0];  out = g * scale;  per-tile sums of g*x and g, finished by the last
+#              tile as STATS 1 into s0 = dL/dscale, s1 = dL/dshift of that prologue.
+# The finishing reductions run in fixed order (deterministic, no float atomics) inside the one launch.
 
 # Integer arguments stay specialised (Triton's ==1 / divisible-by-16 variants): with C and the strides known to be
 # multiples of 16 the gathers and stores vectorise along channels (turning that off costs far more than the extra
 # compiled variants; bench/results/README.md, H100 run 2).
 @triton.jit
 def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows of NHWC; fp32 partials [tiles, 2, N]
+                s0_ptr, s1_ptr, s2_ptr, s3_ptr, cnt_ptr,     # STATS: fp32 [N] results (see below); int32 counters
                 a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,        # A source(s), prologue vectors, conv weight (B)
                 bias_ptr, res_ptr, x2_ptr, w2_ptr, ex_ptr, es_ptr, et_ptr,  # epilogue operands
+                bw_ptr, bb_ptr, EPS,                         # AFFINE: BatchNorm weight, bias, eps
                 M, N, DH, DW, SH, SW, C,                     # rows, cols, dest / source spatial, source channels
                 s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c,      # strides: source, second source
                 w_n, w_c, w_h, w_w, v_n, v_c,                # strides: weight (B), DUAL's 1x1 weight
@@ -159,6 +224,7 @@ def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows o
                 KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, STRIDE2: tl.constexpr,
                 TRANSPOSED: tl.constexpr, PRO: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr,
                 DUAL: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
+                AFFINE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, FIN_T: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INDEX64: tl.constexpr):
     pid_m = ix(tl.program_id(0), INDEX64)
     pid_n = tl.program_id(1)
@@ -227,21 +293,42 @@ def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows o
         tl.store(sbase + N, tl.sum(g, axis=0), mask=n_ok)
         acc = g * scale[None, :]
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if STATS != 0:  # the last of the column's row tiles finishes the reduction over all of them
+        if last_to_finish(cnt_ptr + pid_n, tl.num_programs(0)):
+            T = tl.num_programs(0)
+            if STATS == 1:
+                mean, var = tile_stats_merge(stats_ptr, M, N, T, BLOCK_M, offs_n, n_ok, FIN_T)
+                tl.store(s0_ptr + offs_n, mean, mask=n_ok)
+                tl.store(s1_ptr + offs_n, var, mask=n_ok)
+                if AFFINE:
+                    scale, shift = bn_affine(mean, var, bw_ptr, bb_ptr, offs_n, n_ok, EPS, HAS_W, HAS_B)
+                    tl.store(s2_ptr + offs_n, scale, mask=n_ok)
+                    tl.store(s3_ptr + offs_n, shift, mask=n_ok)
+                if DUAL == 2:
+                    mean2, var2 = tile_stats_merge(stats_ptr + T * 2 * N, M, N, T, BLOCK_M, offs_n, n_ok, FIN_T)
+                    tl.store(s2_ptr + offs_n, mean2, mask=n_ok)
+                    tl.store(s3_ptr + offs_n, var2, mask=n_ok)
+            else:
+                gs, gt, _ = tile_sums(stats_ptr, N, T, offs_n, n_ok, 2, 2, FIN_T)
+                tl.store(s0_ptr + offs_n, gs, mask=n_ok)
+                tl.store(s1_ptr + offs_n, gt, mask=n_ok)
 
 
 # ---- the weight-gradient kernel ---------------------------------------------------------------------------
 #
 # dW[co, (kh, kw, c)] = sum_p dY[p, co] * A[p, (kh, kw, c)]       p = (image, oh, ow), A the layer's input im2col
 # dY goes through PRO 2 (the BatchNorm input-gradient, on load) and A through PRO 1 when the layer's input was
-# relu(x*scale+shift). The p-range is split over SPLIT programs writing fp32 partials [SPLIT, C_out, KTOT] that
-# the launcher sums (a fixed-order reduction: deterministic, no atomics).
+# relu(x*scale+shift). The p-range is split over SPLIT programs writing fp32 partials [SPLIT, C_out, KTOT]; the
+# last of the SPLIT programs of an output tile to finish sums them in split order into dW (its strides: the
+# weight's layout, its dtype): a fixed-order reduction (deterministic, no float atomics) without a second launch.
 
 @triton.jit
-def conv_wgrad_kernel(part_ptr,                               # fp32 [SPLIT, COUT, KTOT]
+def conv_wgrad_kernel(part_ptr, dw_ptr, cnt_ptr,              # fp32 [SPLIT, COUT, KTOT]; dW; int32 counters
                       dy_ptr, y_ptr, c1_ptr, c2_ptr,          # dY source, y (PRO 2), BN-gradient coefficients
                       x_ptr, xs_ptr, xt_ptr,                  # layer input, its prologue scale / shift
                       P, COUT, OH, OW, H, W, CIN, KTOT, P_PER_SPLIT,
                       d_n, d_h, d_w, d_c, y_n, y_h, y_w, y_c, x_n, x_h, x_w, x_c,
+                      w_co, w_ci, w_h, w_w,                   # dW strides
                       KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                       DY_PRO: tl.constexpr, X_PRO: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_CO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, INDEX64: tl.constexpr):
@@ -293,8 +380,17 @@ def conv_wgrad_kernel(part_ptr,                               # fp32 [SPLIT, COU
             a = tl.where(xmask, relu(a * xs[None, :] + xt[None, :]), 0.0)
         dt = x_ptr.dtype.element_ty  # the layer's compute dtype
         acc = tl.dot(tl.trans(dy.to(dt)), a.to(dt), acc, input_precision=PRECISION)
-    out = part_ptr + pid_s * COUT * KTOT + ix(offs_co, INDEX64)[:, None] * KTOT + offs_r[None, :]
-    tl.store(out, acc, mask=co_ok[:, None] & r_ok[None, :])
+    tile_off = ix(offs_co, INDEX64)[:, None] * KTOT + offs_r[None, :]
+    tmask = co_ok[:, None] & r_ok[None, :]
+    tl.store(part_ptr + pid_s * COUT * KTOT + tile_off, acc, mask=tmask)
+    if last_to_finish(cnt_ptr + pid_co * tl.num_programs(1) + pid_r, tl.num_programs(2)):
+        tot = tl.zeros((BLOCK_CO, BLOCK_R), dtype=tl.float32)
+        src = part_ptr + tile_off  # stepping the pointer: 64-bit addresses whatever the split count
+        for _ in range(0, tl.num_programs(2)):
+            tot += tl.load(src, mask=tmask, other=0.0, cache_modifier=".cg")
+            src += COUT * KTOT
+        dst = ix(offs_co, INDEX64)[:, None] * w_co + (c * w_ci + kh * w_h + kw * w_w)[None, :]
+        tl.store(dw_ptr + dst, tot.to(dw_ptr.dtype.element_ty), mask=tmask)
 
 
 # ---- launchers (allocate, pick a config, launch; no autograd) ---------------------------------------------
@@ -389,15 +485,17 @@ def empty_nhwc(n, c, h, w, dtype, device):
 
 def conv_launch(src, w, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0, pa=None, pb=None, a2=None,
                 bias=None, residual=None, res_mode=0, res_stride=1, pad_front=0, x2=None, w2=None,
-                stride2=1, dual_out=False, relu=False, stats=0, ex=None, es=None, et=None, out_dtype=None,
-                config=None):
+                stride2=1, dual_out=False, relu=False, stats=0, ex=None, es=None, et=None, affine=None,
+                out_dtype=None, config=None):
     """Run conv_kernel. src is the gathered tensor (NCHW logical, any strides), w the conv weight [C_out, C_in,
     kh, kw] (any strides and float dtype: read in place, cast to src's dtype on load); transposed: the input
     gradient (src = the output gradient, N = C_in).
 
-    Returns (out [NB, N, DH, DW] channels_last, fp32 partials [tiles, 2, N] or None, rows per tile). With x2 the
-    1x1 projection GEMM (x2, w2 [N, C_x2, 1, 1], stride2) is added into the same tile (eval), or with ``dual_out``
-    written as a second output: then out is a pair and the partials are [2, tiles, 2, N] (conv, projection).
+    Returns (out [NB, N, DH, DW] channels_last, the finished statistics: fp32 [N] tensors, or None without
+    ``stats``): stats=1 (mean, var), with ``affine=(bn_weight, bn_bias, eps)`` (mean, var, scale, shift); stats=2
+    (dL/dscale, dL/dshift) of the prologue es/et. With x2 the 1x1 projection GEMM (x2, w2 [N, C_x2, 1, 1], stride2)
+    is added into the same tile (eval), or with ``dual_out`` written as a second output: then out is a pair and
+    stats=1 gives (mean, var, mean_s, var_s) (conv, projection).
     """
     nb, c_src, sh, sw = src.shape
     dh, dw = dest_hw
@@ -415,6 +513,9 @@ def conv_launch(src, w, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0
     out2 = empty_nhwc(nb, n_out, dh, dw, out_dtype or src.dtype, dev) if dual_out else None
     part = torch.empty(((2,) if dual_out else ()) + (tiles, 2, n_out), dtype=torch.float32, device=dev) \
         if stats else None
+    n_res = (4 if affine is not None or dual_out else 2) if stats else 0
+    res_stats = tuple(torch.empty(n_out, dtype=torch.float32, device=dev) for _ in range(n_res))
+    bw, bb, eps = affine if affine is not None else (None, None, 0.0)
     dummy = out
     a2 = a2 if a2 is not None else src
     res = residual if residual is not None else dummy
@@ -424,12 +525,15 @@ def conv_launch(src, w, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0
     rc, rh, rw = (res.shape[1], res.shape[2], res.shape[3]) if res.dim() == 4 else (0, 0, 0)
     c2_, sh2, sw2 = (x2_.shape[1], x2_.shape[2], x2_.shape[3])
     grid = (tiles, cdiv(n_out, cfg["BLOCK_N"]))
+    sv = res_stats + (part,) * (4 - n_res) if stats else (dummy,) * 4
     with device_guard(src):
         conv_kernel[grid](
             out, part if part is not None else dummy, out2 if out2 is not None else dummy,
+            *sv, semaphores(dev, grid[1]) if stats else dummy,
             src, a2, pa if pa is not None else dummy, pb if pb is not None else dummy, w,
             bias if bias is not None else dummy, res, x2_, w2 if w2 is not None else w,
             ex_, es if es is not None else dummy, et if et is not None else dummy,
+            bw if bw is not None else dummy, bb if bb is not None else dummy, float(eps),
             m, n_out, dh, dw, sh, sw, c_src,
             *nhwc_strides(src), *nhwc_strides(a2),
             w_n, w_c, w.stride(2), w.stride(3), *((w2.stride(0), w2.stride(1)) if w2 is not None else (0, 0)),
@@ -441,22 +545,35 @@ def conv_launch(src, w, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0
             TRANSPOSED=transposed, PRO=pro, BIAS=bias is not None, RES=res_mode,
             DUAL=(2 if dual_out else 1) if x2 is not None else 0,
             RELU=relu, STATS=stats, PRECISION=dot_precision(src.dtype, dev),
+            AFFINE=affine is not None, HAS_W=bw is not None, HAS_B=bb is not None,
+            FIN_T=max(8, 2048 // cfg["BLOCK_N"]),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             INDEX64=index64(*(t for t in (out, out2, part, src, a2, w, w2, res, x2_, ex_) if t is not None)),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return ((out, out2) if dual_out else out), part, cfg["BLOCK_M"]
+    return ((out, out2) if dual_out else out), (res_stats if stats else None)
 
 
-def wgrad_launch(dy, x, kh, kw, stride, pad, **kwargs):
-    """dW [C_out, kh*kw*C_in] (fp32) of a conv with input x (prologue xs/xt) and output gradient dy (PRO 2 with
-    y, c1, c2 when given): the split partials of wgrad_partials summed."""
-    part = wgrad_partials(dy, x, kh, kw, stride, pad, **kwargs)
-    return part.sum(0) if part.shape[0] > 1 else part[0]
+def semaphores(device, n):
+    """n int32 counters for last_to_finish on the current stream of device, all zero: each launch that uses them
+    leaves them zero, and launches on one stream run one after another (a stream, or a graph being captured on it,
+    has its own)."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+    buf = _SEMAPHORES.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _SEMAPHORES[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
-def wgrad_partials(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=None, xt=None, config=None):
-    """The weight gradient's fp32 partials [split, C_out, kh*kw*C_in] (rows of the GEMM split over programs);
-    partials.wgrad_finish sums them into the weight's layout and dtype in one launch."""
+_SEMAPHORES = {}
+
+
+def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=None, xt=None, dtype=torch.float32,
+                 like=None, config=None):
+    """The weight gradient dW [C_out, C_in, kh, kw] of a conv with input x (prologue relu(x*xs+xt) when xs is
+    given) and output gradient dy (PRO 2 with y, c1, c2 when given), in ``dtype``, laid out like the weight
+    ``like`` when given (autograd then accumulates it into .grad without a copy), else contiguous. One launch: the
+    GEMM's rows are split over programs writing fp32 partials [split, C_out, kh*kw*C_in], summed in split order by
+    the last program of each output tile."""
     nb, cout, oh, ow = dy.shape
     _, cin, h, w = x.shape
     ktot = kh * kw * cin
@@ -464,6 +581,12 @@ def wgrad_partials(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=N
     dev = dy.device
     if config is None:
         config = WGRAD_CONFIGS[0] if dev.type == "cuda" else WGRAD_CONFIGS[1]
+    if like is not None and tuple(like.shape) == (cout, cin, kh, kw):
+        dw = torch.empty_like(like, dtype=dtype)
+    else:
+        dw = torch.empty((cout, cin, kh, kw), dtype=dtype, device=dev)
+    if dw.numel() == 0 or p == 0:
+        return dw.zero_()
     cfg = _wgrad_tile(cout, ktot, config)
     split, per = wgrad_split(p, cout, ktot, config, dev)
     part = torch.empty((split, cout, ktot), dtype=torch.float32, device=dev)
@@ -471,15 +594,15 @@ def wgrad_partials(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=N
     grid = (cdiv(cout, cfg["BLOCK_CO"]), cdiv(ktot, cfg["BLOCK_R"]), split)
     with device_guard(dy):
         conv_wgrad_kernel[grid](
-            part, dy, y_, c1 if c1 is not None else part, c2 if c2 is not None else part,
-            x, xs if xs is not None else part, xt if xt is not None else part,
+            part, dw, semaphores(dev, grid[0] * grid[1]), dy, y_, c1 if c1 is not None else part,
+            c2 if c2 is not None else part, x, xs if xs is not None else part, xt if xt is not None else part,
             p, cout, oh, ow, h, w, cin, ktot, per,
-            *nhwc_strides(dy), *nhwc_strides(y_), *nhwc_strides(x),
+            *nhwc_strides(dy), *nhwc_strides(y_), *nhwc_strides(x), *dw.stride(),
             KW=kw, STRIDE=stride, PAD=pad, DY_PRO=2 if c1 is not None else 0, X_PRO=1 if xs is not None else 0,
             PRECISION=dot_precision(x.dtype, dev),
             BLOCK_CO=cfg["BLOCK_CO"], BLOCK_R=cfg["BLOCK_R"], BLOCK_P=cfg["BLOCK_P"],
-            INDEX64=index64(part, dy, y_, x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return part
+            INDEX64=index64(part, dy, y_, x, dw), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dw
 
 
 def conv_out_hw(h, w, k, stride, padding):
