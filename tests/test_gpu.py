@@ -188,6 +188,41 @@ def test_training_parity_50_steps_on_mnist(cuda, mnist_root):
     print(f"worst relative loss difference over 50 steps: {worst:.2e}")
 
 
+def test_in_launch_reductions_are_deterministic_and_race_free(cuda, monkeypatch):
+    """The reductions that the last program of a launch finishes (conv statistics, the input gradient's
+    scale/shift sums, the weight gradient over its split, bn_add_relu's channel sums) on shapes with thousands of
+    programs: 10 launches give bitwise the same results, which match PyTorch, and leave the counters at zero. A
+    missing barrier or fence shows here as a run-to-run difference or a wrong sum."""
+    from resnet_fused.ops import implicit_gemm as ig
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # IEEE fp32 products here and in PyTorch
+    torch.manual_seed(0)
+    x = torch.randn(512, 16, 28, 28, device=cuda).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 16, 3, 3, device=cuda)
+    s, t = torch.rand(16, device=cuda) + 0.5, torch.randn(16, device=cuda)
+    dy = torch.randn_like(x)
+    runs = []
+    for _ in range(10):
+        y, (mean, var) = ig.conv_launch(x, w, 3, 3, 1, 1, (28, 28), stats=1)
+        gx, (gs, gt) = ig.conv_launch(dy, w, 3, 3, 1, 1, (28, 28), transposed=True, pro=0, stats=2, ex=x, es=s,
+                                      et=t)
+        dw = ig.wgrad_launch(dy, x, 3, 3, 1, 1)
+        runs.append([mean, var, gs, gt, dw])
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)
+    y64 = y.double()  # the statistics of the y this launch wrote, so that only the reduction is compared
+    torch.testing.assert_close(mean.double(), y64.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), y64.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
+    g = (torch.nn.grad.conv2d_input(x.shape, w, dy, padding=1) * (x * s[:, None, None] + t[:, None, None] > 0))
+    g64, x64 = g.double(), x.double()
+    torch.testing.assert_close(gs.double(), (g64 * x64).sum((0, 2, 3)), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(gt.double(), g64.sum((0, 2, 3)), rtol=1e-4, atol=1e-2)
+    dw64 = torch.nn.grad.conv2d_weight(x64, w.shape, dy.double(), padding=1)
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-4, atol=1e-2)
+    assert not ig.semaphores(x.device, 1).any()
+
+
 def test_large_batch_inference(cuda):
     """Many row tiles (8192 x 28 x 28 rows) in every launch."""
     ref, fused = _models(cuda, depth=8)

@@ -200,19 +200,30 @@ def test_bn_scale_shift_and_its_gradient(dev, c, affine):
                 close(a, r, msg=f"grad {name}")
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_bn_running_update_matches_batchnorm(dev, momentum):
+def test_bn_running_update_matches_batchnorm(dev):
+    """One launch updates several BatchNorms as nn.BatchNorm2d would: different widths (one past a block of
+    channels), counts and momenta, the cumulative average (momentum None), a bf16 running buffer."""
     torch.manual_seed(0)
-    bn = torch.nn.BatchNorm2d(5, momentum=momentum).to(dev)
-    mine = torch.nn.BatchNorm2d(5, momentum=momentum).to(dev)
-    for _ in range(3):
-        x = torch.randn(4, 5, 3, 3, device=dev) * 3 + 1
-        bn(x)
-        ops.bn_running_update(mine.running_mean, mine.running_var, mine.num_batches_tracked,
-                              x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False), 36,
-                              0.0 if momentum is None else momentum, momentum is None)
-    close(mine.running_mean, bn.running_mean), close(mine.running_var, bn.running_var)
-    assert mine.num_batches_tracked.item() == bn.num_batches_tracked.item() == 3
+    specs = [(5, 0.1, torch.float32), (1030, None, torch.float32), (3, 0.3, torch.bfloat16), (16, None, torch.float32)]
+    bns = [torch.nn.BatchNorm2d(c, momentum=m).to(dev) for c, m, _ in specs]
+    mine = [torch.nn.BatchNorm2d(c, momentum=m).to(dev) for c, m, _ in specs]
+    for (_, _, dt), b, bm in zip(specs, bns, mine):
+        b.to(dt), bm.to(dt)
+    for step in range(3):
+        xs = [(torch.randn(4, c, 3 + i, 3, device=dev) * 3 + 1).to(dt) for i, (c, _, dt) in enumerate(specs)]
+        for b, x in zip(bns, xs):
+            b(x)
+        ops.bn_running_update([b.running_mean for b in mine], [b.running_var for b in mine],
+                              [b.num_batches_tracked for b in mine], [x.float().mean((0, 2, 3)) for x in xs],
+                              [x.float().var((0, 2, 3), unbiased=False) for x in xs],
+                              [x.shape[0] * x.shape[2] * x.shape[3] for x in xs],
+                              [0.0 if m is None else m for _, m, _ in specs], [m is None for _, m, _ in specs])
+    for (c, m, dt), b, bm in zip(specs, bns, mine):
+        tol = {} if dt == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        close(bm.running_mean, b.running_mean, **tol), close(bm.running_var, b.running_var, **tol)
+        assert bm.num_batches_tracked.item() == b.num_batches_tracked.item() == 3
+    with pytest.raises(ValueError, match="one entry per BatchNorm"):
+        ops.bn_running_update([bns[0].running_mean], [], [], [], [], [], [], [])
 
 
 @pytest.mark.parametrize("mode", ["none", "identity", "A", "B"])
@@ -331,8 +342,10 @@ def _opcheck_cases(dev):
         (ops.bn_add_relu.default, (y, c8, c8, y.detach().clone(), c8, c8, 3, 1, 0, True)),
         (ops.conv_bn_act.default, (x.detach(), w.detach(), torch.randn(8, device=dev), None, None, None, 1, 1, 0, 1,
                                    0, True)),
-        (ops.bn_running_update.default, (torch.zeros(8, device=dev), torch.ones(8, device=dev),
-                                         torch.zeros((), dtype=torch.long, device=dev), c8, c8, 10, 0.1, False)),
+        (ops.bn_running_update.default, ([torch.zeros(8, device=dev), torch.zeros(4, device=dev)],
+                                         [torch.ones(8, device=dev), torch.ones(4, device=dev)],
+                                         [torch.zeros((), dtype=torch.long, device=dev) for _ in range(2)],
+                                         [c8, c8[:4] + 1], [c8, c8[:4]], [10, 3], [0.1, 0.0], [False, True])),
     ]
 
 

@@ -5,8 +5,8 @@ Training, per BasicBlock:
     y2, mean2, var2, scale2, shift2 = conv_bn_train(y1, W2, bn2, scale1, shift1)   BN1 + ReLU applied on load
     out = bn_add_relu(y2, scale2, shift2, shortcut)                        BN2 + shortcut (identity / A / B) + ReLU
 (scale, shift) = (gamma / sqrt(var + eps), beta - mean * scale) come from the statistics' finalize launch, and
-autograd carries gradients to gamma, beta and through the statistics; bn_running_update updates the running
-buffers exactly as nn.BatchNorm2d. With sync_bn the statistics are merged over processes first: conv_bn_stats,
+autograd carries gradients to gamma, beta and through the statistics; bn_running_update updates every running
+buffer exactly as nn.BatchNorm2d, in one launch after the last layer. With sync_bn the statistics are merged over processes first: conv_bn_stats,
 the collective, then bn_scale_shift. Option B: conv_bn_stats_proj computes y2 and the 1x1 projection of x (each
 with its statistics) in one launch, then bn_scale_shift for each.
 Inference: the folded plan, one conv_bn_act per conv with bias, shortcut (option B as a second GEMM in the same
@@ -32,11 +32,27 @@ except ImportError as e:  # no Triton on this platform: the extension backends s
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _update_running(bn, mean, var, count):
-    if bn.track_running_stats and bn.running_mean is not None:
-        torch.ops.resnet_fused.bn_running_update(
-            bn.running_mean, bn.running_var, bn.num_batches_tracked, mean.detach(), var.detach(), count=count,
-            momentum=0.0 if bn.momentum is None else float(bn.momentum), cumulative=bn.momentum is None)
+class _RunningUpdates:
+    """The running-statistics updates of one forward, collected layer by layer and done in one launch after the
+    last layer (bn_running_update): a forward that fails half way leaves every BatchNorm as it was."""
+
+    def __init__(self):
+        self.bns, self.means, self.vars, self.counts = [], [], [], []
+
+    def add(self, bn, mean, var, count):
+        if bn.track_running_stats and bn.running_mean is not None:
+            self.bns.append(bn)
+            self.means.append(mean.detach())
+            self.vars.append(var.detach())
+            self.counts.append(count)
+
+    def apply(self):
+        if self.bns:
+            bns = self.bns
+            torch.ops.resnet_fused.bn_running_update(
+                [b.running_mean for b in bns], [b.running_var for b in bns], [b.num_batches_tracked for b in bns],
+                self.means, self.vars, self.counts, [0.0 if b.momentum is None else float(b.momentum) for b in bns],
+                [b.momentum is None for b in bns])
 
 
 def _scale_shift(bn, mean, var):
@@ -68,6 +84,7 @@ class TritonBackend(Backend):
 
     def train_features(self, model, x, sync=None):
         ops = torch.ops.resnet_fused
+        running = _RunningUpdates()
 
         def stats(y, mean, var):
             """This rank's statistics, or with sync_bn the global batch's (one collective per BatchNorm)."""
@@ -77,12 +94,12 @@ class TritonBackend(Backend):
             if sync is None:  # the statistics' finalize launch also gives BatchNorm's (scale, shift)
                 y, mean, var, s, t = ops.conv_bn_train(a, cb.conv.weight, scale, shift, cb.bn.weight, cb.bn.bias,
                                                        eps=cb.bn.eps, stride=cb.stride, padding=cb.padding)
-                _update_running(cb.bn, mean, var, _count(y))
+                running.add(cb.bn, mean, var, _count(y))
                 return y, (s, t)
             y, mean, var = ops.conv_bn_stats(a, cb.conv.weight, in_scale=scale, in_shift=shift,
                                              stride=cb.stride, padding=cb.padding)
             mean, var, count = stats(y, mean, var)
-            _update_running(cb.bn, mean, var, count)
+            running.add(cb.bn, mean, var, count)
             return y, _scale_shift(cb.bn, mean, var)
 
         y, (s, t) = conv_stats(x, model.plan.stem)
@@ -96,7 +113,7 @@ class TritonBackend(Backend):
                 m2, v2, count = stats(y2, m2, v2)
                 ms, vs, _ = stats(ys, ms, vs)
                 for cb, m, v in ((b.conv2, m2, v2), (b.proj, ms, vs)):
-                    _update_running(cb.bn, m, v, count)
+                    running.add(cb.bn, m, v, count)
                 (s2, t2), (rs, rt) = _scale_shift(b.conv2.bn, m2, v2), _scale_shift(b.proj.bn, ms, vs)
                 a = ops.bn_add_relu(y2, s2, t2, residual=ys, res_scale=rs, res_shift=rt, mode=b.mode,
                                     res_stride=b.stride, pad_front=0, relu=True)
@@ -104,6 +121,7 @@ class TritonBackend(Backend):
             y2, (s2, t2) = conv_stats(y1, b.conv2, s1, t1)
             a = ops.bn_add_relu(y2, s2, t2, residual=None if b.mode == ShortcutMode.NONE else a, res_scale=None,
                                 res_shift=None, mode=b.mode, res_stride=b.stride, pad_front=b.pad_front, relu=True)
+        running.apply()
         return a
 
     def eval_features(self, model, x):
