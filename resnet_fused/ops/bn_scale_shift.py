@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .bn_affine import bn_affine, bn_affine_vjp
+from .bn_formulas import bn_affine, bn_affine_vjp
 from .implicit_gemm import cdiv, device_guard, next_pow2
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .implicit_gemm import conv_launch, conv_out_hw, empty_nhwc, wgrad_launch
-from .bn_grad_coeffs import bn_grad_coeffs
+from .bn_grad_coeffs import GradCoeffs, launch_grad_coeffs
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------
@@ -67,13 +67,19 @@ def conv_bn_stats_proj_forward(h, weight, in_scale, in_shift, x, proj_weight, pr
 def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride,
                                 padding, need_x, need_w, affine=None):
     """(grad_x, grad_weight, grad_in_scale, grad_in_shift); with ``affine=(grad_scale, grad_shift, var, bn_weight,
-    eps, param_dtype)`` (conv_bn_train) also (grad_bn_weight, grad_bn_bias), from the same coefficient launch."""
+    eps, param_dtype)`` (conv_bn_train) also (grad_bn_weight, grad_bn_bias). Two launches: the weight gradient
+    (which computes BatchNorm's gradient coefficients and writes them out), then the input gradient."""
     kh, kw = weight.shape[2], weight.shape[3]
     m = y.shape[0] * y.shape[2] * y.shape[3]
     f32 = dict(dtype=torch.float32, device=y.device)
-    c1, c2, *bn_grads = bn_grad_coeffs(None if grad_mean is None else grad_mean.contiguous(),
-                                       None if grad_var is None else grad_var.contiguous(), mean, m, affine)
+    co = GradCoeffs(grad_mean, grad_var, mean, m, affine)
     gx, gs, gt, gw = (torch.empty(0, **f32) for _ in range(4))  # distinct tensors: outputs may not alias
+    if need_w and weight.numel() and m:  # first: it computes the coefficients, writes them for the input gradient
+        gw = wgrad_launch(grad_y, x, kh, kw, stride, padding, y=y, coeffs=co, xs=in_scale, xt=in_shift,
+                          dtype=weight.dtype, like=weight)
+    else:
+        launch_grad_coeffs(co)
+    c1, c2, *bn_grads = co.outputs()
     if need_x:
         stats = 2 if in_scale is not None else 0
         gx, sums = conv_launch(grad_y, weight, kh, kw, stride, padding, (x.shape[2], x.shape[3]), transposed=True,
@@ -81,9 +87,6 @@ def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale
                                out_dtype=x.dtype)
         if stats:
             gs, gt = sums
-    if need_w:
-        gw = wgrad_launch(grad_y, x, kh, kw, stride, padding, y=y, c1=c1, c2=c2, xs=in_scale, xt=in_shift,
-                          dtype=weight.dtype, like=weight)
     return (gx, gw, gs, gt, *bn_grads)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .bn_affine import bn_affine
+from .bn_formulas import bn_affine, bn_grad_coeffs_tile
 
 
 @triton.jit
@@ -317,20 +317,25 @@ def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows o
 # ---- the weight-gradient kernel ---------------------------------------------------------------------------
 #
 # dW[co, (kh, kw, c)] = sum_p dY[p, co] * A[p, (kh, kw, c)]       p = (image, oh, ow), A the layer's input im2col
-# dY goes through PRO 2 (the BatchNorm input-gradient, on load) and A through PRO 1 when the layer's input was
-# relu(x*scale+shift). The p-range is split over SPLIT programs writing fp32 partials [SPLIT, C_out, KTOT]; the
+# dY goes through PRO 2 (the BatchNorm input-gradient, on load; its per-channel coefficients c1, c2 computed here
+# from the BN's statistics and upstream gradients, and written out for the input-gradient launch that follows,
+# with dL/dgamma and dL/dbeta) and A through PRO 1 when the layer's input was relu(x*scale+shift). The p-range is split over SPLIT programs writing fp32 partials [SPLIT, C_out, KTOT]; the
 # last of the SPLIT programs of an output tile to finish sums them in split order into dW (its strides: the
 # weight's layout, its dtype): a fixed-order reduction (deterministic, no float atomics) without a second launch.
 
 @triton.jit
 def conv_wgrad_kernel(part_ptr, dw_ptr, cnt_ptr,              # fp32 [SPLIT, COUT, KTOT]; dW; int32 counters
-                      dy_ptr, y_ptr, c1_ptr, c2_ptr,          # dY source, y (PRO 2), BN-gradient coefficients
+                      dy_ptr, y_ptr,                          # dY source, y (PRO 2)
+                      c1_ptr, c2_ptr, gw_ptr, gb_ptr,         # PRO 2, out: the BN-gradient coefficients, dL/dgamma,
+                      gm_ptr, gv_ptr, mean_ptr, INV_M,        #   dL/dbeta; in: bn_grad_coeffs_tile's operands
+                      gs_ptr, gt_ptr, var_ptr, bw_ptr, EPS,
                       x_ptr, xs_ptr, xt_ptr,                  # layer input, its prologue scale / shift
                       P, COUT, OH, OW, H, W, CIN, KTOT, P_PER_SPLIT,
                       d_n, d_h, d_w, d_c, y_n, y_h, y_w, y_c, x_n, x_h, x_w, x_c,
                       w_co, w_ci, w_h, w_w,                   # dW strides
                       KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                       DY_PRO: tl.constexpr, X_PRO: tl.constexpr, PRECISION: tl.constexpr,
+                      HAS_GM: tl.constexpr, HAS_GV: tl.constexpr, AFFINE: tl.constexpr, HAS_W: tl.constexpr,
                       BLOCK_CO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, INDEX64: tl.constexpr):
     pid_co = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -343,9 +348,10 @@ def conv_wgrad_kernel(part_ptr, dw_ptr, cnt_ptr,              # fp32 [SPLIT, COU
     c = offs_r % CIN
     kh = tap // KW
     kw = tap % KW
-    if DY_PRO == 2:
-        c1 = tl.load(c1_ptr + offs_co, mask=co_ok, other=0.0)
-        c2 = tl.load(c2_ptr + offs_co, mask=co_ok, other=0.0)
+    if DY_PRO == 2:  # the coefficients of this program's channels; the (co, 0, 0) programs write them out
+        c1, c2 = bn_grad_coeffs_tile(c1_ptr, c2_ptr, gw_ptr, gb_ptr, gm_ptr, gv_ptr, mean_ptr, INV_M, gs_ptr, gt_ptr,
+                                     var_ptr, bw_ptr, EPS, offs_co, co_ok, (pid_r == 0) & (pid_s == 0),
+                                     HAS_GM, HAS_GV, AFFINE, HAS_W)
     if X_PRO == 1:
         xs = tl.load(xs_ptr + c, mask=r_ok, other=0.0)
         xt = tl.load(xt_ptr + c, mask=r_ok, other=0.0)
@@ -567,13 +573,15 @@ def semaphores(device, n):
 _SEMAPHORES = {}
 
 
-def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=None, xt=None, dtype=torch.float32,
+def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, coeffs=None, xs=None, xt=None, dtype=torch.float32,
                  like=None, config=None):
     """The weight gradient dW [C_out, C_in, kh, kw] of a conv with input x (prologue relu(x*xs+xt) when xs is
-    given) and output gradient dy (PRO 2 with y, c1, c2 when given), in ``dtype``, laid out like the weight
-    ``like`` when given (autograd then accumulates it into .grad without a copy), else contiguous. One launch: the
-    GEMM's rows are split over programs writing fp32 partials [split, C_out, kh*kw*C_in], summed in split order by
-    the last program of each output tile."""
+    given) and output gradient dy, in ``dtype``, laid out like the weight ``like`` when given (autograd then
+    accumulates it into .grad without a copy), else contiguous. With ``coeffs`` (a bn_grad_coeffs.GradCoeffs) dy
+    goes through BatchNorm's input gradient dy + y*c2 + c1 (PRO 2), c1 and c2 computed in the kernel and written to
+    coeffs' outputs (with dL/dgamma, dL/dbeta) for the input-gradient launch. One launch: the GEMM's rows are split
+    over programs writing fp32 partials [split, C_out, kh*kw*C_in], summed in split order by the last program of
+    each output tile."""
     nb, cout, oh, ow = dy.shape
     _, cin, h, w = x.shape
     ktot = kh * kw * cin
@@ -592,14 +600,16 @@ def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, c1=None, c2=None, xs=Non
     part = torch.empty((split, cout, ktot), dtype=torch.float32, device=dev)
     y_ = y if y is not None else dy
     grid = (cdiv(cout, cfg["BLOCK_CO"]), cdiv(ktot, cfg["BLOCK_R"]), split)
+    co_args = coeffs.args if coeffs is not None else (part,) * 7 + (1.0,) + (part,) * 4 + (0.0,)
+    co_flags = coeffs.flags if coeffs is not None else dict(HAS_GM=False, HAS_GV=False, AFFINE=False, HAS_W=False)
     with device_guard(dy):
         conv_wgrad_kernel[grid](
-            part, dw, semaphores(dev, grid[0] * grid[1]), dy, y_, c1 if c1 is not None else part,
-            c2 if c2 is not None else part, x, xs if xs is not None else part, xt if xt is not None else part,
+            part, dw, semaphores(dev, grid[0] * grid[1]), dy, y_, *co_args,
+            x, xs if xs is not None else part, xt if xt is not None else part,
             p, cout, oh, ow, h, w, cin, ktot, per,
             *nhwc_strides(dy), *nhwc_strides(y_), *nhwc_strides(x), *dw.stride(),
-            KW=kw, STRIDE=stride, PAD=pad, DY_PRO=2 if c1 is not None else 0, X_PRO=1 if xs is not None else 0,
-            PRECISION=dot_precision(x.dtype, dev),
+            KW=kw, STRIDE=stride, PAD=pad, DY_PRO=2 if coeffs is not None else 0, X_PRO=1 if xs is not None else 0,
+            PRECISION=dot_precision(x.dtype, dev), **co_flags,
             BLOCK_CO=cfg["BLOCK_CO"], BLOCK_R=cfg["BLOCK_R"], BLOCK_P=cfg["BLOCK_P"],
             INDEX64=index64(part, dy, y_, x, dw), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dw
