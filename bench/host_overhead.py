@@ -72,7 +72,7 @@ def mock_kernels():
 # ops that launch no kernel of their own: allocations, views, autograd bookkeeping, metadata
 _NO_KERNEL = {"aten.detach", "aten.view", "aten._unsafe_view", "aten.t", "aten.as_strided", "aten.promote_types",
               "aten.squeeze", "aten.unsqueeze", "aten.expand", "aten.select", "aten.slice", "aten.permute",
-              "aten.transpose", "aten.alias", "aten.split", "aten.unbind", "aten.narrow", "aten.view_as",
+              "aten.transpose", "aten.alias", "aten.as_strided_", "aten.split", "aten.unbind", "aten.narrow", "aten.view_as",
               "aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
               "aten.lift_fresh", "aten.sym_size", "aten.sym_stride", "aten.is_same_size",
               "profiler._record_function_enter_new", "profiler._record_function_exit"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 
 from . import backends, distributed
 from .graphs import GraphRunner, enabled_by_default
@@ -113,8 +112,7 @@ class FusedResNet(ResNet):
         return self._run(x, backend)
 
     def _run(self, x, backend, sync=None):
-        feats = backend.features(self, x, sync)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(feats, 1), 1))
+        return backend.head(self, backend.features(self, x, sync))
 
     def _needs_grad(self, x):
         return x.requires_grad or any(p.requires_grad for p in self.parameters())

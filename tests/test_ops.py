@@ -226,6 +226,50 @@ def test_bn_running_update_matches_batchnorm(dev):
         ops.bn_running_update([bns[0].running_mean], [], [], [], [], [], [], [])
 
 
+@pytest.mark.parametrize("n,c,hw,k,bias", [(1, 64, 7, 10, True), (37, 13, 3, 10, False), (16, 64, 1, 47, True)],
+                         ids=str)
+def test_pool_linear_matches_pytorch(dev, n, c, hw, k, bias):
+    """Global average pool + linear, forward and every gradient, against F.linear(x.mean((2, 3))): batch 1, 7x7,
+    channels and classes not multiples of 8 or 16, no bias, a 1x1 map; the weight gradient in the weight's
+    layout."""
+    torch.manual_seed(0)
+    f = nhwc(torch.randn(n, c, hw, hw, device=dev)).requires_grad_()
+    w = torch.randn(k, c, device=dev).requires_grad_()
+    b = torch.randn(k, device=dev).requires_grad_() if bias else None
+    logits, pooled = ops.pool_linear(f, w, b, out_dtype=torch.float32)
+    ref = F.linear(f.mean((2, 3)), w, b)
+    close(logits, ref), close(pooled, f.detach().mean((2, 3)))
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(logits, [f, w] + ([b] if bias else []), g)
+    want = torch.autograd.grad(ref, [f, w] + ([b] if bias else []), g)
+    for name, a, r in zip(["feats", "weight", "bias"], got, want):
+        close(a, r, msg=name)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert not ig.semaphores(f.device, 1).any()
+
+
+def test_pool_linear_low_precision_and_its_errors(dev):
+    """bf16 features with fp32 weights (autocast): logits in bf16 within 2x PyTorch's own bf16 error; gradients
+    of the fp32 weights in fp32. Bad shapes are a clear error."""
+    torch.manual_seed(1)
+    f32 = nhwc(torch.randn(8, 24, 4, 4, device=dev))
+    w = torch.randn(10, 24, device=dev).requires_grad_()
+    b = torch.randn(10, device=dev)
+    want = F.linear(f32.mean((2, 3)), w, b)
+    logits, _ = ops.pool_linear(f32.bfloat16(), w, b, out_dtype=torch.bfloat16)
+    pt = F.linear(f32.bfloat16().mean((2, 3)), w.bfloat16(), b.bfloat16())
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - want).abs().max() <= 2 * (pt.float() - want).abs().max() + 1e-2
+    (gw,) = torch.autograd.grad(logits.float().sum(), [w])
+    assert gw.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"weight \[K, 24\]"):
+        ops.pool_linear(f32, torch.randn(10, 23, device=dev), None, out_dtype=torch.float32)
+    nchw = torch.randn(2, 24, 4, 4, device=dev)  # contiguous NCHW features work too
+    close(ops.pool_linear(nchw, w.detach(), b, out_dtype=torch.float32)[0], F.linear(nchw.mean((2, 3)), w, b))
+    with pytest.raises(ValueError, match="evenly strided"):
+        ops.pool_linear(torch.randn(2, 24, 8, 4, device=dev)[:, :, ::2], w.detach(), b, out_dtype=torch.float32)
+
+
 @pytest.mark.parametrize("mode", ["none", "identity", "A", "B"])
 def test_conv_bn_act_inference(dev, mode):
     torch.manual_seed(0)
@@ -335,6 +379,8 @@ def _opcheck_cases(dev):
     y = nhwc(torch.randn(2, 8, 6, 6, device=dev))
     c8 = torch.rand(8, device=dev) + 0.5
     return [
+        (ops.pool_linear.default, (y.detach().requires_grad_(), torch.randn(10, 8, device=dev, requires_grad=True),
+                                   torch.randn(10, device=dev, requires_grad=True), torch.float32)),
         (ops.conv_bn_stats.default, (x.requires_grad_(), w.requires_grad_(), None, None, 1, 1)),
         (ops.conv_bn_stats.default, (x, w, s.requires_grad_(), t.requires_grad_(), 2, 1)),
         (ops.bn_add_relu.default, (y.requires_grad_(), c8.requires_grad_(), torch.randn(8, device=dev),
@@ -349,7 +395,7 @@ def _opcheck_cases(dev):
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck(dev, case):
     op, args = _opcheck_cases(dev)[case]
     torch.library.opcheck(op, args)

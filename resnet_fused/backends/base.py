@@ -24,6 +24,10 @@ class Backend:
     def eval_features(self, model, x):
         raise NotImplementedError
 
+    def head(self, model, feats: torch.Tensor) -> torch.Tensor:
+        """The logits from the features: global average pool, then the classifier."""
+        return model.fc(feats.mean((2, 3)))
+
     def __repr__(self):
         return f"<backend {self.name}>"
 

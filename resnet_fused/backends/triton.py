@@ -25,6 +25,7 @@ try:  # importing the op modules registers the resnet_fused:: custom ops
     from ..ops import bn_scale_shift as _bn_scale_shift  # noqa: F401
     from ..ops import conv_bn_act as _conv_bn_act  # noqa: F401
     from ..ops import conv_bn_stats as _conv_bn_stats  # noqa: F401
+    from ..ops import pool_linear as _pool_linear
     TRITON_IMPORT_ERROR = None
 except ImportError as e:  # no Triton on this platform: the extension backends still work
     TRITON_IMPORT_ERROR = e
@@ -123,6 +124,15 @@ class TritonBackend(Backend):
                                 res_shift=None, mode=b.mode, res_stride=b.stride, pad_front=b.pad_front, relu=True)
         running.apply()
         return a
+
+    def head(self, model, feats):
+        """pool_linear: pool + classifier in one launch each way, the weights read in their dtype (no autocast
+        casts); the logits in autocast's dtype (as nn.Linear's under autocast), else the features'."""
+        fc = model.fc
+        if not _pool_linear.fits(feats.shape[1], fc.out_features):
+            return super().head(model, feats)
+        logits, _ = torch.ops.resnet_fused.pool_linear(feats, fc.weight, fc.bias, out_dtype=compute_dtype(feats))
+        return logits
 
     def eval_features(self, model, x):
         op = torch.ops.resnet_fused.conv_bn_act

@@ -13,7 +13,8 @@ Saved for backward: out (its sign is the ReLU mask), y, r.
 
 Backward, g = dL/dout * [out > 0]:
     dL/dy = g * scale,  dL/dscale = sum g*y,  dL/dshift = sum g
-    mode 1: dL/dr = g;  mode 2: dL/dr[n, c, h*s, w*s] = g[n, c + pad_front, h, w], zero elsewhere
+    mode 1: dL/dr = g;  mode 2: dL/dr[n, c, h*s, w*s] = g[n, c + pad_front, h, w], zero elsewhere (the kernel
+            writes the s x s block of dL/dr under each output position: every element once, no zero-fill launch)
     mode 3: dL/dr = g * res_scale,  dL/dres_scale = sum g*r,  dL/dres_shift = sum g
 One kernel writes the elementwise gradients and per-tile fp32 partial sums; the last tile of each channel block
 to finish sums the partials in tile order (deterministic, no float atomics) in the same launch.
@@ -104,8 +105,9 @@ def bn_add_relu_bwd_kernel(gy_ptr, gr_ptr, part_ptr,               # dL/dy, dL/d
                            r_ptr, rs_ptr,                          # projection output and its scale (mode 3)
                            P, C, H, W,
                            g_n, g_h, g_w, g_c, o_n, o_h, o_w, o_c, y_n, y_h, y_w, y_c, r_n, r_h, r_w, r_c,
-                           MODE: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                           INDEX64: tl.constexpr):
+                           RC, RH, RW, e_n, e_h, e_w, e_c, PAD_FRONT,  # mode 2: the block input's size, dL/dr strides
+                           MODE: tl.constexpr, RELU: tl.constexpr, RES_STRIDE: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, INDEX64: tl.constexpr):
     if INDEX64:
         pid_p = tl.program_id(0).to(tl.int64)
     else:
@@ -125,8 +127,27 @@ def bn_add_relu_bwd_kernel(gy_ptr, gr_ptr, part_ptr,               # dL/dy, dL/d
     base = part_ptr + pid_p * 3 * C + offs_c
     tl.store(base, tl.sum(g * y, axis=0), mask=c_ok)
     tl.store(base + C, tl.sum(g, axis=0), mask=c_ok)
-    if MODE == 1 or MODE == 2:
+    if MODE == 1:
         tl.store(gr_ptr + rows, g.to(gr_ptr.dtype.element_ty), mask=mask)
+    elif MODE == 2:  # every element of dL/dr written once: g on the strided positions, zeros between them
+        rc = offs_c - PAD_FRONT
+        rc_ok = c_ok & (rc >= 0) & (rc < RC)
+        if INDEX64:
+            rc_idx = rc.to(tl.int64)[None, :]
+        else:
+            rc_idx = rc[None, :]
+        gv = g.to(gr_ptr.dtype.element_ty)
+        for i in tl.static_range(RES_STRIDE):
+            for j in tl.static_range(RES_STRIDE):
+                rh = h * RES_STRIDE + i
+                rw = w * RES_STRIDE + j
+                rmask = ((offs_p < P) & (rh < RH) & (rw < RW))[:, None] & rc_ok[None, :]
+                if i + j == 0:
+                    val = gv
+                else:
+                    val = tl.zeros_like(gv)
+                tl.store(gr_ptr + n[:, None] * e_n + rh[:, None] * e_h + rw[:, None] * e_w + rc_idx * e_c, val,
+                         mask=rmask)
     elif MODE == 3:
         r = tl.load(r_ptr + n[:, None] * r_n + h[:, None] * r_h + w[:, None] * r_w + c64 * r_c, mask=mask,
                     other=0.0).to(tl.float32)
@@ -169,7 +190,11 @@ def bn_add_relu_backward_impl(grad_out, out, y, scale, residual, res_scale, mode
     bp, bc = _blocks(c)
     tiles = cdiv(p, bp)
     gy = empty_nhwc(nb, c, h, w, y.dtype, y.device)
-    gr = empty_nhwc(nb, c, h, w, residual.dtype, y.device) if mode else gy
+    if mode == 2:  # option A: the gradient of the (wider, strided-from) block input itself
+        gr = empty_nhwc(*residual.shape, residual.dtype, y.device)
+    else:
+        gr = empty_nhwc(nb, c, h, w, residual.dtype, y.device) if mode else gy
+    rc, rh, rw = residual.shape[1:] if mode == 2 else (0, 0, 0)
     part = torch.empty((tiles, 3, c), dtype=torch.float32, device=y.device)
     r = residual if mode == 3 else y
     # [sum g*y, sum g (, sum g*r, sum g)]: separate tensors (outputs may not alias), each written by the kernel
@@ -180,17 +205,10 @@ def bn_add_relu_backward_impl(grad_out, out, y, scale, residual, res_scale, mode
             gy, gr, part, *sums, semaphores(y.device, grid[1]), grad_out, out, y, scale, r,
             res_scale if res_scale is not None else scale,
             p, c, h, w, *nhwc_strides(grad_out), *nhwc_strides(out), *nhwc_strides(y), *nhwc_strides(r),
-            MODE=mode, RELU=relu, BLOCK_P=bp, BLOCK_C=bc, INDEX64=index64(gy, gr, part, grad_out, out, y, r))
-    g_res = y.new_empty((0,), dtype=torch.float32)
-    if mode == 1:
-        g_res = gr
-    elif mode == 2:  # scatter back onto the strided positions of the block input; the padded channels drop out
-        g_res = torch.zeros(residual.shape, dtype=residual.dtype, device=y.device).contiguous(
-            memory_format=torch.channels_last)
-        cin = residual.shape[1]
-        g_res[:, :, ::res_stride, ::res_stride] = gr[:, pad_front:pad_front + cin]
-    elif mode == 3:
-        g_res = gr
+            rc, rh, rw, *nhwc_strides(gr), pad_front,
+            MODE=mode, RELU=relu, RES_STRIDE=res_stride if mode == 2 else 1, BLOCK_P=bp, BLOCK_C=bc,
+            INDEX64=index64(gy, gr, part, grad_out, out, y, r))
+    g_res = gr if mode else y.new_empty((0,), dtype=torch.float32)
     return gy, sums[0], sums[1], g_res, sums[2], sums[3]
 
 
