@@ -444,14 +444,22 @@ def index64(*tensors) -> bool:
     """Whether a kernel over these tensors needs 64-bit index math: some element offset passes INT32_LIMIT. A
     tensor's furthest element is sum((size - 1) * stride); masked-off lanes of a tile may compute addresses up to
     one step past the outermost index and a tile beyond the end: two of the largest stride plus 2**16 allow for
-    both."""
+    both. Quick bound first (a few hundred launches per step call this): a view lies inside its storage, so its
+    offsets stay below the storage's element count E; with every stride <= E the reach is below 3 E + 2**16."""
     from . import implicit_gemm as this  # the module attribute, so that tests can lower the limit
 
     def reach(t):
         if t.numel() == 0:
             return 0
         return sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 2 * max(t.stride(), default=0) + 2**16
-    return max(map(reach, tensors)) > this.INT32_LIMIT
+    bound = this.INT32_LIMIT - 2**16
+    for t in tensors:
+        elems = t.untyped_storage().nbytes() // t.element_size()
+        if 3 * elems <= bound and max(t.stride(), default=0) <= elems:
+            continue
+        if reach(t) > this.INT32_LIMIT:
+            return True
+    return False
 
 
 def nhwc_strides(t):
@@ -571,6 +579,7 @@ def semaphores(device, n):
 
 
 _SEMAPHORES = {}
+
 
 
 def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, coeffs=None, xs=None, xt=None, dtype=torch.float32,
