@@ -115,13 +115,14 @@ def count_kernel_ops(step):
     class Count(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.calls, self.inner, self.depth = collections.Counter(), collections.Counter(), 0
+            self.calls, self.inner, self.depth, self.bodies = collections.Counter(), collections.Counter(), 0, 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func.overloadpacket)
             kwargs = kwargs or {}
             if func.name() in PYTHON_CUSTOM_OPS:  # a Python custom op: look inside
                 self.calls[name] += 1
+                self.bodies += 1
                 self.depth += 1
                 try:
                     with self:
@@ -135,6 +136,7 @@ def count_kernel_ops(step):
 
     with Count() as c:
         step()
+    count_kernel_ops.bodies = c.bodies
     return c.calls, c.inner
 
 
@@ -189,6 +191,7 @@ def main(argv=None):
     sf()
     launches, by_kernel = _NoLaunch.launches, collections.Counter(_NoLaunch.by_kernel)
     ops, inner = count_kernel_ops(sf)
+    bodies = count_kernel_ops.bodies
     ref_ops, _ = count_kernel_ops(sr)
     # GPU kernels of one step: every Triton launch, and every ATen op that launches one, at the top level (outside
     # the custom ops) or inside the Python custom ops; the custom ops themselves launch nothing of their own
@@ -198,6 +201,7 @@ def main(argv=None):
                triton_launches_per_step=launches, triton_launches=dict(by_kernel.most_common()),
                kernel_ops_per_step=sum(ops.values()),
                kernel_ops=dict(ops.most_common()), aten_ops_inside_custom_ops=dict(inner.most_common()),
+               custom_op_bodies_counted=bodies,
                gpu_kernels_per_step=launches + outer_aten + sum(inner.values()),
                reference_gpu_kernels_per_step=sum(ref_ops.values()),
                torch=torch.__version__, triton=triton.__version__)

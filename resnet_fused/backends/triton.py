@@ -26,6 +26,7 @@ try:  # importing the op modules registers the resnet_fused:: custom ops
     from ..ops import conv_bn_act as _conv_bn_act  # noqa: F401
     from ..ops import conv_bn_stats as _conv_bn_stats  # noqa: F401
     from ..ops import pool_linear as _pool_linear
+    from ..ops.eager import ops  # the custom ops, called without the dispatcher in plain eager mode
     TRITON_IMPORT_ERROR = None
 except ImportError as e:  # no Triton on this platform: the extension backends still work
     TRITON_IMPORT_ERROR = e
@@ -50,14 +51,14 @@ class _RunningUpdates:
     def apply(self):
         if self.bns:
             bns = self.bns
-            torch.ops.resnet_fused.bn_running_update(
+            ops.bn_running_update(
                 [b.running_mean for b in bns], [b.running_var for b in bns], [b.num_batches_tracked for b in bns],
                 self.means, self.vars, self.counts, [0.0 if b.momentum is None else float(b.momentum) for b in bns],
                 [b.momentum is None for b in bns])
 
 
 def _scale_shift(bn, mean, var):
-    return torch.ops.resnet_fused.bn_scale_shift(mean, var, bn.weight, bn.bias, eps=bn.eps)
+    return ops.bn_scale_shift(mean, var, bn.weight, bn.bias, eps=bn.eps)
 
 
 def _count(y):
@@ -84,7 +85,6 @@ class TritonBackend(Backend):
         return self.train_features(model, x, sync) if model.training else self.eval_features(model, x)
 
     def train_features(self, model, x, sync=None):
-        ops = torch.ops.resnet_fused
         running = _RunningUpdates()
 
         def stats(y, mean, var):
@@ -131,11 +131,11 @@ class TritonBackend(Backend):
         fc = model.fc
         if not _pool_linear.fits(feats.shape[1], fc.out_features):
             return super().head(model, feats)
-        logits, _ = torch.ops.resnet_fused.pool_linear(feats, fc.weight, fc.bias, out_dtype=compute_dtype(feats))
+        logits, _ = ops.pool_linear(feats, fc.weight, fc.bias, out_dtype=compute_dtype(feats))
         return logits
 
     def eval_features(self, model, x):
-        op = torch.ops.resnet_fused.conv_bn_act
+        op = ops.conv_bn_act
         folded = model.folded(x.dtype)
 
         def conv(a, fc, mode=ShortcutMode.NONE, residual=None, x2=None, weight2=None, res_stride=1, pad_front=0):

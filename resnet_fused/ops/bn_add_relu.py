@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .eager import custom_op, ops, register_autograd
 from .implicit_gemm import (cdiv, device_guard, empty_nhwc, index64, last_to_finish, next_pow2, nhwc_strides, relu,
                             semaphores, tile_sums)
 
@@ -214,7 +215,7 @@ def bn_add_relu_backward_impl(grad_out, out, y, scale, residual, res_scale, mode
 
 # ---- op registration ---------------------------------------------------------------------------------------
 
-@torch.library.custom_op("resnet_fused::bn_add_relu", mutates_args=())
+@custom_op("resnet_fused::bn_add_relu", mutates_args=())
 def bn_add_relu(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], res_scale: Optional[Tensor],
                 res_shift: Optional[Tensor], mode: int, res_stride: int, pad_front: int, relu: bool) -> Tensor:
     """relu(y*scale + shift + shortcut) with the shortcut by ``mode`` (0 none, 1 identity, 2 option A, 3 B)."""
@@ -226,7 +227,7 @@ def _(y, scale, shift, residual, res_scale, res_shift, mode, res_stride, pad_fro
     return empty_nhwc(*y.shape, y.dtype, y.device)
 
 
-@torch.library.custom_op("resnet_fused::bn_add_relu_backward", mutates_args=())
+@custom_op("resnet_fused::bn_add_relu_backward", mutates_args=())
 def bn_add_relu_backward(grad_out: Tensor, out: Tensor, y: Tensor, scale: Tensor, residual: Optional[Tensor],
                          res_scale: Optional[Tensor], mode: int, res_stride: int, pad_front: int,
                          relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -251,7 +252,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     out, y, scale, residual, res_scale = ctx.saved_tensors
-    gy, gs, gt, gr, grs, grt = torch.ops.resnet_fused.bn_add_relu_backward(
+    gy, gs, gt, gr, grs, grt = ops.bn_add_relu_backward(
         grad_out, out, y, scale, residual, res_scale, mode=ctx.mode, res_stride=ctx.res_stride,
         pad_front=ctx.pad_front, relu=ctx.relu)
     m = ctx.mode
@@ -259,4 +260,4 @@ def _backward(ctx, grad_out):
             None)
 
 
-bn_add_relu.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(bn_add_relu, _backward, setup_context=_setup_context)

@@ -37,8 +37,7 @@ class GradCoeffs:
     def __init__(self, grad_mean, grad_var, mean, m, affine=None):
         c = mean.shape[0]
         self.c = c
-        self.c1 = torch.empty(c, dtype=torch.float32, device=mean.device)
-        self.c2 = torch.empty_like(self.c1)
+        self.c1, self.c2 = torch.empty((2, c), dtype=torch.float32, device=mean.device)  # never op outputs
         c1 = self.c1
         self.gw = self.gb = None
         if affine is not None:

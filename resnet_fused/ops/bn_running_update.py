@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .eager import custom_op
 from .implicit_gemm import device_guard, next_pow2
 
 
@@ -51,7 +52,7 @@ def bn_running_update_kernel(rms, rvs, nbts,                 # mutated, tuples: 
         tl.store(nbts[i], nbt)
 
 
-@torch.library.custom_op("resnet_fused::bn_running_update",
+@custom_op("resnet_fused::bn_running_update",
                          mutates_args=("running_means", "running_vars", "nums_batches_tracked"))
 def bn_running_update(running_means: list[Tensor], running_vars: list[Tensor], nums_batches_tracked: list[Tensor],
                       means: list[Tensor], vars: list[Tensor], counts: list[int], momenta: list[float],

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .eager import custom_op, ops, register_autograd
 from .bn_formulas import bn_affine, bn_affine_vjp
 from .implicit_gemm import cdiv, device_guard, next_pow2
 
@@ -76,7 +77,7 @@ def _check(mean, var, weight, bias):
                              f"{tuple(t.shape)} on {t.device}")
 
 
-@torch.library.custom_op("resnet_fused::bn_scale_shift", mutates_args=())
+@custom_op("resnet_fused::bn_scale_shift", mutates_args=())
 def bn_scale_shift(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float) -> tuple[Tensor, Tensor]:
     """(scale, shift) = (weight / sqrt(var + eps), bias - mean * scale), fp32."""
@@ -102,7 +103,7 @@ def _(mean, var, weight, bias, eps):
     return scale, torch.empty_like(scale)
 
 
-@torch.library.custom_op("resnet_fused::bn_scale_shift_backward", mutates_args=())
+@custom_op("resnet_fused::bn_scale_shift_backward", mutates_args=())
 def bn_scale_shift_backward(grad_scale: Optional[Tensor], grad_shift: Optional[Tensor], mean: Tensor, var: Tensor,
                             weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(d mean, d var, d weight, d bias); d weight is empty when there is no weight."""
@@ -143,11 +144,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_scale, grad_shift):
     mean, var, weight = ctx.saved_tensors
-    gmean, gvar, gw, gb = torch.ops.resnet_fused.bn_scale_shift_backward(grad_scale, grad_shift, mean, var, weight,
+    gmean, gvar, gw, gb = ops.bn_scale_shift_backward(grad_scale, grad_shift, mean, var, weight,
                                                                         eps=ctx.eps)
     need = ctx.needs_input_grad
     return (gmean if need[0] else None, gvar if need[1] else None, gw if weight is not None and need[2] else None,
             gb if ctx.has_bias and need[3] else None, None)
 
 
-bn_scale_shift.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(bn_scale_shift, _backward, setup_context=_setup_context)

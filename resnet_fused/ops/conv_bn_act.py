@@ -14,10 +14,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .eager import custom_op
 from .implicit_gemm import conv_launch, conv_out_hw, empty_nhwc
 
 
-@torch.library.custom_op("resnet_fused::conv_bn_act", mutates_args=())
+@custom_op("resnet_fused::conv_bn_act", mutates_args=())
 def conv_bn_act(x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], x2: Optional[Tensor],
                 weight2: Optional[Tensor], stride: int, padding: int, res_mode: int, res_stride: int,
                 pad_front: int, relu: bool) -> Tensor:

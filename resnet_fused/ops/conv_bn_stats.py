@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .eager import custom_op, ops, register_autograd
 from .implicit_gemm import conv_launch, conv_out_hw, empty_nhwc, wgrad_launch
 from .bn_grad_coeffs import GradCoeffs, launch_grad_coeffs
 
@@ -73,7 +74,7 @@ def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale
     m = y.shape[0] * y.shape[2] * y.shape[3]
     f32 = dict(dtype=torch.float32, device=y.device)
     co = GradCoeffs(grad_mean, grad_var, mean, m, affine)
-    gx, gs, gt, gw = (torch.empty(0, **f32) for _ in range(4))  # distinct tensors: outputs may not alias
+    gx = gs = gt = gw = None
     if need_w and weight.numel() and m:  # first: it computes the coefficients, writes them for the input gradient
         gw = wgrad_launch(grad_y, x, kh, kw, stride, padding, y=y, coeffs=co, xs=in_scale, xt=in_shift,
                           dtype=weight.dtype, like=weight)
@@ -87,12 +88,14 @@ def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale
                                out_dtype=x.dtype)
         if stats:
             gs, gt = sums
+    # what was not asked for: empty, distinct tensors (op outputs may not alias)
+    gx, gw, gs, gt = (torch.empty(0, **f32) if g is None else g for g in (gx, gw, gs, gt))
     return (gx, gw, gs, gt, *bn_grads)
 
 
 # ---- op registration ---------------------------------------------------------------------------------------
 
-@torch.library.custom_op("resnet_fused::conv_bn_stats", mutates_args=())
+@custom_op("resnet_fused::conv_bn_stats", mutates_args=())
 def conv_bn_stats(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                   stride: int, padding: int) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, var): y = conv2d(relu(x*in_scale+in_shift) or x, weight); biased batch mean/var of y (fp32)."""
@@ -107,7 +110,7 @@ def _(x, weight, in_scale, in_shift, stride, padding):
     return y, mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("resnet_fused::conv_bn_stats_backward", mutates_args=())
+@custom_op("resnet_fused::conv_bn_stats_backward", mutates_args=())
 def conv_bn_stats_backward(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor], x: Tensor,
                            weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor], y: Tensor,
                            mean: Tensor, stride: int, padding: int, need_x: bool,
@@ -146,7 +149,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
     need_w = ctx.needs_input_grad[1]
     if grad_y is None:
         grad_y = torch.zeros_like(y)
-    gx, gw, gs, gt = torch.ops.resnet_fused.conv_bn_stats_backward(
+    gx, gw, gs, gt = ops.conv_bn_stats_backward(
         grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride=ctx.stride, padding=ctx.padding,
         need_x=need_x, need_w=need_w)
     return (gx if ctx.needs_input_grad[0] else None, gw if need_w else None,
@@ -154,7 +157,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
             gt if in_shift is not None and ctx.needs_input_grad[3] else None, None, None)
 
 
-conv_bn_stats.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(conv_bn_stats, _backward, setup_context=_setup_context)
 
 
 # ---- conv_bn_train: conv_bn_stats with BatchNorm's (scale, shift) from the statistics' finish ------------------
@@ -175,7 +178,7 @@ def _check_bn(weight, bn_weight, bn_bias):
                              f"{tuple(t.shape)} on {t.device}")
 
 
-@torch.library.custom_op("resnet_fused::conv_bn_train", mutates_args=())
+@custom_op("resnet_fused::conv_bn_train", mutates_args=())
 def conv_bn_train(x: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                   bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float, stride: int,
                   padding: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -194,7 +197,7 @@ def _(x, weight, in_scale, in_shift, bn_weight, bn_bias, eps, stride, padding):
     return y, stat, torch.empty_like(stat), torch.empty_like(stat), torch.empty_like(stat)
 
 
-@torch.library.custom_op("resnet_fused::conv_bn_train_backward", mutates_args=())
+@custom_op("resnet_fused::conv_bn_train_backward", mutates_args=())
 def conv_bn_train_backward(grad_y: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
                            grad_scale: Tensor, grad_shift: Tensor, x: Tensor, weight: Tensor,
                            in_scale: Optional[Tensor], in_shift: Optional[Tensor], y: Tensor, mean: Tensor,
@@ -236,7 +239,7 @@ def _train_backward(ctx, grad_y, grad_mean, grad_var, grad_scale, grad_shift):
         grad_scale = torch.zeros_like(mean)
     if grad_shift is None:
         grad_shift = torch.zeros_like(mean)
-    gx, gw, gs, gt, gbw, gbb = torch.ops.resnet_fused.conv_bn_train_backward(
+    gx, gw, gs, gt, gbw, gbb = ops.conv_bn_train_backward(
         grad_y, grad_mean, grad_var, grad_scale, grad_shift, x, weight, in_scale, in_shift, y, mean, var,
         bn_weight, bn_bias, eps=ctx.eps, stride=ctx.stride, padding=ctx.padding, need_x=need_x, need_w=need[1])
     return (gx if need[0] else None, gw if need[1] else None,
@@ -245,10 +248,10 @@ def _train_backward(ctx, grad_y, grad_mean, grad_var, grad_scale, grad_shift):
             None, None, None)
 
 
-conv_bn_train.register_autograd(_train_backward, setup_context=_train_setup_context)
+register_autograd(conv_bn_train, _train_backward, setup_context=_train_setup_context)
 
 
-@torch.library.custom_op("resnet_fused::conv_bn_stats_proj", mutates_args=())
+@custom_op("resnet_fused::conv_bn_stats_proj", mutates_args=())
 def conv_bn_stats_proj(h: Tensor, weight: Tensor, in_scale: Tensor, in_shift: Tensor, x: Tensor, proj_weight: Tensor,
                        proj_stride: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, var, ys, mean_s, var_s): y = conv2d(relu(h*in_scale+in_shift), weight, padding k//2) and the
@@ -274,7 +277,7 @@ def _proj_setup_context(ctx, inputs, output):
 def _proj_backward(ctx, grad_y, grad_mean, grad_var, grad_ys, grad_mean_s, grad_var_s):
     h, weight, in_scale, in_shift, y, mean, x, proj_weight, ys, mean_s = ctx.saved_tensors
     need = ctx.needs_input_grad
-    bwd = torch.ops.resnet_fused.conv_bn_stats_backward
+    bwd = ops.conv_bn_stats_backward
     k = weight.shape[2]
     gh, gw, gs, gt = bwd(grad_y if grad_y is not None else torch.zeros_like(y), grad_mean, grad_var, h, weight,
                          in_scale, in_shift, y, mean, 1, k // 2, any(need[0:1] + need[2:4]), need[1])
@@ -284,4 +287,4 @@ def _proj_backward(ctx, grad_y, grad_mean, grad_var, grad_ys, grad_mean_s, grad_
             gx if need[4] else None, gpw if need[5] else None, None)
 
 
-conv_bn_stats_proj.register_autograd(_proj_backward, setup_context=_proj_setup_context)
+register_autograd(conv_bn_stats_proj, _proj_backward, setup_context=_proj_setup_context)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .eager import custom_op, ops, register_autograd
 from .implicit_gemm import cdiv, device_guard, last_to_finish, next_pow2, nhwc_strides, semaphores
 
 BLOCK_N = 16
@@ -125,7 +126,7 @@ def _check(feats, weight, bias):
                          f"{weight.shape[0]}")
 
 
-@torch.library.custom_op("resnet_fused::pool_linear", mutates_args=())
+@custom_op("resnet_fused::pool_linear", mutates_args=())
 def pool_linear(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype) -> tuple[Tensor,
                                                                                                        Tensor]:
     """(logits [N, K] in out_dtype, pooled fp32 [N, C]): linear(mean_{h,w} feats, weight, bias)."""
@@ -150,7 +151,7 @@ def _(feats, weight, bias, out_dtype):
             feats.new_empty((feats.shape[0], feats.shape[1]), dtype=torch.float32))
 
 
-@torch.library.custom_op("resnet_fused::pool_linear_backward", mutates_args=())
+@custom_op("resnet_fused::pool_linear_backward", mutates_args=())
 def pool_linear_backward(grad: Tensor, pooled: Tensor, feats: Tensor, weight: Tensor,
                          has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dL/dfeats like feats, dL/dweight like weight, dL/dbias (empty without a bias))."""
@@ -189,9 +190,9 @@ def _backward(ctx, grad, _grad_pooled):
     pooled, feats, weight = ctx.saved_tensors
     if grad is None:
         return None, None, None, None
-    gf, gw, gb = torch.ops.resnet_fused.pool_linear_backward(grad, pooled, feats, weight, ctx.has_bias)
+    gf, gw, gb = ops.pool_linear_backward(grad, pooled, feats, weight, ctx.has_bias)
     need = ctx.needs_input_grad
     return (gf if need[0] else None, gw if need[1] else None, gb if ctx.has_bias and need[2] else None, None)
 
 
-pool_linear.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(pool_linear, _backward, setup_context=_setup_context)
