@@ -74,3 +74,26 @@ def test_gradient_of_an_op_without_a_formula_goes_to_the_dispatcher(dev):
                                       pad_front=0, relu=False)
     with pytest.raises(RuntimeError):
         gy.sum().backward()
+
+
+def test_profiler_traces_name_the_ops(dev):
+    """Under the profiler the direct calls still show as resnet_fused::NAME (what host_profile.py reads)."""
+    ref = perturbed_reference(8, "A", False, dev)
+    fused = FusedResNet.from_reference(ref, backend="triton", cuda_graphs=False)
+    x = torch.randn(2, 1, 8, 8, device=dev)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fused(x).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert {"resnet_fused::conv_bn_train", "resnet_fused::bn_add_relu", "resnet_fused::pool_linear"} <= names
+
+
+def test_direct_mutation_bumps_versions(dev):
+    """A mutating op called directly bumps its tensors' version counters as the dispatcher would (the inference
+    cache is keyed on them)."""
+    from resnet_fused.ops.eager import ops
+    bn = torch.nn.BatchNorm2d(4).to(dev)
+    before = [t._version for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    ops.bn_running_update([bn.running_mean], [bn.running_var], [bn.num_batches_tracked],
+                          [torch.zeros(4, device=dev)], [torch.ones(4, device=dev)], [8], [0.1], [False])
+    after = [t._version for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    assert all(a > b for a, b in zip(after, before))

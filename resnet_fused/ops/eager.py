@@ -8,8 +8,8 @@ Python function directly, under a ``torch.autograd.Function`` built from the op'
 ``backward`` (the very functions the custom op uses) when a gradient is needed; the backward's own ops go the same
 way. Whenever anything may be tracing or intercepting — torch.compile / export (``torch.compiler.is_compiling()``),
 an active ``TorchDispatchMode`` or ``TorchFunctionMode`` (FakeTensor, functionalisation, make_fx, counting tools),
-the autograd profiler (so that traces name the op), a gradient asked of an op without a formula — the call goes to
-``torch.ops.resnet_fused.NAME`` as before. ``RESNET_FUSED_EAGER_OPS=0`` turns the
+a gradient asked of an op without a formula — the call goes to ``torch.ops.resnet_fused.NAME`` as before. Under the
+autograd profiler the direct call runs inside a ``record_function`` of the op's name, so traces still name it. ``RESNET_FUSED_EAGER_OPS=0`` turns the
 direct path off.
 
 Op modules register with ``custom_op`` / ``register_autograd`` below instead of torch.library's (same arguments).
@@ -22,14 +22,14 @@ import os
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-_IMPLS: dict = {}       # "resnet_fused::name" -> the op's Python function
+_IMPLS: dict = {}       # "resnet_fused::name" -> (the op's Python function, the names of the args it mutates)
 _AUTOGRAD: dict = {}    # "resnet_fused::name" -> (setup_context, backward)
 
 
 def custom_op(name, *, mutates_args):
     """torch.library.custom_op(name, mutates_args=...), remembering the Python function for the direct path."""
     def wrap(fn):
-        _IMPLS[name] = fn
+        _IMPLS[name] = (fn, tuple(mutates_args))
         return torch.library.custom_op(name, mutates_args=mutates_args)(fn)
     return wrap
 
@@ -52,9 +52,10 @@ class EagerOp:
     def __init__(self, qualname):
         self.qualname = qualname
         self.op = getattr(torch.ops.resnet_fused, qualname.split("::")[1])
-        self.impl = _IMPLS[qualname]
+        self.impl, mutated = _IMPLS[qualname]
         sig = inspect.signature(self.impl)
         self.params = list(sig.parameters.values())
+        self.mutated = [i for i, p in enumerate(self.params) if p.name in mutated]
         self.fn = None
         if qualname in _AUTOGRAD:
             setup_context, backward = _AUTOGRAD[qualname]
@@ -74,14 +75,24 @@ class EagerOp:
         return args + tuple(kwargs[p.name] if p.name in kwargs else p.default for p in rest)
 
     def __call__(self, *args, **kwargs):
-        if not direct_ok() or torch.autograd._profiler_enabled():  # the profiler shows the op by its name
+        if not direct_ok():
             return self.op(*args, **kwargs)
-        args = self.positional(args, kwargs)
+        if torch.autograd._profiler_enabled():  # traces name the op, as they would the custom op
+            with torch.autograd.profiler.record_function(self.qualname):
+                return self.direct(self.positional(args, kwargs))
+        return self.direct(self.positional(args, kwargs))
+
+    def direct(self, args):
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             if self.fn is None:  # no formula (a backward op under create_graph): the custom op says so
                 return self.op(*args)
             return self.fn.apply(*args)
-        return self.impl(*args)
+        out = self.impl(*args)
+        for i in self.mutated:  # as the dispatcher does for a mutating custom op: caches keyed on versions see it
+            for t in (args[i] if isinstance(args[i], (list, tuple)) else (args[i],)):
+                if isinstance(t, torch.Tensor):
+                    torch.autograd.graph.increment_version(t)
+        return out
 
 
 class _Ops:
