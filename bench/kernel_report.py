@@ -1,6 +1,7 @@
 """What the shipped Triton kernels compile to on an H100 (sm_90), without a GPU.
 
-    python bench/kernel_report.py                    # ResNet-20 (A and B), batch 512, 28x28: train + eval, fp32 + bf16
+    python bench/kernel_report.py                    # ResNet-20 (A and B), batch 512, 28x28: train + eval (per
+                                                     # layer, and the whole-network kernel), fp32 + bf16
     python bench/kernel_report.py --batch 64 --json bench/results/kernel_report-....json
 
 The FusedResNet step runs on CPU tensors of the real shapes with every Triton launch turned into a compile for
@@ -142,6 +143,7 @@ def collect(workloads, batch, real_driver=False):
             x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
             y = torch.randint(0, 10, (batch,))
             model.train(mode == "train")
+            model.whole_network_inference = mode == "inference-net"
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
                 if mode == "train":
                     F.cross_entropy(model(x).float(), y).backward()
@@ -157,7 +159,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet20")
     p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--modes", default="train,inference")
+    p.add_argument("--modes", default="train,inference,inference-net",
+                   help="train, inference (per layer), inference-net (the whole-network kernel)")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--shortcuts", default="A,B")
     p.add_argument("--json", default=None)

@@ -4,7 +4,7 @@
 
 A fresh GPU machine spends most of a device check compiling Triton kernels, one variant after another, inside
 whichever stage first launches them. Here every workload the next stages run (FusedResNet ResNet-20, batch 512,
-training step and inference, fp32 and bf16-autocast + channels_last: the throughput rows, their CUDA-graph
+training step and inference (per layer and the whole-network kernel), fp32 and bf16-autocast + channels_last: the throughput rows, their CUDA-graph
 variants and the time-to-accuracy run use the same kernel variants) runs one step in a process of its own, all at
 once, so the variants compile side by side into the shared ``TRITON_CACHE_DIR``; later processes load them from
 there. What each worker compiled (its Triton launches, by kernel) and how long it took is printed and written to
@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 def workloads(args):
     """(model, batch, size, mode, precision) of every workload whose kernels the next stages need."""
     model, batch, size = ("resnet8", 2, 8) if args.dry_run else (args.model, args.batch, args.size)
-    return [(model, batch, size, mode, prec) for mode in ("train", "inference") for prec in ("fp32", "bf16")]
+    return [(model, batch, size, mode, prec) for mode in ("train", "inference", "inference-net")
+            for prec in ("fp32", "bf16")]
 
 
 def run_workload(spec, dry_run):
@@ -55,6 +56,7 @@ def run_workload(spec, dry_run):
     x = torch.randn(batch, 1, size, size, device=dev).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=dev)
     model.train(mode == "train")
+    model.whole_network_inference = mode == "inference-net"
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=prec == "bf16" and not dry_run)
     with autocast:
         if mode == "train":

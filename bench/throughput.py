@@ -49,10 +49,12 @@ from resnet_fused import build_model  # noqa: E402
 
 IMPLS = ["eager", "eager-channels-last", "eager-graph", "compile", "compile-max-autotune-no-cudagraphs",
          "compile-max-autotune", "compile-reduce-overhead", "fused-triton", "fused-triton-no-cudagraphs",
-         "fused-triton-graph", "fused-cuda", "fused-cuda-no-cudagraphs", "fused-cuda-graph", "fused-cpu"]
+         "fused-triton-graph", "fused-triton-net", "fused-cuda", "fused-cuda-no-cudagraphs", "fused-cuda-graph", "fused-cpu"]
 # the fused rows: FusedResNet with this backend, used as the README shows (its own CUDA graphs on); "-no-cudagraphs":
-# FusedResNet(cuda_graphs=False); "-graph": the whole step (optimizer included) captured by hand in one CUDA graph
+# FusedResNet(cuda_graphs=False); "-graph": the whole step (optimizer included) captured by hand in one CUDA graph;
+# "fused-triton-net": inference as one launch for the whole network (model.whole_network_inference, own graphs on)
 FUSED_BACKEND = {"fused-triton": "triton", "fused-triton-no-cudagraphs": "triton", "fused-triton-graph": "triton",
+                 "fused-triton-net": "triton",
                  "fused-cuda": "cuda", "fused-cuda-no-cudagraphs": "cuda", "fused-cuda-graph": "cuda",
                  "fused-cpu": "cpu"}
 # PyTorch as a user can run it at its best: every fused row is compared with the best of these in the same run
@@ -157,8 +159,10 @@ def count_launches(fn, dev, steps=3):
 
 # ---- one configuration ------------------------------------------------------------------------------------
 
-def skip_reason(impl, dev):
+def skip_reason(impl, dev, mode=None):
     backend = FUSED_BACKEND.get(impl)
+    if impl == "fused-triton-net" and mode == "train":
+        return "the whole-network kernel is inference only"
     if backend == "triton" and dev.type != "cuda":
         return "needs a CUDA GPU (Triton)"
     if impl.endswith("-graph") and dev.type != "cuda":
@@ -183,6 +187,7 @@ def make_model(name, impl, in_ch, dev, cl):
         own_graphs = not impl.endswith(("-no-cudagraphs", "-graph"))  # a hand-made graph captures the plain path
         model = build_model(name, impl="fused", in_channels=in_ch, backend=FUSED_BACKEND[impl],
                             cuda_graphs=own_graphs)
+        model.whole_network_inference = impl == "fused-triton-net"
     else:
         model = build_model(name, in_channels=in_ch)
     model = model.to(dev)
@@ -247,7 +252,7 @@ def build_step(model, impl, mode, prec, dev, xs, ys):
 def prepare_one(name, mode, prec, impl, bs, dev, args):
     """(row, prepared): the row's identity and, when it can run, its step callable and setup time."""
     row = dict(model=name, mode=mode, precision=prec, impl=impl, batch=bs)
-    reason = skip_reason(impl, dev)
+    reason = skip_reason(impl, dev, mode)
     if reason:
         return dict(row, status="skipped", reason=reason), None
     cl = prec == "bf16" or impl in FUSED_BACKEND or impl == "eager-channels-last"

@@ -48,6 +48,7 @@ class FusedResNet(ResNet):
         self.plan = build_plan(self)
         self.fold_cache = FoldCache()
         self.graphs = GraphRunner(enabled_by_default() if cuda_graphs is None else cuda_graphs)
+        self.whole_network_inference = os.environ.get("RESNET_FUSED_WHOLE_NETWORK", "0") == "1"
         self.register_load_state_dict_post_hook(_drop_graphs)
 
     # ---- conversions ---------------------------------------------------------------------------------------------
@@ -93,6 +94,18 @@ class FusedResNet(ResNet):
             self.invalidate_caches()
         return super()._apply(fn, *args, **kwargs)
 
+    @property
+    def whole_network_inference(self) -> bool:
+        """Inference on the triton backend as one launch for the whole network (ops/resnet_infer.py) instead of
+        one per conv. Off by default (``RESNET_FUSED_WHOLE_NETWORK=1`` turns it on) until measured on a GPU;
+        networks the kernel does not take run per layer."""
+        return self._whole_network
+
+    @whole_network_inference.setter
+    def whole_network_inference(self, on: bool):
+        self._whole_network = bool(on)
+        self.graphs.clear()  # a captured inference graph holds the other path
+
     # ---- forward -----------------------------------------------------------------------------------------------
 
     def resolve_backend(self, x: torch.Tensor) -> str:
@@ -112,7 +125,7 @@ class FusedResNet(ResNet):
         return self._run(x, backend)
 
     def _run(self, x, backend, sync=None):
-        return backend.head(self, backend.features(self, x, sync))
+        return backend.forward(self, x, sync)
 
     def _needs_grad(self, x):
         return x.requires_grad or any(p.requires_grad for p in self.parameters())

@@ -232,6 +232,34 @@ def test_large_batch_inference(cuda):
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_whole_network_inference(cuda, shortcut, amp):
+    """ops/resnet_infer.py on the GPU: 2048 images (more than the persistent programs: each loops over images),
+    with and without the model's own CUDA graphs, against the per-layer path and the fp32 reference (under
+    autocast: within 2x PyTorch's own autocast error); the same logits twice (no race on the scratch)."""
+    ref, fused = _models(cuda, shortcut=shortcut)
+    ref.eval(), fused.eval()
+    x = torch.randn(2048, 1, 28, 28, device=cuda).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+        layers = fused(x)
+        pt = ref(x)
+        fused.whole_network_inference = True
+        outs = [fused(x).clone() for _ in range(3)]  # eager, capture, replay
+        fused.graphs.enabled = False
+        outs.append(fused(x))
+    with torch.no_grad():
+        want = ref(x)
+    for out in outs:
+        assert torch.equal(out, outs[0])
+    if amp is None:
+        torch.testing.assert_close(outs[0], want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(outs[0], layers, rtol=1e-4, atol=1e-4)
+    else:
+        assert _err(outs[0], want) <= 2 * _err(pt, want) + 1e-2
+        assert _err(outs[0], want) <= 2 * _err(layers, want) + 1e-2
+
+
 def test_bn_finalize_refuses_operands_on_another_device(cuda):
     """A mismatch is a clear error before any launch (it used to reach the kernel: an illegal memory access that
     poisons the CUDA context), and leaves the running statistics as they were."""

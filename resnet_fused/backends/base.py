@@ -14,6 +14,10 @@ class Backend:
     def check(self, x: torch.Tensor) -> None:
         """Raise (naming what is missing) if this backend cannot run on ``x``."""
 
+    def forward(self, model, x: torch.Tensor, sync=None) -> torch.Tensor:
+        """The logits: the features, then the head."""
+        return self.head(model, self.features(model, x, sync))
+
     def features(self, model, x: torch.Tensor, sync=None) -> torch.Tensor:
         """``sync``: a distributed.BatchSync in training with sync_bn across processes (global statistics)."""
         return self.train_features(model, x, sync) if model.training else self.eval_features(model, x)

@@ -10,7 +10,8 @@ buffer exactly as nn.BatchNorm2d, in one launch after the last layer. With sync_
 the collective, then bn_scale_shift. Option B: conv_bn_stats_proj computes y2 and the 1x1 projection of x (each
 with its statistics) in one launch, then bn_scale_shift for each.
 Inference: the folded plan, one conv_bn_act per conv with bias, shortcut (option B as a second GEMM in the same
-tile) and ReLU in its epilogue.
+tile) and ReLU in its epilogue; or, with ``model.whole_network_inference``, the whole network and its head in one
+resnet_infer launch.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ try:  # importing the op modules registers the resnet_fused:: custom ops
     from ..ops import conv_bn_act as _conv_bn_act  # noqa: F401
     from ..ops import conv_bn_stats as _conv_bn_stats  # noqa: F401
     from ..ops import pool_linear as _pool_linear
+    from ..ops import resnet_infer as _resnet_infer
     from ..ops.eager import ops  # the custom ops, called without the dispatcher in plain eager mode
     TRITON_IMPORT_ERROR = None
 except ImportError as e:  # no Triton on this platform: the extension backends still work
@@ -76,13 +78,40 @@ class TritonBackend(Backend):
             raise RuntimeError(f"backend 'triton' runs on CUDA tensors (got {x.device}); on CPU use "
                                f"backend='cpu', or set TRITON_INTERPRET=1 before importing triton")
 
-    def features(self, model, x, sync=None):
+    @staticmethod
+    def _dtype(x):
         dtype = compute_dtype(x)
         if dtype not in _DTYPES:
             raise TypeError(f"backend 'triton' computes in float32, bfloat16 or float16, not {dtype}; use "
                             f"backend='cpu' for {dtype}")
-        x = x.to(dtype)
+        return dtype
+
+    def features(self, model, x, sync=None):
+        x = x.to(self._dtype(x))
         return self.train_features(model, x, sync) if model.training else self.eval_features(model, x)
+
+    def forward(self, model, x, sync=None):
+        if not model.training and model.whole_network_inference:
+            logits = self.whole_network(model, x)
+            if logits is not None:
+                return logits
+        return super().forward(model, x, sync)
+
+    def whole_network(self, model, x):
+        """The logits from one resnet_infer launch, or None when its kernel does not take this network."""
+        dtype = self._dtype(x)
+        folded = model.folded(dtype)
+        if torch.compiler.is_compiling():
+            net = _resnet_infer.prepare(folded, model.in_channels, dtype)
+        else:
+            net = model.fold_cache.derived("resnet_infer",
+                                           lambda f: _resnet_infer.prepare(f, model.in_channels, dtype))
+        fc = model.fc
+        if net is None or fc.out_features > _resnet_infer.MAX_CLASSES:
+            return None
+        spec, (weights, biases, table) = net
+        return ops.resnet_infer(x.to(dtype), weights, biases, table, fc.weight, fc.bias, spec=spec,
+                                out_dtype=dtype)
 
     def train_features(self, model, x, sync=None):
         running = _RunningUpdates()
