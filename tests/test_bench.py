@@ -152,3 +152,32 @@ def test_kernel_report_compiles_the_workloads_kernels_for_sm90(tmp_path):
     assert convs["fp32"] and convs["bf16"]
     assert all(k["mma"] > 0 for k in convs["bf16"]) and all(k["mma"] == 0 for k in convs["fp32"])
     assert "kernel configurations compiled for sm_90" in r.stdout and d["driver_checked"] is False
+
+
+def test_recipe_parity_compares_train_runs(tmp_path):
+    """bench/recipe_parity.py: per-epoch relative training-loss difference and final accuracy difference of two
+    train.py runs (metrics.json), the 1% / 0.05-point verdicts, unfinished runs compared over common epochs."""
+    import recipe_parity
+
+    def run(name, losses, accs):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps(
+            [dict(epoch=i + 1, train_loss=l, test_acc=a) for i, (l, a) in enumerate(zip(losses, accs))]))
+        return str(d)
+    ref = run("ref", [0.5, 0.100, 0.0500], [0.98, 0.990, 0.9950])
+    ok = run("ok", [0.501, 0.1005, 0.0502], [0.97, 0.991, 0.9954])
+    bad = run("bad", [0.5, 0.103], [0.98, 0.9890])
+    out = recipe_parity.main(["--pair", f"0:{ok}:{ref}", "--pair", f"1:{bad}:{ref}", "--json",
+                              str(tmp_path / "p.json")])
+    s0, s1 = out["seeds"]
+    assert s0["finished"] and s0["loss_within_1pct"] and s0["acc_within_0_05"]
+    assert s0["max_rel_train_loss_diff"] == pytest.approx(0.005)
+    assert s0["final_acc_diff_points"] == pytest.approx(0.04)
+    assert not s1["finished"] and s1["epochs_compared"] == 2
+    assert not s1["loss_within_1pct"] and s1["max_rel_train_loss_diff"] == pytest.approx(0.03)
+    assert s1["final_acc_diff_points"] == pytest.approx(-0.1) and not s1["acc_within_0_05"]
+    assert out["summary"]["fused_acc"]["mean"] == pytest.approx((99.54 + 98.9) / 2)
+    assert json.loads((tmp_path / "p.json").read_text())["seeds"][1]["seed"] == 1
+    with pytest.raises(SystemExit):
+        recipe_parity.main(["--pair", f"{ok}:{ref}"])
