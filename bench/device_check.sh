@@ -14,7 +14,8 @@
 #                the `cuda` backend under a CUDA graph, bn_finalize's device check) -> junit-ext.xml
 #   throughput   the headline rows in priority order (ResNet-20, batch 512, train and inference, fp32 and bf16;
 #                fused, eager, eager-graph, then the torch.compile modes in bf16), JSON after every row
-#   host-profile bench/host_profile.py: the top operators by host time of one un-graphed fused training step
+#   host-profile bench/host_profile.py: the top operators by host time of one un-graphed fused training step,
+#                and per Triton kernel its device time, TFLOP/s and GB/s against the measured peaks
 #   time-to-accuracy  bench/time_to_accuracy.py, the fused row first
 #   summary      summary.json: every stage's exit status, seconds and limit; the log's tail on stdout
 # Timed-out stages get SIGINT first (pytest still writes its junit XML and summary), SIGKILL 5 s later.
@@ -126,7 +127,7 @@ wait_build
 stage ext-tests ${EXT_TESTS_LIMIT:-40} $PYTEST --junitxml="$OUT/junit-ext.xml" "${EXT_TESTS[@]}"
 stage throughput ${THROUGHPUT_LIMIT:-150} $PY bench/throughput.py "${THROUGHPUT[@]}" --json "$OUT/throughput.json" \
   --png "$OUT/throughput.png" --no-progress
-stage host-profile ${HOST_LIMIT:-30} $PY bench/host_profile.py "${HOST[@]}" --json "$OUT/host_profile.json"
+stage host-profile ${HOST_LIMIT:-40} $PY bench/host_profile.py "${HOST[@]}" --json "$OUT/host_profile.json"
 stage time-to-accuracy ${TTA_LIMIT:-50} $PY bench/time_to_accuracy.py "${TTA[@]}" --json "$OUT/time_to_accuracy.json"
 
 TOTAL=$(now)

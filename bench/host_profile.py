@@ -1,11 +1,19 @@
-"""Where the host time of one un-graphed FusedResNet training step goes: top operators by host (CPU) time.
+"""Where the time of one un-graphed FusedResNet training step goes: top operators by host (CPU) time, and per
+Triton kernel its device time, FLOP/s and bytes/s against the machine's measured peaks.
 
     python bench/host_profile.py --json host_profile.json
 
 The ordinary training loop (no CUDA graph) is bound by the host on a GPU: this profiles one step after warm-up
 with torch.profiler (CPU activity only) and lists the operators with the most self host time, with their call
-counts, beside the step's wall time and the reference eager step's. ``--dry-run``: tiny shapes on CPU (Triton
-interpreter), to exercise the tool without a GPU.
+counts, beside the step's wall time and the reference eager step's.
+
+Per kernel (``kernels``): every Triton launch of one step is logged with its work — FLOPs of the GEMM kernels
+(2 x rows x columns x reduction: conv_kernel 2*M*N*KTOT plus option B's projection, conv_wgrad_kernel
+2*P*COUT*KTOT), and the bytes of the distinct tensors it is handed (each read or written once: the compulsory
+traffic, an estimate that leaves out re-reads through L2) — and, on a GPU, a second profiled step (CUDA activity)
+gives each kernel's device time; achieved TFLOP/s and GB/s are set against the matmul and copy peaks measured at
+the start (bench/throughput.py's measure_peaks). ``--dry-run``: tiny shapes on CPU (Triton interpreter), to
+exercise the tool without a GPU (no device times there).
 """
 from __future__ import annotations
 
@@ -17,6 +25,80 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+
+def _flops(name, a):
+    """FLOPs of one launch of a GEMM kernel from its bound arguments, None for the others."""
+    if name == "conv_kernel":
+        return 2 * a["M"] * a["N"] * (a["KTOT"] + (a["C2"] if a.get("DUAL") else 0))
+    if name == "conv_wgrad_kernel":
+        return 2 * a["P"] * a["COUT"] * a["KTOT"]
+    return None
+
+
+class LaunchLog:
+    """Within the block, every Triton launch as (kernel name, FLOPs or None, bytes of its distinct tensors)."""
+
+    def __init__(self, interpreted):
+        import inspect
+
+        import triton
+        import triton.runtime.interpreter  # noqa: F401
+        self.cls = triton.runtime.interpreter.InterpretedFunction if interpreted else triton.runtime.jit.JITFunction
+        self.inspect, self.launches = inspect, []
+
+    def __enter__(self):
+        import torch
+        self.run = run = self.cls.run
+        log = self
+
+        def logged(kernel, *args, **kwargs):
+            names = list(log.inspect.signature(kernel.fn).parameters)
+            bound = dict(zip(names, args))
+            bound.update((k, v) for k, v in kwargs.items() if k in names)
+            tensors = {t.data_ptr(): t.numel() * t.element_size()  # a tensor passed twice (a placeholder) once
+                       for t in bound.values() if isinstance(t, torch.Tensor)}
+            log.launches.append((kernel.fn.__name__, _flops(kernel.fn.__name__, bound), sum(tensors.values())))
+            return run(kernel, *args, **kwargs)
+        self.cls.run = logged
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.run = self.run
+
+
+def kernel_table(launches, device_us=None, peaks=None):
+    """Per kernel name: launches, FLOPs and bytes per step, and with device times (us per step, from the
+    profiler) the achieved TFLOP/s and GB/s, and with peaks their fractions."""
+    rows = {}
+    for name, flops, nbytes in launches:
+        r = rows.setdefault(name, dict(kernel=name, launches=0, gflop=None, mbytes=0.0))
+        r["launches"] += 1
+        r["mbytes"] += nbytes / 1e6
+        if flops is not None:
+            r["gflop"] = (r["gflop"] or 0.0) + flops / 1e9
+    for r in rows.values():
+        us = (device_us or {}).get(r["kernel"])
+        r["device_us"] = us
+        if us:
+            r["tflops"] = r["gflop"] / us * 1e3 if r["gflop"] is not None else None
+            r["gbps"] = r["mbytes"] / us * 1e3
+            if peaks:
+                r["frac_peak_flops"] = r["tflops"] * 1e12 / peaks["flops"] if r["tflops"] is not None else None
+                r["frac_peak_bw"] = r["gbps"] * 1e9 / peaks["bandwidth"]
+    return sorted(rows.values(), key=lambda r: -(r["device_us"] or r["mbytes"]))
+
+
+def device_times(prof):
+    """{kernel name: device microseconds} of a profile with CUDA activity (one step)."""
+    out = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0)
+        if us:
+            out[e.key] = out.get(e.key, 0.0) + us
+    return out
 
 
 def main(argv=None):
@@ -78,6 +160,21 @@ def main(argv=None):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
         sync()
+    with LaunchLog(interpreted=args.dry_run) as log:
+        step()
+        sync()
+    device_us, peaks = None, None
+    if dev.type == "cuda":
+        sys.path.insert(0, HERE)
+        from throughput import measure_peaks
+        measured = measure_peaks(dev)
+        peaks = dict(flops=measured["bf16" if bf16 else "fp32"], bandwidth=measured["bandwidth"])
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as dprof:
+            step()
+            sync()
+        device_us = device_times(dprof)
+    out["peaks"] = peaks
+    out["kernels"] = kernel_table(log.launches, device_us, peaks)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total_us = sum(e.self_cpu_time_total for e in events)
     out["profiled_host_ms"] = total_us / 1e3
@@ -88,6 +185,16 @@ def main(argv=None):
     print(f"{'self host us':>12s} {'share':>6s} {'calls':>6s}  operator")
     for t in out["top"]:
         print(f"{t['self_host_us']:12.0f} {100 * t['share']:5.1f}% {t['calls']:6d}  {t['op']}")
+    print(f"{'kernel':28s} {'launches':>8s} {'GFLOP':>8s} {'MB':>8s} {'dev us':>8s} {'TFLOP/s':>8s} {'GB/s':>8s}"
+          f" {'%flops':>6s} {'%bw':>5s}")
+
+    def fmt(v, spec):
+        return format(v, spec) if v is not None else "-"
+    for r in out["kernels"]:
+        print(f"{r['kernel'][:28]:28s} {r['launches']:8d} {fmt(r['gflop'], '8.2f'):>8s} {r['mbytes']:8.1f} "
+              f"{fmt(r['device_us'], '8.0f'):>8s} {fmt(r.get('tflops'), '8.1f'):>8s} {fmt(r.get('gbps'), '8.0f'):>8s} "
+              f"{fmt(r.get('frac_peak_flops') and 100 * r['frac_peak_flops'], '5.1f'):>6s} "
+              f"{fmt(r.get('frac_peak_bw') and 100 * r['frac_peak_bw'], '4.1f'):>5s}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -181,3 +181,31 @@ def test_recipe_parity_compares_train_runs(tmp_path):
     assert json.loads((tmp_path / "p.json").read_text())["seeds"][1]["seed"] == 1
     with pytest.raises(SystemExit):
         recipe_parity.main(["--pair", f"{ok}:{ref}"])
+
+
+def test_host_profile_kernel_work_accounting(dev):
+    """bench/host_profile.py's per-kernel table: a conv launch's FLOPs (2*M*N*K) and the bytes of its distinct
+    tensors, logged at the launch; with device times and peaks the achieved rates and their fractions."""
+    import torch
+
+    import host_profile
+    from resnet_fused.ops import conv_bn_act  # noqa: F401  (registers the op)
+    from resnet_fused.ops.eager import ops
+    x = torch.randn(2, 3, 5, 5, device=dev).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 3, 3, 3, device=dev)
+    b = torch.randn(8, device=dev)
+    with host_profile.LaunchLog(interpreted=dev.type == "cpu") as log:
+        out = ops.conv_bn_act(x, w, b, None, None, None, 1, 1, 0, 1, 0, True)
+    assert len(log.launches) == 1
+    name, flops, nbytes = log.launches[0]
+    assert name == "conv_kernel" and flops == 2 * (2 * 5 * 5) * 8 * (9 * 3)
+    assert nbytes >= 4 * (x.numel() + w.numel() + b.numel() + out.numel())
+    rows = host_profile.kernel_table(log.launches + [("bn_add_relu_fwd_kernel", None, 4e6)],
+                                     device_us={"conv_kernel": 2.0, "bn_add_relu_fwd_kernel": 10.0},
+                                     peaks=dict(flops=1e12, bandwidth=1e12))
+    conv = next(r for r in rows if r["kernel"] == "conv_kernel")
+    bn = next(r for r in rows if r["kernel"] == "bn_add_relu_fwd_kernel")
+    assert conv["tflops"] == pytest.approx(flops / 2e-6 / 1e12)
+    assert conv["frac_peak_flops"] == pytest.approx(flops / 2e-6 / 1e12)
+    assert bn["gflop"] is None and bn["tflops"] is None and bn["gbps"] == pytest.approx(400)
+    assert bn["frac_peak_bw"] == pytest.approx(0.4)
