@@ -14,7 +14,7 @@ from test_fused_model import perturbed_reference
 CASES = [
     (8, "A", False, [16, 32, 64], 3, (9, 11)),
     (8, "B", False, [16, 32, 64], 1, (7, 7)),
-    (14, "A", False, [12, 24, 40], 5, (8, 9)),
+    (14, "A", False, [12, 24, 40], 3, (7, 8)),
     (14, "B", False, [6, 20, 24], 2, (5, 5)),
     (14, "A", True, [16, 16, 32], 3, (7, 7)),
 ]
