@@ -330,3 +330,19 @@ def test_eval_sees_running_statistics_moved_by_replays():
                 g(xb), e(xb)
         assert_same_state(g, e, grads=False)
     assert g.graphs.stats["replays"] >= 4
+
+
+def test_whole_network_inference_under_emulated_graphs(dev):
+    """The one-launch inference (resnet_infer) captured and replayed: the logits of the model without graphs,
+    each call's its own; switching the path drops the captured graphs."""
+    g, e = pair("A", backend="triton", depth=8, device=dev)
+    for m in (g, e):
+        m.eval()
+        m.whole_network_inference = True
+    with torch.no_grad():
+        outs = [(g(x), e(x)) for x in (batch(3, hw=6, seed=i, device=dev)[0] for i in range(3))]
+        for og, oe in outs:
+            torch.testing.assert_close(og, oe, rtol=1e-5, atol=1e-6)
+        assert g.graphs.stats["replays"] == 2 and len(g.graphs) == 1  # call 1 eager, 2 captures + replays
+        g.whole_network_inference = False
+        assert len(g.graphs) == 0
