@@ -38,7 +38,7 @@ from .zoo import MODEL_NAMES, build_model, parse_model_name
 DEFAULTS = dict(model="resnet20", impl="fused", dataset="mnist", epochs=15, batch_size=128, lr=0.1,
                 momentum=0.9, wd=5e-4, schedule="cosine", warmup_epochs=1.0, label_smoothing=0.0, amp="off",
                 max_shift=2, rotate=0.0, scale=0.0, ema=0.0, val_size=0, subset=0, seed=0, shortcut=None,
-                sync_bn=False)
+                sync_bn=False, init_noise=0.0)
 # Flags that define the run: on --resume they come from the checkpoint unless given again (and must then agree).
 RECIPE_KEYS = tuple(DEFAULTS)
 # --recipe NAME: values over DEFAULTS (flags given on the command line override them). How each was chosen, with
@@ -92,6 +92,9 @@ def build_parser():
            "torch.nn.SyncBatchNorm for --impl reference, CUDA only) [off]")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--seed", type=int, help="[0]")
+    a("--init-noise", type=float,
+      help="multiply every initial weight by 1 + this x N(0, 1) (its own generator: the data order and the rest of "
+           "the run are unchanged); a control for parity runs: how far a run drifts from a 1e-6 change [0]")
     a("--device", default=None, help="cuda, cpu, cuda:1 ... [cuda if available]")
     a("--out", default="runs/train", help="output directory [runs/train]")
     a("--resume", nargs="?", const="auto", default=None,
@@ -273,7 +276,8 @@ def resolve_config(args):
 _RANGES = dict(epochs=(1, None, True), batch_size=(1, None, True), lr=(0.0, None, False), momentum=(0.0, None, True),
                wd=(0.0, None, True), warmup_epochs=(0.0, None, True), label_smoothing=(0.0, 1.0, True),
                max_shift=(0, None, True), rotate=(0.0, 180.0, True), scale=(0.0, None, True),
-               ema=(0.0, None, True), val_size=(0, None, True), subset=(0, None, True), seed=(0, 2**31 - 1, True))
+               ema=(0.0, None, True), val_size=(0, None, True), subset=(0, None, True), seed=(0, 2**31 - 1, True),
+               init_noise=(0.0, 1.0, True))
 
 
 def validate_config(cfg):
@@ -313,10 +317,21 @@ def make_model(cfg, in_channels, num_classes, device):
         model = build_model(cfg["model"], impl=cfg["impl"], **kwargs)
     except (ValueError, NotImplementedError, RuntimeError) as e:
         raise UserError(str(e).splitlines()[0]) from None
+    if cfg.get("init_noise"):
+        perturb_weights(model, cfg["init_noise"], cfg["seed"])
     model = model.to(device)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+@torch.no_grad()
+def perturb_weights(model, eps, seed):
+    """Every parameter times 1 + eps * N(0, 1), drawn from a generator of its own (the global RNG, hence the data
+    order and the augmentations, are untouched)."""
+    g = torch.Generator().manual_seed(1234 + seed)
+    for p in model.parameters():
+        p.add_((p.double() * eps * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(p.dtype))
 
 
 def make_optimizer(model, cfg):
