@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from resnet_fused import backends as fused_backends  # noqa: E402
 from resnet_fused import build_model  # noqa: E402
+from resnet_fused.ops import implicit_gemm  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -134,6 +135,8 @@ def collect(workloads, batch, real_driver=False):
 
     JITFunction.run = compile_only
     fused_backends.triton_interpreting = lambda: True  # backend "triton" takes the CPU tensors
+    # the launchers choose tiles, TF32 and split counts for the GPU compiled for, not for the CPU tensors
+    implicit_gemm.COMPILE_FOR_GPU_SMS = launch_sms(real_driver)
     try:
         for name, shortcut, mode, prec in workloads:
             current[0] = f"{name}{shortcut}/{mode}/{prec}"
@@ -152,7 +155,18 @@ def collect(workloads, batch, real_driver=False):
                         model(x)
     finally:
         JITFunction.run = original
+        implicit_gemm.COMPILE_FOR_GPU_SMS = None
     return seen
+
+
+H100_SXM_SMS = 132
+
+
+def launch_sms(real_driver):
+    """The SM count the launch choices are made for: this machine's GPU with --check-driver, else an H100 SXM."""
+    if real_driver:
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return H100_SXM_SMS
 
 
 def main(argv=None):
@@ -166,7 +180,11 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--check-driver", action="store_true",
                    help="on a GPU machine: compile for its GPU and compare ptxas's counts with the driver's")
+    p.add_argument("--tf32", choices=["on", "off"], default="on",
+                   help="fp32 convolutions as with torch.backends.cudnn.allow_tf32 = True (PyTorch's default: TF32 "
+                        "tensor cores) or False (IEEE fp32) [on]")
     args = p.parse_args(argv)
+    torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     if args.check_driver and not torch.cuda.is_available():
         raise SystemExit("error: --check-driver needs a CUDA GPU (it loads every kernel through the driver)")
     workloads = [(args.model, s, m, pr) for s in args.shortcuts.split(",") for m in args.modes.split(",")
@@ -189,8 +207,11 @@ def main(argv=None):
             "stg_vec", "stg", "mma", "sass"]
     target = (f"sm_{torch.cuda.get_device_capability()[0]}{torch.cuda.get_device_capability()[1]} "
               f"({torch.cuda.get_device_name()})") if args.check_driver else "sm_90"
+    launch = dict(sms=launch_sms(args.check_driver), tf32=bool(torch.backends.cudnn.allow_tf32))
     print(f"{len(rows)} kernel configurations compiled for {target} in {time.perf_counter() - t0:.0f} s "
-          f"(Triton {triton.__version__}, {args.model}, batch {args.batch}, shortcuts {args.shortcuts})")
+          f"(Triton {triton.__version__}, {args.model}, batch {args.batch}, shortcuts {args.shortcuts}; launch "
+          f"choices of a {launch['sms']}-SM GPU, fp32 convolutions in {'TF32' if launch['tf32'] else 'IEEE fp32'} "
+          f"as cudnn.allow_tf32)")
     print(f"{'kernel':26s} {'tile (BLOCK_*)':14s} {'workloads':>9s} " + " ".join(f"{c[:8]:>8s}" for c in cols))
     for r in rows:
         tile = "x".join(str(v) for k, v in r["constexprs"].items() if k.startswith("BLOCK"))
@@ -203,7 +224,8 @@ def main(argv=None):
         print("driver and compiler disagree:\n  " + "\n  ".join(disagree))
     res = dict(target=target, driver_checked=args.check_driver, driver_disagreements=disagree,
                triton=triton.__version__, torch=torch.__version__, model=args.model,
-               batch=args.batch, workloads=["/".join(w[1:]) for w in workloads], kernels=rows, totals=tot,
+               batch=args.batch, workloads=["/".join(w[1:]) for w in workloads], launch_choices=launch,
+               kernels=rows, totals=tot,
                git_commit=os.environ.get("RESNET_FUSED_GIT_COMMIT") or _git_commit())
     if args.json:
         with open(args.json, "w") as f:

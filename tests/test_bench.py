@@ -133,25 +133,34 @@ def test_render_tables_shows_best_baseline_and_fused_ratio(tmp_path):
 
 def test_kernel_report_compiles_the_workloads_kernels_for_sm90(tmp_path):
     """bench/kernel_report.py on a tiny workload: every kernel the inference step launches is compiled for sm_90
-    (no GPU) and measured; the bf16 convolutions use tensor cores, the IEEE-fp32 ones cannot."""
+    (no GPU) and measured, in the configurations a GPU launches (not the interpreter's): the convolutions' GPU
+    tiles, TF32 tensor cores for fp32 as cudnn.allow_tf32 (IEEE fp32 without: no tensor cores), bf16 on tensor
+    cores."""
     import subprocess
     out = tmp_path / "kr.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "kernel_report.py")
-    r = subprocess.run([sys.executable, script, "--model", "resnet8", "--batch", "2", "--modes", "inference",
-                        "--shortcuts", "A", "--json", str(out)], capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    d = json.loads(out.read_text())
-    assert d["target"] == "sm_90" and d["workloads"] == ["A/inference/fp32", "A/inference/bf16"]
-    ks = d["kernels"]
-    assert ks and all(k["regs"] and k["regs"] == k["regs_cubin"] and k["sass"] > 0 for k in ks)
-    assert all(isinstance(k["spill_bytes"], int) and k["ldg_vec"] <= k["ldg"] for k in ks)
-    convs = {w: [k for k in ks if k["kernel"] == "conv_kernel" and any(w in u for u in k["workloads"])]
-             for w in ("fp32", "bf16")}
-    assert convs["fp32"] and convs["bf16"]
-    assert all(k["mma"] > 0 for k in convs["bf16"]) and all(k["mma"] == 0 for k in convs["fp32"])
-    assert "kernel configurations compiled for sm_90" in r.stdout and d["driver_checked"] is False
+    from resnet_fused.ops import implicit_gemm as ig
+    gpu_tiles = {(c["BLOCK_M"], c["num_warps"]) for c in ig.CONV_CONFIGS[:3]}
+    for tf32 in (True, False):
+        r = subprocess.run([sys.executable, script, "--model", "resnet8", "--batch", "2", "--modes", "inference",
+                            "--shortcuts", "A", "--tf32", "on" if tf32 else "off", "--json", str(out)]
+                           + ([] if tf32 else ["--precisions", "fp32"]),
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        d = json.loads(out.read_text())
+        assert d["target"] == "sm_90" and d["workloads"] == ["A/inference/fp32", "A/inference/bf16"][:1 + tf32]
+        assert d["launch_choices"] == dict(sms=132, tf32=tf32)
+        ks = d["kernels"]
+        assert ks and all(k["regs"] and k["regs"] == k["regs_cubin"] and k["sass"] > 0 for k in ks)
+        assert all(isinstance(k["spill_bytes"], int) and k["ldg_vec"] <= k["ldg"] for k in ks)
+        convs = {w: [k for k in ks if k["kernel"] == "conv_kernel" and any(w in u for u in k["workloads"])]
+                 for w in ("fp32", "bf16")}
+        assert convs["fp32"] and bool(convs["bf16"]) == tf32
+        assert all((k["constexprs"]["BLOCK_M"], k["num_warps"]) in gpu_tiles for k in convs["fp32"] + convs["bf16"])
+        assert all(k["mma"] > 0 for k in convs["bf16"])
+        assert all((k["mma"] > 0) == tf32 for k in convs["fp32"])
+        assert "kernel configurations compiled for sm_90" in r.stdout and d["driver_checked"] is False
 
 
 def test_recipe_parity_compares_train_runs(tmp_path):

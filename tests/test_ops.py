@@ -25,7 +25,7 @@ def ref_conv_bn_stats(x, w, s, t, stride, pad):
 
 # (batch, c_in, c_out, h, w, kernel, stride, pad)
 CONV_SHAPES = [(2, 1, 16, 7, 7, 3, 1, 1), (1, 5, 12, 9, 7, 3, 2, 1), (3, 4, 6, 11, 11, 1, 2, 0),
-               (2, 16, 16, 8, 8, 3, 1, 1)]
+               (2, 16, 16, 8, 8, 3, 1, 1), (1, 32, 12, 6, 5, 3, 2, 1)]
 
 
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=str)
@@ -319,6 +319,47 @@ def test_every_conv_config(dev, cfg):
     assert not ig.semaphores(dev, 1).any()
 
 
+@pytest.mark.parametrize("taps,index64", [(True, False), (True, True), (False, False)], ids=["taps", "taps-i64",
+                                                                                          "per-element"])
+@pytest.mark.parametrize("cin", [16, 32, 48])
+def test_conv_per_tap_gather_matches_the_reference(dev, cin, taps, index64, monkeypatch):
+    """The per-tap gather (channels a multiple of 16: every K block inside one 3x3 tap) and the per-element one,
+    through every gather variant: plain and stride 2, the BN-ReLU prologue (PRO 1), the input gradient with BN's
+    backward prologue (PRO 2, transposed, stride 2), the option-B projection beside it (DUAL), 32- and 64-bit
+    indices."""
+    from resnet_fused.ops import implicit_gemm
+    monkeypatch.setattr(ig, "TAP_BLOCKS", taps)
+    if index64:
+        monkeypatch.setattr(implicit_gemm, "INT32_LIMIT", 0)
+    cfg = ig.CONV_CONFIGS[0]  # BLOCK_K 32: 16 and 48 channels drop it to 16, 32 keeps it
+    bk, flags = ig.tap_blocks(cfg, cin, 24)
+    assert flags == (taps, False) and bk == (min(32, cin & -cin) if taps else 32)
+    torch.manual_seed(cin)
+    x = nhwc(torch.randn(2, cin, 9, 7, device=dev))
+    w = torch.randn(20, cin, 3, 3, device=dev)
+    s, t = torch.rand(cin, device=dev) + 0.5, torch.randn(cin, device=dev) * 0.5
+    a = torch.relu(x * s[None, :, None, None] + t[None, :, None, None])
+    for stride in (1, 2):
+        oh, ow = ig.conv_out_hw(9, 7, 3, stride, 1)
+        y, (mean, var) = ig.conv_launch(x, w, 3, 3, stride, 1, (oh, ow), pro=1, pa=s, pb=t, stats=1, config=cfg)
+        close(y, F.conv2d(a, w, stride=stride, padding=1), msg=f"forward stride {stride}")
+        close(var, y.var((0, 2, 3), unbiased=False), msg="var")
+    wt = torch.randn(cin, 20, 3, 3, device=dev)  # input gradient: the gathered operand has cin channels
+    dy, yy = (nhwc(torch.randn(2, cin, 5, 4, device=dev)) for _ in range(2))
+    c1, c2 = torch.randn(cin, device=dev), torch.randn(cin, device=dev)
+    gx, _ = ig.conv_launch(dy, wt, 3, 3, 2, 1, (9, 7), transposed=True, pro=2, a2=yy, pa=c1, pb=c2, config=cfg)
+    g = dy + yy * c2[None, :, None, None] + c1[None, :, None, None]
+    close(gx, torch.nn.grad.conv2d_input((2, 20, 9, 7), wt, g, stride=2, padding=1), msg="input gradient")
+    h = nhwc(torch.randn(2, cin, 5, 4, device=dev))
+    w2 = torch.randn(cin, cin, 3, 3, device=dev)
+    for c_x in (16, 24):
+        xs = nhwc(torch.randn(2, c_x, 9, 7, device=dev))
+        wp = torch.randn(cin, c_x, 1, 1, device=dev)
+        (y2, ys), _ = ig.conv_launch(h, w2, 3, 3, 1, 1, (5, 4), x2=xs, w2=wp, stride2=2, dual_out=True, stats=1,
+                                     config=cfg)
+        close(y2, F.conv2d(h, w2, padding=1), msg="dual conv"), close(ys, F.conv2d(xs, wp, stride=2), msg="proj")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_conv_reads_the_weight_where_it_lies(dev, layout):
     """The implicit GEMM reads B from the conv weight in place through its strides (no permuted copy per step):
@@ -369,6 +410,26 @@ def test_every_wgrad_config(dev, cfg):
     dw = ig.wgrad_launch(dy, x, 3, 3, 2, 1, config=ig.WGRAD_CONFIGS[cfg])
     ref = torch.nn.grad.conv2d_weight(x, (24, 16, 3, 3), dy, stride=2, padding=1)
     close(dw, ref, rtol=2e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("taps,index64", [(True, False), (True, True), (False, False)], ids=["taps", "taps-i64",
+                                                                                          "per-element"])
+@pytest.mark.parametrize("cfg", [0, 1])
+def test_wgrad_per_tap_gather_matches_the_reference(dev, cfg, taps, index64, monkeypatch):
+    """The weight gradient's per-tap gather (C_in a multiple of BLOCK_R: each program's columns inside one tap)
+    and the per-element one, with the layer-input prologue relu(x*s+t), stride 2, 32- and 64-bit indices."""
+    from resnet_fused.ops import implicit_gemm
+    monkeypatch.setattr(ig, "TAP_BLOCKS", taps)
+    if index64:
+        monkeypatch.setattr(implicit_gemm, "INT32_LIMIT", 0)
+    torch.manual_seed(cfg)
+    x = nhwc(torch.randn(2, 64, 9, 7, device=dev))
+    s, t = torch.rand(64, device=dev) + 0.5, torch.randn(64, device=dev) * 0.5
+    dy = nhwc(torch.randn(2, 20, 5, 4, device=dev))
+    dw = ig.wgrad_launch(dy, x, 3, 3, 2, 1, xs=s, xt=t, config=ig.WGRAD_CONFIGS[cfg])
+    a = torch.relu(x * s[None, :, None, None] + t[None, :, None, None])
+    close(dw, torch.nn.grad.conv2d_weight(a, (20, 64, 3, 3), dy, stride=2, padding=1), rtol=2e-4, atol=1e-4)
+    assert not ig.semaphores(dev, 1).any()
 
 
 def _opcheck_cases(dev):

@@ -153,14 +153,58 @@ def _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr,               # source, second sour
 
 
 @triton.jit
+def _gather_a_tap(a_ptr, a2_ptr, pa_ptr, pb_ptr,           # as _gather_a, for a K block inside one tap (kh, kw):
+                  n_img, dh, dw, m_ok, c, kh, kw, SH, SW,   # c [BK] the block's channels (all < C)
+                  s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c,
+                  STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr, PRO: tl.constexpr,
+                  INDEX64: tl.constexpr):
+    """One [BM, BK] tile of A whose columns share the tap (kh, kw): bounds and base offsets per row."""
+    if TRANSPOSED:
+        th = dh + PAD - kh
+        tw = dw + PAD - kw
+        sh = th // STRIDE
+        sw = tw // STRIDE
+        ok = (th >= 0) & (tw >= 0) & (th % STRIDE == 0) & (tw % STRIDE == 0) & (sh < SH) & (sw < SW)
+    else:
+        sh = dh * STRIDE - PAD + kh
+        sw = dw * STRIDE - PAD + kw
+        ok = (sh >= 0) & (sh < SH) & (sw >= 0) & (sw < SW)
+    ok = ok & m_ok
+    if INDEX64:
+        sh = sh.to(tl.int64)
+        sw = sw.to(tl.int64)
+        n_img = n_img.to(tl.int64)
+        c = c.to(tl.int64)
+    mask = tl.broadcast_to(ok[:, None], (ok.shape[0], c.shape[0]))  # no per-column mask: vector loads
+    a = tl.load(a_ptr + (n_img * s_n + sh * s_h + sw * s_w)[:, None] + c[None, :] * s_c, mask=mask,
+                other=0.0).to(tl.float32)
+    if PRO == 1:
+        scale = tl.load(pa_ptr + c)
+        shift = tl.load(pb_ptr + c)
+        a = tl.where(mask, relu(a * scale[None, :] + shift[None, :]), 0.0)
+    elif PRO == 2:
+        y = tl.load(a2_ptr + (n_img * t_n + sh * t_h + sw * t_w)[:, None] + c[None, :] * t_c, mask=mask,
+                    other=0.0).to(tl.float32)
+        c1 = tl.load(pa_ptr + c)
+        c2 = tl.load(pb_ptr + c)
+        a = tl.where(mask, a + y * c2[None, :] + c1[None, :], 0.0)
+    return a
+
+
+@triton.jit
 def _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,
                        n_img, dh, dw, m_ok, offs_n, N,
                        SH, SW, C, s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, w_n, w_c, w_h, w_w, KTOT,
                        KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
-                       PRO: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INDEX64: tl.constexpr):
+                       PRO: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INDEX64: tl.constexpr,
+                       TAPS: tl.constexpr):
     """acc[BM, BN] += A[rows, :] @ B[:, offs_n] over the whole reduction (KTOT = KH*KW*C). B is read from the conv
     weight where it lies: B[(kh*KW + kw)*C + c, n] = w[n*w_n + c*w_c + kh*w_h + kw*w_w] (forward: n = out channel,
-    c = in channel; input gradient: the two swapped), no permuted copy per step."""
+    c = in channel; input gradient: the two swapped), no permuted copy per step.
+
+    TAPS (C a multiple of BLOCK_K, checked by the launcher): every K block lies in one tap, so the tap and its
+    source row, bounds mask and base offset are per row ([BM]) and the channels a contiguous run c0 .. c0+BLOCK_K
+    (vector loads along NHWC channels) instead of a div/mod and a 2-D index per element."""
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     if INDEX64:
@@ -168,15 +212,29 @@ def _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr,
     else:
         cols = offs_n[None, :] * w_n
     for k0 in range(0, KTOT, BLOCK_K):
-        kk = k0 + offs_k
-        a = _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr, n_img, dh, dw, m_ok, kk, SH, SW, C,
-                      s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT, KW, STRIDE, PAD, TRANSPOSED, PRO, INDEX64)
-        tap = kk // C
-        if INDEX64:
-            rows = ((kk % C).to(tl.int64) * w_c + (tap // KW).to(tl.int64) * w_h + (tap % KW).to(tl.int64) * w_w)
+        if TAPS:
+            tap = k0 // C
+            kh = tap // KW
+            kw = tap - kh * KW
+            c = tl.max_contiguous(tl.multiple_of(k0 - tap * C + offs_k, BLOCK_K), BLOCK_K)
+            a = _gather_a_tap(a_ptr, a2_ptr, pa_ptr, pb_ptr, n_img, dh, dw, m_ok, c, kh, kw, SH, SW,
+                              s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, STRIDE, PAD, TRANSPOSED, PRO, INDEX64)
+            if INDEX64:
+                rows = c.to(tl.int64) * w_c + (kh.to(tl.int64) * w_h + kw.to(tl.int64) * w_w)
+            else:
+                rows = c * w_c + (kh * w_h + kw * w_w)
+            b = tl.load(w_ptr + rows[:, None] + cols, mask=n_ok[None, :], other=0.0)
         else:
-            rows = (kk % C) * w_c + (tap // KW) * w_h + (tap % KW) * w_w
-        b = tl.load(w_ptr + rows[:, None] + cols, mask=(kk < KTOT)[:, None] & n_ok[None, :], other=0.0)
+            kk = k0 + offs_k
+            a = _gather_a(a_ptr, a2_ptr, pa_ptr, pb_ptr, n_img, dh, dw, m_ok, kk, SH, SW, C,
+                          s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, KTOT, KW, STRIDE, PAD, TRANSPOSED, PRO, INDEX64)
+            tap = kk // C
+            if INDEX64:
+                rows = ((kk % C).to(tl.int64) * w_c + (tap // KW).to(tl.int64) * w_h
+                        + (tap % KW).to(tl.int64) * w_w)
+            else:
+                rows = (kk % C) * w_c + (tap // KW) * w_h + (tap % KW) * w_w
+            b = tl.load(w_ptr + rows[:, None] + cols, mask=(kk < KTOT)[:, None] & n_ok[None, :], other=0.0)
         # the dot runs in the activations' dtype (fp32, or bf16/fp16 under autocast: fp32 weights are cast on
         # load, so autocast needs no per-step weight copy), accumulating in fp32
         dt = a_ptr.dtype.element_ty
@@ -225,7 +283,8 @@ def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows o
                 TRANSPOSED: tl.constexpr, PRO: tl.constexpr, BIAS: tl.constexpr, RES: tl.constexpr,
                 DUAL: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
                 AFFINE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, FIN_T: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INDEX64: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INDEX64: tl.constexpr,
+                TAPS: tl.constexpr, TAPS2: tl.constexpr):
     pid_m = ix(tl.program_id(0), INDEX64)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -241,17 +300,17 @@ def conv_kernel(out_ptr, stats_ptr, out2_ptr,                # out [M, N] rows o
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _implicit_gemm_acc(acc, a_ptr, a2_ptr, pa_ptr, pb_ptr, w_ptr, n_img, dh, dw, m_ok, offs_n, N,
                              SH, SW, C, s_n, s_h, s_w, s_c, t_n, t_h, t_w, t_c, w_n, w_c, w_h, w_w, KTOT,
-                             KW, STRIDE, PAD, TRANSPOSED, PRO, BLOCK_K, PRECISION, INDEX64)
+                             KW, STRIDE, PAD, TRANSPOSED, PRO, BLOCK_K, PRECISION, INDEX64, TAPS)
     if DUAL == 1:
         acc = _implicit_gemm_acc(acc, x2_ptr, x2_ptr, pa_ptr, pb_ptr, w2_ptr, n_img, dh, dw, m_ok, offs_n, N,
                                  SH2, SW2, C2, x_n, x_h, x_w, x_c, x_n, x_h, x_w, x_c, v_n, v_c, 0, 0, C2,
-                                 1, STRIDE2, 0, False, 0, BLOCK_K, PRECISION, INDEX64)
+                                 1, STRIDE2, 0, False, 0, BLOCK_K, PRECISION, INDEX64, TAPS2)
     mask = m_ok[:, None] & n_ok[None, :]
     if DUAL == 2:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc2 = _implicit_gemm_acc(acc2, x2_ptr, x2_ptr, pa_ptr, pb_ptr, w2_ptr, n_img, dh, dw, m_ok, offs_n, N,
                                   SH2, SW2, C2, x_n, x_h, x_w, x_c, x_n, x_h, x_w, x_c, v_n, v_c, 0, 0, C2,
-                                  1, STRIDE2, 0, False, 0, BLOCK_K, PRECISION, INDEX64)
+                                  1, STRIDE2, 0, False, 0, BLOCK_K, PRECISION, INDEX64, TAPS2)
         if STATS == 1:
             cnt2 = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
             mean2 = tl.sum(tl.where(mask, acc2, 0.0), axis=0) / cnt2
@@ -336,7 +395,8 @@ def conv_wgrad_kernel(part_ptr, dw_ptr, cnt_ptr,              # fp32 [SPLIT, COU
                       KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                       DY_PRO: tl.constexpr, X_PRO: tl.constexpr, PRECISION: tl.constexpr,
                       HAS_GM: tl.constexpr, HAS_GV: tl.constexpr, AFFINE: tl.constexpr, HAS_W: tl.constexpr,
-                      BLOCK_CO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, INDEX64: tl.constexpr):
+                      BLOCK_CO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, INDEX64: tl.constexpr,
+                      TAP: tl.constexpr):
     pid_co = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = ix(tl.program_id(2), INDEX64)
@@ -344,10 +404,17 @@ def conv_wgrad_kernel(part_ptr, dw_ptr, cnt_ptr,              # fp32 [SPLIT, COU
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     co_ok = offs_co < COUT
     r_ok = offs_r < KTOT
-    tap = offs_r // CIN
-    c = offs_r % CIN
-    kh = tap // KW
-    kw = tap % KW
+    if TAP:  # CIN a multiple of BLOCK_R (the launcher checks): the program's columns share one tap
+        tap = (pid_r * BLOCK_R) // CIN
+        kh = tap // KW
+        kw = tap - kh * KW
+        c = tl.max_contiguous(tl.multiple_of(pid_r * BLOCK_R - tap * CIN + tl.arange(0, BLOCK_R), BLOCK_R),
+                              BLOCK_R)
+    else:
+        tap = offs_r // CIN
+        c = offs_r % CIN
+        kh = tap // KW
+        kw = tap % KW
     if DY_PRO == 2:  # the coefficients of this program's channels; the (co, 0, 0) programs write them out
         c1, c2 = bn_grad_coeffs_tile(c1_ptr, c2_ptr, gw_ptr, gb_ptr, gm_ptr, gv_ptr, mean_ptr, INV_M, gs_ptr, gt_ptr,
                                      var_ptr, bw_ptr, EPS, offs_co, co_ok, (pid_r == 0) & (pid_s == 0),
@@ -374,13 +441,24 @@ def conv_wgrad_kernel(part_ptr, dw_ptr, cnt_ptr,              # fp32 [SPLIT, COU
             y = tl.load(y_ptr + n_img[:, None] * y_n + oh[:, None] * y_h + ow[:, None] * y_w
                         + co_idx * y_c, mask=dmask, other=0.0).to(tl.float32)
             dy = tl.where(dmask, dy + y * c2[None, :] + c1[None, :], 0.0)
-        ih = oh[:, None] * STRIDE - PAD + kh[None, :]
-        iw = ow[:, None] * STRIDE - PAD + kw[None, :]
-        xmask = p_ok[:, None] & r_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        if INDEX64:
-            x_off = n_img[:, None] * x_n + ih.to(tl.int64) * x_h + iw.to(tl.int64) * x_w + c64w * x_c
+        if TAP:  # bounds and base offsets per row
+            ih = oh * STRIDE - PAD + kh
+            iw = ow * STRIDE - PAD + kw
+            rok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xmask = tl.broadcast_to(rok[:, None], (BLOCK_P, BLOCK_R))
+            if INDEX64:
+                x_row = n_img * x_n + ih.to(tl.int64) * x_h + iw.to(tl.int64) * x_w
+            else:
+                x_row = n_img * x_n + ih * x_h + iw * x_w
+            x_off = x_row[:, None] + c64w * x_c
         else:
-            x_off = n_img[:, None] * x_n + ih * x_h + iw * x_w + c[None, :] * x_c
+            ih = oh[:, None] * STRIDE - PAD + kh[None, :]
+            iw = ow[:, None] * STRIDE - PAD + kw[None, :]
+            xmask = p_ok[:, None] & r_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            if INDEX64:
+                x_off = n_img[:, None] * x_n + ih.to(tl.int64) * x_h + iw.to(tl.int64) * x_w + c64w * x_c
+            else:
+                x_off = n_img[:, None] * x_n + ih * x_h + iw * x_w + c[None, :] * x_c
         a = tl.load(x_ptr + x_off, mask=xmask, other=0.0).to(tl.float32)
         if X_PRO == 1:
             a = tl.where(xmask, relu(a * xs[None, :] + xt[None, :]), 0.0)
@@ -403,6 +481,7 @@ def conv_wgrad_kernel(part_ptr, dw_ptr, cnt_ptr,              # fp32 [SPLIT, COU
 
 import contextlib  # noqa: E402
 import functools  # noqa: E402
+import os  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -467,9 +546,27 @@ def nhwc_strides(t):
     return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
 
 
+# The GPU whose launch choices (tile configs, TF32, program counts) are made for CPU tensors: None, except while
+# bench/kernel_report.py compiles the kernels for sm_90 on a CPU machine (then the SM count of an H100 SXM, 132),
+# so that it compiles the configurations a GPU launches, not the interpreter's.
+COMPILE_FOR_GPU_SMS = None
+
+
+def gpu_target(device) -> bool:
+    """Whether launches on this device are chosen for a GPU (a CUDA device, or kernel_report's compile target)."""
+    return device.type == "cuda" or COMPILE_FOR_GPU_SMS is not None
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of the GPU the launch is chosen for (gpu_target(device) must hold)."""
+    if device.type != "cuda":
+        return COMPILE_FOR_GPU_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def dot_precision(dtype, device) -> str:
     """IEEE fp32 products unless PyTorch's own convolutions would use TF32 here."""
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and gpu_target(device) and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
@@ -481,7 +578,7 @@ def _pow2_clamp(n, lo, hi):
 def conv_config(M, N, ktot, device, config=None):
     """Block sizes for an implicit GEMM of M rows, N columns, reduction ktot (every dim >= 16 for tl.dot)."""
     if config is None:
-        if device.type != "cuda":
+        if not gpu_target(device):
             config = CONV_CONFIGS[3]
         elif M >= 128 * 132 * 2:
             config = CONV_CONFIGS[1] if N <= 64 else CONV_CONFIGS[2]
@@ -491,6 +588,24 @@ def conv_config(M, N, ktot, device, config=None):
     cfg["BLOCK_N"] = _pow2_clamp(N, 16, cfg["BLOCK_N"])
     cfg["BLOCK_K"] = _pow2_clamp(ktot, 16, cfg["BLOCK_K"])
     return cfg
+
+
+# The per-tap gather (conv_kernel's TAPS): on unless RESNET_FUSED_TAP_BLOCKS=0 (an A/B switch for the benchmarks;
+# tests flip the attribute to check both paths).
+TAP_BLOCKS = os.environ.get("RESNET_FUSED_TAP_BLOCKS", "1") != "0"
+
+
+def tap_blocks(cfg, *channels):
+    """(BLOCK_K, TAPS flags) for reductions over these channel counts (the main GEMM's, then the 1x1 projection's):
+    where a count is a multiple of 16, BLOCK_K drops to the largest power of two that divides it (at least 16), so
+    that every K block lies inside one 3x3 tap and the gather runs per tap (TAPS); other counts keep the
+    per-element path."""
+    bk = cfg["BLOCK_K"]
+    if TAP_BLOCKS:
+        for c in channels:
+            if c % 16 == 0:
+                bk = min(bk, c & -c)
+    return bk, tuple(TAP_BLOCKS and c % bk == 0 for c in channels)
 
 
 def empty_nhwc(n, c, h, w, dtype, device):
@@ -539,6 +654,8 @@ def conv_launch(src, w, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0
     rc, rh, rw = (res.shape[1], res.shape[2], res.shape[3]) if res.dim() == 4 else (0, 0, 0)
     c2_, sh2, sw2 = (x2_.shape[1], x2_.shape[2], x2_.shape[3])
     grid = (tiles, cdiv(n_out, cfg["BLOCK_N"]))
+    block_k, taps = tap_blocks(cfg, c_src, *((c2_,) if x2 is not None else ()))
+    taps, taps2 = taps[0], len(taps) > 1 and taps[1]
     sv = res_stats + (part,) * (4 - n_res) if stats else (dummy,) * 4
     with device_guard(src):
         conv_kernel[grid](
@@ -561,9 +678,9 @@ def conv_launch(src, w, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0
             RELU=relu, STATS=stats, PRECISION=dot_precision(src.dtype, dev),
             AFFINE=affine is not None, HAS_W=bw is not None, HAS_B=bb is not None,
             FIN_T=max(8, 2048 // cfg["BLOCK_N"]),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
             INDEX64=index64(*(t for t in (out, out2, part, src, a2, w, w2, res, x2_, ex_) if t is not None)),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            TAPS=taps, TAPS2=taps2, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return ((out, out2) if dual_out else out), (res_stats if stats else None)
 
 
@@ -597,7 +714,7 @@ def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, coeffs=None, xs=None, xt
     p = nb * oh * ow
     dev = dy.device
     if config is None:
-        config = WGRAD_CONFIGS[0] if dev.type == "cuda" else WGRAD_CONFIGS[1]
+        config = WGRAD_CONFIGS[0] if gpu_target(dev) else WGRAD_CONFIGS[1]
     if like is not None and tuple(like.shape) == (cout, cin, kh, kw):
         dw = torch.empty_like(like, dtype=dtype)
     else:
@@ -620,7 +737,8 @@ def wgrad_launch(dy, x, kh, kw, stride, pad, *, y=None, coeffs=None, xs=None, xt
             KW=kw, STRIDE=stride, PAD=pad, DY_PRO=2 if coeffs is not None else 0, X_PRO=1 if xs is not None else 0,
             PRECISION=dot_precision(x.dtype, dev), **co_flags,
             BLOCK_CO=cfg["BLOCK_CO"], BLOCK_R=cfg["BLOCK_R"], BLOCK_P=cfg["BLOCK_P"],
-            INDEX64=index64(part, dy, y_, x, dw), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            INDEX64=index64(part, dy, y_, x, dw), TAP=TAP_BLOCKS and cin % cfg["BLOCK_R"] == 0,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dw
 
 
@@ -641,8 +759,7 @@ def wgrad_split(p, cout, ktot, config, dev):
     (about 4 waves), each with at least a few BLOCK_P steps."""
     cfg = _wgrad_tile(cout, ktot, config)
     tiles = cdiv(cout, cfg["BLOCK_CO"]) * cdiv(ktot, cfg["BLOCK_R"])
-    target = 4 * (_sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
-                  if dev.type == "cuda" else 2)
+    target = 4 * (sm_count(dev) if gpu_target(dev) else 2)
     split = max(1, min(cdiv(p, 4 * cfg["BLOCK_P"]), cdiv(target, tiles)))
     per = cdiv(cdiv(p, split), cfg["BLOCK_P"]) * cfg["BLOCK_P"]
     return cdiv(p, per), per

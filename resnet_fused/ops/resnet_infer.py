@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .eager import custom_op
-from .implicit_gemm import cdiv, device_guard, dot_precision, next_pow2, relu
+from .implicit_gemm import cdiv, device_guard, dot_precision, gpu_target, next_pow2, relu, sm_count
 
 MAX_STAGES = 4
 MAX_WIDTH, MAX_CLASSES = 512, 256
@@ -323,10 +323,8 @@ def _check(x, weights, biases, table, fc_weight, fc_bias, spec):
 
 def programs(n, device):
     """Persistent programs for n images: a few per SM on a GPU (each holds one image's scratch at a time)."""
-    if device.type == "cuda":
-        from .implicit_gemm import _sm_count
-        return max(1, min(n, 4 * _sm_count(device.index if device.index is not None else
-                                           torch.cuda.current_device())))
+    if gpu_target(device):
+        return max(1, min(n, 4 * sm_count(device)))
     return max(1, min(n, 2))  # the interpreter: still a persistent loop when n > 2 (tests)
 
 
