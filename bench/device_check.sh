@@ -95,7 +95,7 @@ else
   GPU_TESTS=($XDIST -m gpu tests/test_gpu.py)
   EXT_TESTS=(-m gpu tests/test_ext.py tests/test_ext_lowp.py tests/test_gpu.py::test_cuda_graph_capture
              tests/test_gpu.py::test_bn_finalize_refuses_operands_on_another_device)
-  IMPLS=${THROUGHPUT_IMPLS:-fused-triton-graph,eager,eager-graph,fused-triton,fused-triton-no-cudagraphs,fused-triton-net,eager-channels-last,fused-cuda,fused-cuda-graph,compile@bf16,compile-reduce-overhead@bf16,compile-max-autotune-no-cudagraphs@bf16,compile-max-autotune@bf16}
+  IMPLS=${THROUGHPUT_IMPLS:-fused-triton-graph,eager,eager-graph,fused-triton,fused-triton-no-cudagraphs,fused-triton-net,eager-channels-last,fused-cuda,fused-cuda-graph,compile@bf16,compile-reduce-overhead@bf16,compile-max-autotune-no-cudagraphs@bf16,compile-max-autotune@bf16,fused-triton-per-element-graph}
   THROUGHPUT=(--models resnet20 --batch-sizes 512 --precisions fp32,bf16 --modes train,inference
               --impls "$IMPLS" --iters 20 --repeats 5)
   HOST=()

@@ -49,12 +49,15 @@ from resnet_fused import build_model  # noqa: E402
 
 IMPLS = ["eager", "eager-channels-last", "eager-graph", "compile", "compile-max-autotune-no-cudagraphs",
          "compile-max-autotune", "compile-reduce-overhead", "fused-triton", "fused-triton-no-cudagraphs",
-         "fused-triton-graph", "fused-triton-net", "fused-cuda", "fused-cuda-no-cudagraphs", "fused-cuda-graph", "fused-cpu"]
+         "fused-triton-graph", "fused-triton-per-element-graph", "fused-triton-net", "fused-cuda",
+         "fused-cuda-no-cudagraphs", "fused-cuda-graph", "fused-cpu"]
 # the fused rows: FusedResNet with this backend, used as the README shows (its own CUDA graphs on); "-no-cudagraphs":
 # FusedResNet(cuda_graphs=False); "-graph": the whole step (optimizer included) captured by hand in one CUDA graph;
-# "fused-triton-net": inference as one launch for the whole network (model.whole_network_inference, own graphs on)
+# "fused-triton-net": inference as one launch for the whole network (model.whole_network_inference, own graphs on);
+# "fused-triton-per-element-graph": fused-triton-graph with the implicit GEMM's per-tap gathers off (the A/B of
+# implicit_gemm.TAP_BLOCKS)
 FUSED_BACKEND = {"fused-triton": "triton", "fused-triton-no-cudagraphs": "triton", "fused-triton-graph": "triton",
-                 "fused-triton-net": "triton",
+                 "fused-triton-per-element-graph": "triton", "fused-triton-net": "triton",
                  "fused-cuda": "cuda", "fused-cuda-no-cudagraphs": "cuda", "fused-cuda-graph": "cuda",
                  "fused-cpu": "cpu"}
 # PyTorch as a user can run it at its best: every fused row is compared with the best of these in the same run
@@ -181,8 +184,14 @@ def skip_reason(impl, dev, mode=None):
     return None
 
 
+TAP_BLOCKS_DEFAULT = os.environ.get("RESNET_FUSED_TAP_BLOCKS", "1") != "0"
+
+
 def make_model(name, impl, in_ch, dev, cl):
     torch.manual_seed(0)
+    if FUSED_BACKEND.get(impl) == "triton":
+        from resnet_fused.ops import implicit_gemm
+        implicit_gemm.TAP_BLOCKS = TAP_BLOCKS_DEFAULT and "-per-element" not in impl
     if impl in FUSED_BACKEND:
         own_graphs = not impl.endswith(("-no-cudagraphs", "-graph"))  # a hand-made graph captures the plain path
         model = build_model(name, impl="fused", in_channels=in_ch, backend=FUSED_BACKEND[impl],

@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
@@ -40,6 +41,23 @@ def test_throughput_tiny_cpu(tmp_path):
     assert all(r["fraction_of_roofline"] <= 1.0 + 1e-9 for r in d["rows"] if r["status"] == "ok")
     assert d["settings"]["isolate"] is True and len(d["best_baselines"]) == 2
     assert os.path.getsize(tmp_path / "tp.png") > 0
+
+
+def test_throughput_per_element_row_is_the_tap_gathers_ab(monkeypatch):
+    """fused-triton-per-element-graph: the hand-graphed fused row with the implicit GEMM's per-tap gathers off (the
+    A/B of this change on a GPU); every other Triton row has them as configured; it is a fused row, not a
+    baseline."""
+    import throughput
+    from resnet_fused.ops import implicit_gemm
+    monkeypatch.setattr(implicit_gemm, "TAP_BLOCKS", True)
+    monkeypatch.setattr(throughput, "TAP_BLOCKS_DEFAULT", True)
+    cpu = torch.device("cpu")
+    throughput.make_model("resnet8", "fused-triton-per-element-graph", 1, cpu, True)
+    assert implicit_gemm.TAP_BLOCKS is False
+    throughput.make_model("resnet8", "fused-triton-graph", 1, cpu, True)
+    assert implicit_gemm.TAP_BLOCKS is True
+    assert "fused-triton-per-element-graph" not in throughput.BASELINES
+    assert throughput.skip_reason("fused-triton-per-element-graph", cpu) == "needs a CUDA GPU (Triton)"
 
 
 def test_time_to_accuracy_tiny_cpu(tmp_path, mnist_root):
