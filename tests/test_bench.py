@@ -206,8 +206,19 @@ def test_recipe_parity_compares_train_runs(tmp_path):
     assert s1["final_acc_diff_points"] == pytest.approx(-0.1) and not s1["acc_within_0_05"]
     assert out["summary"]["fused_acc"]["mean"] == pytest.approx((99.54 + 98.9) / 2)
     assert json.loads((tmp_path / "p.json").read_text())["seeds"][1]["seed"] == 1
+    assert s0["mean_rel_train_loss_diff"] == pytest.approx((0.002 + 0.005 + 0.004) / 3)
     with pytest.raises(SystemExit):
         recipe_parity.main(["--pair", f"{ok}:{ref}"])
+    # a control run (the reference perturbed by 1e-6): its drift from the reference beside the fused run's
+    ctl = run("ctl", [0.49, 0.102, 0.0510, 0.04], [0.98, 0.990, 0.9948, 0.996])
+    out = recipe_parity.main(["--pair", f"0:{ok}:{ref}:{ctl}"])
+    s0 = out["seeds"][0]
+    assert s0["finished"] is False and s0["epochs_compared"] == 3  # the control ran one epoch more
+    assert s0["control_max_rel_train_loss_diff"] == pytest.approx(0.02) and not s0["control_loss_within_1pct"]
+    assert s0["control_mean_rel_train_loss_diff"] == pytest.approx((0.02 + 0.02 + 0.02) / 3)
+    assert s0["control_final_acc_diff_points"] == pytest.approx(-0.02)
+    assert [e["control_train_loss"] for e in s0["epochs"]] == [0.49, 0.102, 0.0510]
+    assert s0["max_rel_train_loss_diff"] == pytest.approx(0.005)  # the fused comparison unchanged
 
 
 def test_host_profile_kernel_work_accounting(dev):
