@@ -153,14 +153,16 @@ def train_step(model, x, y, amp="off"):
 
 
 def per_step_ms(step, steps, repeats=5):
+    """[(wall ms, this thread's CPU ms) per step] of each timed window. The CPU time counts only the work of the
+    calling thread (the host work itself), so other processes on a busy machine move it far less than wall time."""
     for _ in range(3):
         step()
     out = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         for _ in range(steps):
             step()
-        out.append((time.perf_counter() - t0) / steps * 1e3)
+        out.append(((time.perf_counter() - t0) / steps * 1e3, (time.thread_time() - c0) / steps * 1e3))
     return out
 
 
@@ -171,6 +173,9 @@ def main(argv=None):
     p.add_argument("--amp", choices=["off", "bf16"], default="off",
                    help="the step under autocast (CPU autocast standing in for CUDA's: the same casts of conv and "
                         "linear operands)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads while timing: 1 keeps every op's work on the timed thread (tiny "
+                        "tensors gain nothing from more) [1]")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -182,10 +187,16 @@ def main(argv=None):
         memory_format=torch.channels_last)
     ref = build_model(args.model).to(memory_format=torch.channels_last)
     sf, sr = train_step(fused, x, y, args.amp), train_step(ref, x, y, args.amp)
-    tf, tr = [], []
-    for _ in range(5):  # round-robin windows: the machine's drift hits both alike
-        tf += per_step_ms(sf, args.steps, 1)
-        tr += per_step_ms(sr, args.steps, 1)
+    tf, tr, cf, cr = [], [], [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        for _ in range(5):  # round-robin windows: the machine's drift hits both alike
+            (wf, uf), = per_step_ms(sf, args.steps, 1)
+            (wr, ur), = per_step_ms(sr, args.steps, 1)
+            tf.append(wf), cf.append(uf), tr.append(wr), cr.append(ur)
+    finally:
+        torch.set_num_threads(threads)
     _NoLaunch.launches = 0
     _NoLaunch.by_kernel.clear()
     sf()
@@ -198,6 +209,8 @@ def main(argv=None):
     outer_aten = sum(v for k, v in ops.items() if not k.startswith("resnet_fused."))
     res = dict(model=args.model, amp=args.amp, fused_host_ms=statistics.median(tf), reference_host_ms=statistics.median(tr),
                fused_host_us=statistics.median(tf) * 1e3, reference_host_us=statistics.median(tr) * 1e3,
+               fused_host_cpu_us=statistics.median(cf) * 1e3, reference_host_cpu_us=statistics.median(cr) * 1e3,
+               host_cpu_ratio=statistics.median(cf) / statistics.median(cr), threads=args.threads,
                triton_launches_per_step=launches, triton_launches=dict(by_kernel.most_common()),
                kernel_ops_per_step=sum(ops.values()),
                kernel_ops=dict(ops.most_common()), aten_ops_inside_custom_ops=dict(inner.most_common()),
@@ -205,8 +218,10 @@ def main(argv=None):
                gpu_kernels_per_step=launches + outer_aten + sum(inner.values()),
                reference_gpu_kernels_per_step=sum(ref_ops.values()),
                torch=torch.__version__, triton=triton.__version__)
-    print(f"{args.model} ({'bf16 autocast' if args.amp == 'bf16' else 'fp32'}): fused host work {res['fused_host_us']:,.0f} us/step, reference eager on tiny tensors "
-          f"{res['reference_host_us']:,.0f} us/step")
+    print(f"{args.model} ({'bf16 autocast' if args.amp == 'bf16' else 'fp32'}): fused host work "
+          f"{res['fused_host_us']:,.0f} us/step, reference eager on tiny tensors {res['reference_host_us']:,.0f} us/step "
+          f"(wall); the host thread's CPU time {res['fused_host_cpu_us']:,.0f} / {res['reference_host_cpu_us']:,.0f} "
+          f"us/step, fused / reference {res['host_cpu_ratio']:.2f}")
     print(f"GPU kernels per training step: fused {res['gpu_kernels_per_step']} ({launches} Triton launches, "
           f"{outer_aten} ATen ops around the custom ops, {sum(inner.values())} inside them), reference "
           f"{res['reference_gpu_kernels_per_step']}")

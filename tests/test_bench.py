@@ -120,6 +120,8 @@ def test_host_overhead_tool(tmp_path):
     outer = sum(v for k, v in d["kernel_ops"].items() if not k.startswith("resnet_fused."))
     assert d["gpu_kernels_per_step"] == d["triton_launches_per_step"] + outer + sum(inner.values())
     assert d["reference_gpu_kernels_per_step"] > 0 and d["fused_host_us"] > 0
+    assert d["fused_host_cpu_us"] > 0 and d["reference_host_cpu_us"] > 0 and d["threads"] == 1
+    assert d["host_cpu_ratio"] == pytest.approx(d["fused_host_cpu_us"] / d["reference_host_cpu_us"])
 
 
 def test_readme_speed_tables_are_rendered_from_the_committed_json():
