@@ -527,3 +527,27 @@ def test_bn_grad_coeffs(dev, has_gm, has_gv):
     want2 = 2 * gv / m if has_gv else torch.zeros(c, device=dev)
     want1 = (gm / m if has_gm else torch.zeros(c, device=dev)) - want2 * mean
     close(c1, want1), close(c2, want2)
+
+
+def test_launch_choices_for_a_gpu_from_cpu_tensors(monkeypatch):
+    """What kernel_report compiles: with COMPILE_FOR_GPU_SMS set, CPU tensors get a GPU's launch choices (tiles by
+    the SM count, TF32 for fp32 as cudnn.allow_tf32, split counts); unset, the interpreter's."""
+    cpu = torch.device("cpu")
+    assert ig.conv_config(10**6, 16, 144, cpu) == dict(ig.CONV_CONFIGS[3], BLOCK_N=16, BLOCK_K=16)
+    assert ig.dot_precision(torch.float32, cpu) == "ieee"
+    monkeypatch.setattr(ig, "COMPILE_FOR_GPU_SMS", 132)
+    big, small = 2 * 128 * 132, 2 * 128 * 132 - 1
+    assert ig.conv_config(big, 64, 576, cpu)["BLOCK_M"] == ig.CONV_CONFIGS[1]["BLOCK_M"] == 128
+    assert ig.conv_config(big, 128, 576, cpu)["BLOCK_N"] == ig.CONV_CONFIGS[2]["BLOCK_N"] == 128
+    assert ig.conv_config(small, 64, 576, cpu) == dict(ig.CONV_CONFIGS[0], BLOCK_N=64, BLOCK_K=32)
+    monkeypatch.setattr(ig, "COMPILE_FOR_GPU_SMS", 66)  # a smaller GPU fills with fewer rows
+    assert ig.conv_config(small, 64, 576, cpu)["BLOCK_M"] == 128
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert ig.dot_precision(torch.float32, cpu) == "tf32"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert ig.dot_precision(torch.float32, cpu) == "ieee"
+    splits = {}
+    for sms in (66, 132):  # the weight gradient's row split fills the GPU it is chosen for
+        monkeypatch.setattr(ig, "COMPILE_FOR_GPU_SMS", sms)
+        splits[sms] = ig.wgrad_split(512 * 28 * 28, 16, 144, ig.WGRAD_CONFIGS[0], cpu)[0]
+    assert splits[132] > splits[66] > 1

@@ -582,7 +582,7 @@ def conv_config(M, N, ktot, device, config=None):
     if config is None:
         if not gpu_target(device):
             config = CONV_CONFIGS[3]
-        elif M >= 128 * 132 * 2:
+        elif M >= 2 * 128 * sm_count(device):  # two waves of 128-row tiles fill the GPU
             config = CONV_CONFIGS[1] if N <= 64 else CONV_CONFIGS[2]
         else:
             config = CONV_CONFIGS[0]
