@@ -592,8 +592,9 @@ def conv_config(M, N, ktot, device, config=None):
     return cfg
 
 
-# The per-tap gather (conv_kernel's TAPS): on unless RESNET_FUSED_TAP_BLOCKS=0 (an A/B switch for the benchmarks;
-# tests flip the attribute to check both paths).
+# The per-tap gathers (conv_kernel's TAPS/TAPS2 via tap_blocks(); conv_wgrad_kernel's TAP where C_in is already a
+# multiple of BLOCK_R — its tile is not shrunk, which would re-read dY once more per extra column tile): on unless
+# RESNET_FUSED_TAP_BLOCKS=0 (an A/B switch for the benchmarks; tests flip the attribute to check both paths).
 TAP_BLOCKS = os.environ.get("RESNET_FUSED_TAP_BLOCKS", "1") != "0"
 
 
