@@ -25,6 +25,14 @@ def fast_interpreter():
 
 fast_interpreter()
 
+
+def pytest_configure(config):
+    if interpreting():
+        from resnet_fused.backends import interpreter_problem
+        problem = interpreter_problem()
+        if problem is not None:  # otherwise every kernel test fails with an opaque InterpreterError
+            raise pytest.UsageError(f"the tests run the Triton kernels through the interpreter, but {problem}")
+
 DATA_ROOT = os.environ.get("RESNET_FUSED_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                                                   "data")
 

@@ -159,6 +159,29 @@ def test_backend_choice_and_errors(monkeypatch):
         m(torch.randn(2, 1, 7, 7))
 
 
+def test_an_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch):
+    """Triton < 3.7's interpreter with NumPy >= 2.4 fails every kernel with an opaque InterpreterError: the backend
+    says what is wrong before launching, and the state is untouched."""
+    import numpy
+    import triton
+
+    from resnet_fused.backends import interpreter_problem
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for tv, nv, bad in (("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.8.0", "2.4.6", False),
+                        ("3.7.0+git1a2b", "2.5.0", False), ("3.5.1", "2.4.0rc1", True)):
+        monkeypatch.setattr(triton, "__version__", tv)
+        monkeypatch.setattr(numpy, "__version__", nv)
+        assert (interpreter_problem() is not None) == bad, (tv, nv)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    fused = FusedResNet(8, widths=WIDTHS, backend="triton")
+    before = copy.deepcopy(fused.state_dict())
+    with pytest.raises(RuntimeError, match=r"NumPy 2\.4\.6.*numpy<2\.4"):
+        fused(torch.randn(2, 1, 7, 7))
+    for k, v in fused.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_bad_inputs_are_clear_and_leave_running_stats_alone(dev):
     fused = FusedResNet(8, widths=WIDTHS, backend="triton").to(dev)
     before = copy.deepcopy(fused.state_dict())

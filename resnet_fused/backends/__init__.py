@@ -13,13 +13,31 @@ import torch
 from .. import ext
 from .base import REFERENCE, Backend
 
-__all__ = ["BACKENDS", "Backend", "REFERENCE", "resolve", "validate_name", "triton_interpreting"]
+__all__ = ["BACKENDS", "Backend", "REFERENCE", "resolve", "validate_name", "triton_interpreting",
+           "interpreter_problem"]
 
 BACKENDS = ("auto", "triton", "cuda", "cpu")
 
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def interpreter_problem() -> str | None:
+    """Why the Triton interpreter cannot run the kernels in this environment, or None. Triton < 3.7's interpreter
+    turns a runtime scalar into a loop bound with ``int()`` of a 1-element array, which NumPy >= 2.4 refuses
+    (every kernel with a runtime-length loop then fails with an opaque InterpreterError)."""
+    import numpy
+    import triton
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"the Triton interpreter of Triton {triton.__version__} does not work with NumPy {numpy.__version__} "
+                f"(it converts 1-element arrays with int(), an error since NumPy 2.4): pip install 'numpy<2.4', or "
+                f"Triton >= 3.7")
+    return None
 
 
 def validate_name(name: str) -> str:

@@ -71,12 +71,16 @@ class TritonBackend(Backend):
     name = "triton"
 
     def check(self, x):
-        from . import triton_interpreting
+        from . import interpreter_problem, triton_interpreting
         if TRITON_IMPORT_ERROR is not None:
             raise RuntimeError(f"backend 'triton' needs Triton, which failed to import: {TRITON_IMPORT_ERROR}")
-        if x.device.type != "cuda" and not triton_interpreting():
-            raise RuntimeError(f"backend 'triton' runs on CUDA tensors (got {x.device}); on CPU use "
-                               f"backend='cpu', or set TRITON_INTERPRET=1 before importing triton")
+        if x.device.type != "cuda":
+            if not triton_interpreting():
+                raise RuntimeError(f"backend 'triton' runs on CUDA tensors (got {x.device}); on CPU use "
+                                   f"backend='cpu', or set TRITON_INTERPRET=1 before importing triton")
+            problem = interpreter_problem()
+            if problem is not None:
+                raise RuntimeError(f"backend 'triton' on CPU tensors: {problem}")
 
     @staticmethod
     def _dtype(x):
