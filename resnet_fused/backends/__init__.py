@@ -32,7 +32,10 @@ def interpreter_problem() -> str | None:
     turns a runtime scalar into a loop bound with ``int()`` of a 1-element array, which NumPy >= 2.4 refuses
     (every kernel with a runtime-length loop then fails with an opaque InterpreterError)."""
     import numpy
-    import triton
+    try:
+        import triton
+    except ImportError:  # no Triton: nothing to interpret (backend 'triton' says so itself)
+        return None
     if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
         return (f"the Triton interpreter of Triton {triton.__version__} does not work with NumPy {numpy.__version__} "
                 f"(it converts 1-element arrays with int(), an error since NumPy 2.4): pip install 'numpy<2.4', or "
