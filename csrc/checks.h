@@ -2,14 +2,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include "constants.h"
+
 namespace resnet_fused {
-
-// Shortcut modes of scale_shift_add_relu (the same numbering as the Triton op bn_add_relu).
-enum ShortcutMode : int64_t { kNone = 0, kIdentity = 1, kPadA = 2, kProjB = 3 };
-
-// Deterministic reductions walk the rows (N*H*W positions, channels contiguous) in fixed chunks of this many rows,
-// one partial per chunk, merged in chunk order: the result does not depend on the thread or block count.
-constexpr int64_t kRowsPerChunk = 256;
 
 inline void check_4d_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 4, "resnet_fused: ", name, " must be 4-D (N, C, H, W), got shape ", t.sizes());
