@@ -13,14 +13,17 @@
 #   ext-tests    after the build: the CUDA extension's operators (tests/test_ext.py and test_ext_lowp.py -m gpu,
 #                the `cuda` backend under a CUDA graph, bn_finalize's device check) -> junit-ext.xml
 #   throughput   the headline rows in priority order (ResNet-20, batch 512, train and inference, fp32 and bf16;
-#                fused, eager, eager-graph, then the torch.compile modes in bf16), JSON after every row
+#                fused, eager, eager-graph, then the torch.compile modes in bf16), JSON after every row (no PNG:
+#                `python bench/throughput.py --plot-only throughput.json --png F` draws it afterwards)
+#   ext-ops      bench/ext_ops.py: the extension's BatchNorm operators at ResNet-20's shapes, GB/s and time against a
+#                copy of the same bytes (needs the build)
 #   host-profile bench/host_profile.py: the top operators by host time of one un-graphed fused training step,
 #                and per Triton kernel its device time, TFLOP/s and GB/s against the measured peaks
 #   time-to-accuracy  bench/time_to_accuracy.py, the fused row first
 #   summary      summary.json: every stage's exit status, seconds and limit; the log's tail on stdout
 # Timed-out stages get SIGINT first (pytest still writes its junit XML and summary), SIGKILL 5 s later.
 # OUTDIR holds at most 8 files, no folders: device_check.log, summary.json, junit.xml, junit-ext.xml,
-# throughput.json, throughput.png, host_profile.json, time_to_accuracy.json.
+# throughput.json, ext_ops.json, host_profile.json, time_to_accuracy.json.
 #
 # DEVICE_CHECK_DRY_RUN=1: the same schedule on a CPU with tiny workloads (Triton interpreter), deadline default
 # 300 s: tests/test_device_check.py runs it in CI. RESNET_FUSED_GIT_COMMIT=<sha>: the device copy has no .git.
@@ -87,6 +90,7 @@ if [ "$DRY" = 1 ]; then
   THROUGHPUT=(--device cpu --models resnet8 --batch-sizes 4 --modes train,inference --precisions fp32
               --impls eager,fused-cpu,eager-graph --iters 1 --repeats 2 --no-isolate --no-launches)
   HOST=(--dry-run)
+  EXT_OPS=(--device cpu --dry-run)
   HOST_LIMIT=${HOST_LIMIT:-120}  # five fused steps through the Triton interpreter: ~25 s alone, more on a busy CI box
   TTA=(--device cpu --model resnet8 --impls reference --subset 256 --epochs 1 --batch-size 64 --amp off)
 else
@@ -99,6 +103,7 @@ else
   THROUGHPUT=(--models resnet20 --batch-sizes 512 --precisions fp32,bf16 --modes train,inference
               --impls "$IMPLS" --iters 20 --repeats 5)
   HOST=()
+  EXT_OPS=(--device cuda)
   TTA=(--impls fused,reference,reference-compile --amp bf16)  # the fast recipe (2 epochs)
 fi
 
@@ -126,7 +131,8 @@ stage gpu-tests ${TESTS_LIMIT:-100} $PYTEST --junitxml="$OUT/junit.xml" "${GPU_T
 wait_build
 stage ext-tests ${EXT_TESTS_LIMIT:-40} $PYTEST --junitxml="$OUT/junit-ext.xml" "${EXT_TESTS[@]}"
 stage throughput ${THROUGHPUT_LIMIT:-150} $PY bench/throughput.py "${THROUGHPUT[@]}" --json "$OUT/throughput.json" \
-  --png "$OUT/throughput.png" --no-progress
+  --png "" --no-progress
+stage ext-ops ${EXT_OPS_LIMIT:-30} $PY bench/ext_ops.py "${EXT_OPS[@]}" --json "$OUT/ext_ops.json"
 stage host-profile ${HOST_LIMIT:-40} $PY bench/host_profile.py "${HOST[@]}" --json "$OUT/host_profile.json"
 stage time-to-accuracy ${TTA_LIMIT:-50} $PY bench/time_to_accuracy.py "${TTA[@]}" --json "$OUT/time_to_accuracy.json"
 

@@ -500,6 +500,8 @@ def build_parser():
     p.add_argument("--json", default=None, help="output JSON path")
     p.add_argument("--png", default=None, help="output bar chart path ('' to skip)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--plot-only", metavar="JSON", default=None,
+                   help="measure nothing: draw the bar chart of a saved JSON (to --png, default beside it)")
     return p
 
 
@@ -566,6 +568,15 @@ def write_json(result, path):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            saved = json.load(f)
+        for r in saved["rows"]:
+            r["device_name"] = saved["environment"]["device_name"]
+        png_path = args.png or os.path.splitext(args.plot_only)[0] + ".png"
+        plot(saved["rows"], png_path)
+        print(f"# wrote {png_path}")
+        return saved
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     d = defaults(dev)
     for k in ("models", "modes", "precisions", "impls", "batch_sizes", "iters", "repeats"):

@@ -7,7 +7,7 @@ bias beta - mean * gamma/sqrt(var+eps)), option B's projection shift added into 
 it while nothing it depends on has changed.
 
 ``ShortcutMode`` is the one shortcut encoding of every fused op (Triton and C++): the same numbers as
-``resnet_fused::ShortcutMode`` in csrc/checks.h.
+``resnet_fused::ShortcutMode`` in csrc/constants.h.
 """
 from __future__ import annotations
 

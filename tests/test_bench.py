@@ -60,6 +60,35 @@ def test_throughput_per_element_row_is_the_tap_gathers_ab(monkeypatch):
     assert throughput.skip_reason("fused-triton-per-element-graph", cpu) == "needs a CUDA GPU (Triton)"
 
 
+def test_throughput_plot_only_draws_a_saved_json(tmp_path):
+    import glob
+
+    import throughput
+    saved = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "bench", "results", "throughput-*.json")))[0]
+    png = tmp_path / "chart.png"
+    throughput.main(["--plot-only", saved, "--png", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ext_ops_tool_charges_each_operator_its_compulsory_bytes(tmp_path):
+    from resnet_fused import ext
+    if not ext.available():
+        pytest.skip("the extension is not built")
+    import ext_ops
+    out = tmp_path / "ext_ops.json"
+    result = ext_ops.main(["--device", "cpu", "--dry-run", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 18 == len(result["rows"])  # 6 operators x 3 shapes
+    per_act = {"bn_stats": 1, "bn_stats_backward": 2, "scale_shift_add_relu": 3, "scale_shift_add_relu_backward": 5,
+               "batch_norm_add_relu": 3, "batch_norm_add_relu_backward": 5}
+    for r in rows:
+        n, c, h, w = r["shape"]
+        assert r["mbytes"] * 1e6 == per_act[r["operator"]] * n * c * h * w * 4
+        assert r["us"] > 0 and r["copy_us"] > 0
+        assert r["gb_per_s"] == pytest.approx(r["mbytes"] * 1e6 / (r["us"] * 1e-6) / 1e9)
+        assert r["vs_copy"] == pytest.approx(r["us"] / r["copy_us"])
+
+
 def test_time_to_accuracy_tiny_cpu(tmp_path, mnist_root):
     """Two seeds of one implementation with the best recipe (rotations, zooms, label smoothing, weight EMA): the
     clock, the targets and the summary over seeds."""

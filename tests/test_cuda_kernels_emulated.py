@@ -9,19 +9,22 @@ vectorised and 32/64-bit elementwise paths, NaN handling). It says nothing about
 import ctypes
 import hashlib
 import pathlib
+import re
 import shutil
 import subprocess
 
 import pytest
 import torch
 
+from resnet_fused.plan import ShortcutMode
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCES = [ROOT / "tests/cuda_emulator/kernels.cpp", ROOT / "tests/cuda_emulator/emulator.h",
            *sorted((ROOT / "csrc/cuda").glob("*.cuh")), ROOT / "csrc/constants.h"]
 CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-ROWS = 256  # kRowsPerChunk (csrc/constants.h)
-NONE, IDENTITY, PAD_A, PROJ_B = 0, 1, 2, 3
+ROWS = 256  # kRowsPerChunk (csrc/constants.h; test_constants_agree)
+NONE, IDENTITY, PAD_A, PROJ_B = (int(m) for m in ShortcutMode)
 i64, f64 = ctypes.c_int64, ctypes.c_double
 
 
@@ -37,6 +40,16 @@ def emu(tmp_path_factory):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"the CUDA kernels do not compile for the host:\n{proc.stderr[-4000:]}"
     return ctypes.CDLL(str(lib))
+
+
+def test_constants_agree():
+    """csrc/constants.h's shortcut numbering is resnet_fused.plan.ShortcutMode's; its chunk is the tests' ROWS."""
+    text = (ROOT / "csrc/constants.h").read_text()
+    body = re.search(r"enum ShortcutMode[^{]*\{([^}]*)\}", text).group(1)
+    enum = dict((k, int(v)) for k, v in re.findall(r"k(\w+) = (\d+)", body))
+    assert enum == {"None": 0, "Identity": 1, "PadA": 2, "ProjB": 3}
+    assert [enum[k] for k in ("None", "Identity", "PadA", "ProjB")] == [int(m) for m in ShortcutMode]
+    assert int(re.search(r"kRowsPerChunk = (\d+);", text).group(1)) == ROWS
 
 
 def ptr(t):

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-ORDER = ["precompile", "gpu-tests", "build", "ext-tests", "throughput", "host-profile", "time-to-accuracy"]
+ORDER = ["precompile", "gpu-tests", "build", "ext-tests", "throughput", "ext-ops", "host-profile", "time-to-accuracy"]
 
 
 def dry_run(out, mnist_root, deadline):
@@ -31,12 +31,13 @@ def test_dry_run_runs_every_stage_and_writes_at_most_8_files(tmp_path, mnist_roo
     assert all(s["rc"] == 0 and s["status"] == "done" for s in summary["stages"]), summary
     files = sorted(os.listdir(out))
     assert len(files) <= 8 and all(os.path.isfile(out / f) for f in files)
-    assert {"device_check.log", "summary.json", "junit.xml", "junit-ext.xml", "throughput.json",
-            "host_profile.json", "time_to_accuracy.json"} <= set(files)
+    assert set(files) == {"device_check.log", "summary.json", "junit.xml", "junit-ext.xml", "throughput.json",
+                          "ext_ops.json", "host_profile.json", "time_to_accuracy.json"}
     assert "<testcase" in (out / "junit.xml").read_text() and "<testcase" in (out / "junit-ext.xml").read_text()
     tp = json.loads((out / "throughput.json").read_text())
     assert tp["complete"] and any(r["status"] == "ok" for r in tp["rows"])
     assert json.loads((out / "host_profile.json").read_text())["top"]
+    assert len(json.loads((out / "ext_ops.json").read_text())["rows"]) == 18
     assert summary["total_s"] <= summary["deadline_s"] and elapsed < summary["deadline_s"] + 30
 
 
