@@ -16,13 +16,12 @@ __global__ void __launch_bounds__(kThreads)
     bn_stats_chunk_kernel(acc_t* __restrict__ cmean, acc_t* __restrict__ cm2, const scalar_t* __restrict__ x,
                           int64_t p, int64_t c) {
   __shared__ acc_t smem[2][kRowGroups][kChannelsPerBlock];
-  const int tx = threadIdx.x % kChannelsPerBlock, ty = threadIdx.x / kChannelsPerBlock;
-  const int64_t k = blockIdx.x, j = static_cast<int64_t>(blockIdx.y) * kChannelsPerBlock + tx;
-  const int64_t r0 = k * kRowsPerChunk, rows = min(p - r0, kRowsPerChunk);
-  const int64_t n_t = group_rows(rows, ty), step = kRowGroups * c;
+  const ChunkThread t = chunk_thread(p, c);
+  const int tx = t.tx, ty = t.ty;
+  const int64_t k = t.k, j = t.j, rows = t.rows, n_t = t.n, step = kRowGroups * c;
   acc_t m = 0, m2 = 0;
   if (j < c && n_t > 0) {
-    const scalar_t* px = x + (r0 + ty) * c + j;
+    const scalar_t* px = x + t.i0;
     acc_t s = 0;
     for (int64_t q = 0; q < n_t; ++q) s += static_cast<acc_t>(px[q * step]);
     m = s / static_cast<acc_t>(n_t);
@@ -133,15 +132,13 @@ __global__ void __launch_bounds__(kThreads)
                                          const acc_t* __restrict__ sc, const scalar_t* __restrict__ r,
                                          const acc_t* __restrict__ rs, int64_t p, int64_t c, int mode, bool relu) {
   __shared__ acc_t smem[3][kRowGroups][kChannelsPerBlock];
-  const int tx = threadIdx.x % kChannelsPerBlock, ty = threadIdx.x / kChannelsPerBlock;
-  const int64_t k = blockIdx.x, j = static_cast<int64_t>(blockIdx.y) * kChannelsPerBlock + tx;
-  const int64_t r0 = k * kRowsPerChunk, n_t = group_rows(min(p - r0, kRowsPerChunk), ty);
+  const ChunkThread t = chunk_thread(p, c);
   acc_t s_gy = 0, s_g = 0, s_gr = 0;
-  if (j < c) {
-    const acc_t scale = sc != nullptr ? sc[j] : acc_t(1);
-    const acc_t rscale = rs != nullptr ? rs[j] : acc_t(1);
-    int64_t i = (r0 + ty) * c + j;
-    for (int64_t q = 0; q < n_t; ++q, i += kRowGroups * c) {
+  if (t.j < c) {
+    const acc_t scale = sc != nullptr ? sc[t.j] : acc_t(1);
+    const acc_t rscale = rs != nullptr ? rs[t.j] : acc_t(1);
+    int64_t i = t.i0;
+    for (int64_t q = 0; q < t.n; ++q, i += kRowGroups * c) {
       acc_t g = static_cast<acc_t>(go[i]);
       if (relu && static_cast<acc_t>(out[i]) <= acc_t(0)) g = 0;
       gy[i] = static_cast<scalar_t>(g * scale);
@@ -155,21 +152,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  smem[0][ty][tx] = s_gy;
-  smem[1][ty][tx] = s_g;
-  smem[2][ty][tx] = s_gr;
-  __syncthreads();
-  if (ty == 0 && j < c) {
-    for (int q = 1; q < kRowGroups; ++q) {
-      s_gy += smem[0][q][tx];
-      s_g += smem[1][q][tx];
-      s_gr += smem[2][q][tx];
-    }
-    acc_t* dst = part + k * 3 * c;
-    dst[j] = s_gy;
-    dst[c + j] = s_g;
-    dst[2 * c + j] = s_gr;
-  }
+  finish_chunk_sums(smem, part, t, c, s_gy, s_g, s_gr);
 }
 
 // ---- bn_finalize -----------------------------------------------------------------------------------------------

@@ -21,35 +21,19 @@ __global__ void __launch_bounds__(kThreads)
                            const acc_t* __restrict__ mean, const scalar_t* __restrict__ r,
                            const acc_t* __restrict__ rmean, int64_t p, int64_t c, bool relu) {
   __shared__ acc_t smem[3][kRowGroups][kChannelsPerBlock];
-  const int tx = threadIdx.x % kChannelsPerBlock, ty = threadIdx.x / kChannelsPerBlock;
-  const int64_t k = blockIdx.x, j = static_cast<int64_t>(blockIdx.y) * kChannelsPerBlock + tx;
-  const int64_t r0 = k * kRowsPerChunk, n_t = group_rows(min(p - r0, kRowsPerChunk), ty);
+  const ChunkThread t = chunk_thread(p, c);
   acc_t s_g = 0, s_gy = 0, s_gr = 0;
-  if (j < c) {
-    const acc_t m = mean[j], rm = kProj ? rmean[j] : acc_t(0);
-    int64_t i = (r0 + ty) * c + j;
-    for (int64_t q = 0; q < n_t; ++q, i += kRowGroups * c) {
+  if (t.j < c) {
+    const acc_t m = mean[t.j], rm = kProj ? rmean[t.j] : acc_t(0);
+    int64_t i = t.i0;
+    for (int64_t q = 0; q < t.n; ++q, i += kRowGroups * c) {
       const acc_t g = relu_grad(static_cast<acc_t>(go[i]), static_cast<acc_t>(out[i]), relu);
       s_g += g;
       s_gy += g * (static_cast<acc_t>(y[i]) - m);
       if (kProj) s_gr += g * (static_cast<acc_t>(r[i]) - rm);
     }
   }
-  smem[0][ty][tx] = s_g;
-  smem[1][ty][tx] = s_gy;
-  smem[2][ty][tx] = s_gr;
-  __syncthreads();
-  if (ty == 0 && j < c) {
-    for (int q = 1; q < kRowGroups; ++q) {
-      s_g += smem[0][q][tx];
-      s_gy += smem[1][q][tx];
-      s_gr += smem[2][q][tx];
-    }
-    acc_t* dst = part + k * 3 * c;
-    dst[j] = s_g;
-    dst[c + j] = s_gy;
-    dst[2 * c + j] = s_gr;
-  }
+  finish_chunk_sums(smem, part, t, c, s_g, s_gy, s_gr);
 }
 
 // Pass 2: dy = s*g + a + b*y and the shortcut's gradient: dr_mode 0 none, 1 dr = g (identity; option A before its

@@ -29,6 +29,50 @@ __host__ __device__ inline int64_t group_rows(int64_t rows, int q) {
   return rows > q ? (rows - q + kRowGroups - 1) / kRowGroups : 0;
 }
 
+// Where thread (tx, ty) of a chunked-reduction block (grid: chunks x channel blocks) works: chunk k, channel j, the
+// chunk's `rows`, and its own n rows, the first at element index i0 = (r0 + ty) * c + j, then kRowGroups * c apart.
+struct ChunkThread {
+  int tx, ty;
+  int64_t k, j, rows, n, i0;
+};
+
+__device__ __forceinline__ ChunkThread chunk_thread(int64_t p, int64_t c) {
+  ChunkThread t;
+  t.tx = threadIdx.x % kChannelsPerBlock;
+  t.ty = threadIdx.x / kChannelsPerBlock;
+  t.k = blockIdx.x;
+  t.j = static_cast<int64_t>(blockIdx.y) * kChannelsPerBlock + t.tx;
+  const int64_t r0 = t.k * kRowsPerChunk;
+  t.rows = min(p - r0, kRowsPerChunk);
+  t.n = group_rows(t.rows, t.ty);
+  t.i0 = (r0 + t.ty) * c + t.j;
+  return t;
+}
+
+// The end of a chunked reduction with three per-channel sums: the block's 8 row groups merge in group order
+// (deterministic) and row group 0 writes part[chunk][0..2][j]. Every thread of the block calls it (__syncthreads).
+template <typename acc_t>
+__device__ __forceinline__ void finish_chunk_sums(acc_t (&smem)[3][kRowGroups][kChannelsPerBlock],
+                                                  acc_t* __restrict__ part, const ChunkThread& t, int64_t c,
+                                                  acc_t s0, acc_t s1, acc_t s2) {
+  const int tx = t.tx, ty = t.ty;
+  const int64_t j = t.j;
+  smem[0][ty][tx] = s0;
+  smem[1][ty][tx] = s1;
+  smem[2][ty][tx] = s2;
+  __syncthreads();
+  if (ty != 0 || j >= c) return;
+  for (int q = 1; q < kRowGroups; ++q) {
+    s0 += smem[0][q][tx];
+    s1 += smem[1][q][tx];
+    s2 += smem[2][q][tx];
+  }
+  acc_t* dst = part + t.k * 3 * c;
+  dst[j] = s0;
+  dst[c + j] = s1;
+  dst[2 * c + j] = s2;
+}
+
 // V consecutive elements as one aligned value: a 16-byte vector load/store (ld.global.v4) when V * sizeof(T) == 16.
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Vec {
