@@ -23,7 +23,6 @@
 namespace resnet_fused {
 namespace {
 
-using kernels::kChannelsPerBlock;
 using kernels::kThreads;
 
 template <typename scalar_t, typename acc_t>
@@ -71,8 +70,7 @@ Grads batch_norm_add_relu_backward_cuda(const at::Tensor& grad_out_in, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "batch_norm_add_relu_backward_cuda",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>((c + kChannelsPerBlock - 1) /
-                                                                         kChannelsPerBlock));
+    const dim3 grid = kernels::chunk_grid(chunks, c);  // chunks checked above
     auto reduce = proj ? kernels::bnar_bwd_reduce_kernel<true, scalar_t, acc_t>
                        : kernels::bnar_bwd_reduce_kernel<false, scalar_t, acc_t>;
     reduce<<<grid, kThreads, 0, stream>>>(part.data_ptr<acc_t>(), go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),

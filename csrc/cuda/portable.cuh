@@ -24,6 +24,12 @@ constexpr int kChannelsPerBlock = 32;
 constexpr int kRowGroups = 8;
 constexpr int kThreads = kChannelsPerBlock * kRowGroups;
 
+// The grids of the chunked reductions: (chunks, channel blocks), and channel blocks alone for bn_stats' merge.
+inline unsigned channel_blocks(int64_t c) {
+  return static_cast<unsigned>((c + kChannelsPerBlock - 1) / kChannelsPerBlock);
+}
+inline dim3 chunk_grid(int64_t chunks, int64_t c) { return dim3(static_cast<unsigned>(chunks), channel_blocks(c)); }
+
 // How many of a chunk's `rows` rows row group q walks.
 __host__ __device__ inline int64_t group_rows(int64_t rows, int q) {
   return rows > q ? (rows - q + kRowGroups - 1) / kRowGroups : 0;

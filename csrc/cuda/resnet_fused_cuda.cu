@@ -14,6 +14,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../checks.h"
 #include "../layout.h"
 #include "bn_kernels.cuh"
@@ -21,7 +23,6 @@
 namespace resnet_fused {
 namespace {
 
-using kernels::kChannelsPerBlock;
 using kernels::kThreads;
 
 // A per-channel vector in the accumulation dtype, or an empty tensor (nullptr in the kernel) when absent.
@@ -30,10 +31,11 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-dim3 chunk_grid(int64_t chunks, int64_t c) {
+// The chunked reductions' grid (kernels::chunk_grid), with its x dimension checked.
+dim3 checked_chunk_grid(int64_t chunks, int64_t c) {
   TORCH_CHECK(chunks <= std::numeric_limits<int32_t>::max(), "resnet_fused: too many rows for one launch (",
               chunks * kRowsPerChunk, ")");
-  return dim3(static_cast<unsigned>(chunks), static_cast<unsigned>((c + kChannelsPerBlock - 1) / kChannelsPerBlock));
+  return kernels::chunk_grid(chunks, c);
 }
 
 // ---- bn_stats --------------------------------------------------------------------------------------------------
@@ -51,11 +53,10 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x_in) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bn_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    kernels::bn_stats_chunk_kernel<scalar_t, acc_t><<<chunk_grid(chunks, c), kThreads, 0, stream>>>(
+    kernels::bn_stats_chunk_kernel<scalar_t, acc_t><<<checked_chunk_grid(chunks, c), kThreads, 0, stream>>>(
         cmean.data_ptr<acc_t>(), cm2.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), p, c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const unsigned channel_blocks = static_cast<unsigned>((c + kChannelsPerBlock - 1) / kChannelsPerBlock);
-    kernels::bn_stats_merge_kernel<acc_t><<<channel_blocks, kThreads, 0, stream>>>(
+    kernels::bn_stats_merge_kernel<acc_t><<<kernels::channel_blocks(c), kThreads, 0, stream>>>(
         mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), cmean.data_ptr<acc_t>(), cm2.data_ptr<acc_t>(), p, c, chunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -179,7 +180,7 @@ scale_shift_add_relu_backward_cuda(const at::Tensor& grad_out_in, const at::Tens
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "scale_shift_add_relu_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       kernels::scale_shift_add_relu_backward_kernel<scalar_t, acc_t>
-          <<<chunk_grid(chunks, c), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          <<<checked_chunk_grid(chunks, c), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
               gy.data_ptr<scalar_t>(), mode != kNone ? gr.data_ptr<scalar_t>() : nullptr, part.data_ptr<acc_t>(),
               go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), ptr_or_null<acc_t>(sc),
               r.data_ptr<scalar_t>(), ptr_or_null<acc_t>(rs), p, c, static_cast<int>(mode), relu);

@@ -57,10 +57,6 @@ int with_dtype(int dt, F&& f) {
   }
 }
 
-dim3 chunk_grid(int64_t chunks, int64_t c) {
-  return dim3(static_cast<unsigned>(chunks), static_cast<unsigned>((c + kChannelsPerBlock - 1) / kChannelsPerBlock));
-}
-
 // The plan the .cu launcher makes, or (force_index64) the 64-bit path the launcher takes for huge tensors; max_blocks
 // small makes the grid-stride loops take several steps.
 template <typename scalar_t>
@@ -83,7 +79,7 @@ int emu_bn_stats(int dt, const void* x, int64_t p, int64_t c, void* mean, void* 
     std::vector<acc_t> cmean(chunks * c), cm2(chunks * c);
     emu::launch(chunk_grid(chunks, c), dim3(kThreads), bn_stats_chunk_kernel<scalar_t, acc_t>, cmean.data(),
                 cm2.data(), static_cast<const scalar_t*>(x), p, c);
-    emu::launch(dim3(static_cast<unsigned>((c + kChannelsPerBlock - 1) / kChannelsPerBlock)), dim3(kThreads),
+    emu::launch(dim3(channel_blocks(c)), dim3(kThreads),
                 bn_stats_merge_kernel<acc_t>, static_cast<acc_t*>(mean), static_cast<acc_t*>(var),
                 static_cast<const acc_t*>(cmean.data()), static_cast<const acc_t*>(cm2.data()), p, c, chunks);
   });
