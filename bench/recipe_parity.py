@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from recipe_runs import mean_spread  # noqa: E402
 from time_to_accuracy import parity  # noqa: E402
 
 
@@ -69,8 +69,7 @@ def compare(pairs):
         seeds.append(row)
 
     def spread(key):
-        v = [100 * s[key] for s in seeds]
-        return dict(mean=statistics.fmean(v), min=min(v), max=max(v), n=len(v))
+        return mean_spread([100 * s[key] for s in seeds])
     return dict(seeds=seeds, summary=dict(fused_acc=spread("fused_final_acc"),
                                           reference_acc=spread("reference_final_acc")))
 

@@ -212,6 +212,48 @@ def test_kernel_report_compiles_the_workloads_kernels_for_sm90(tmp_path):
         assert "kernel configurations compiled for sm_90" in r.stdout and d["driver_checked"] is False
 
 
+def test_recipe_runs_summarizes_groups_of_runs(tmp_path):
+    """bench/recipe_runs.py: per run the last epoch's test accuracy (EMA's where the run had it) and the trained
+    weights' beside it; per group mean/min/max and the difference of means from the first group."""
+    import recipe_runs
+
+    def run(name, accs, raw=None, times=None):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [dict(epoch=i + 1, train_loss=1.0, test_acc=a, epoch_time_s=(times or [10.0] * len(accs))[i])
+                for i, a in enumerate(accs)]
+        for r, x in zip(rows, raw or []):
+            r["test_acc_raw"] = x
+        (d / "metrics.json").write_text(json.dumps(rows))
+        return str(d)
+    b0 = run("b0", [0.990, 0.9981, 0.9976], raw=[0.98, 0.995, 0.9970], times=[10.0, 20.0, 30.0])
+    b1 = run("b1", [0.991, 0.9974, 0.9978], raw=[0.98, 0.996, 0.9962])
+    a0 = run("a0", [0.990, 0.9968])
+    a1 = run("a1", [0.990, 0.9964, 0.9970])
+    out = recipe_runs.main(["--group", f"best={b0},{b1}", "--group", f"ablation={a0},{a1}",
+                            "--json", str(tmp_path / "r.json")])
+    best, abl = out["groups"]
+    assert out["baseline"] == "best" and [r["dir"] for r in best["runs"]] == [b0, b1]
+    assert best["final_acc"] == pytest.approx(dict(mean=99.77, min=99.76, max=99.78, n=2))
+    assert best["trained_weights_acc"] == pytest.approx(dict(mean=99.66, min=99.62, max=99.70, n=2))
+    r0 = best["runs"][0]
+    assert r0["epochs"] == 3 and r0["train_time_s"] == pytest.approx(60.0)
+    assert r0["peak_acc_chosen_on_test"] == pytest.approx(99.81) and r0["peak_epoch"] == 2
+    assert best["same_length"] and "diff_from_baseline_points" not in best
+    assert abl["trained_weights_acc"] is None and not abl["same_length"]
+    assert abl["final_acc"]["mean"] == pytest.approx(99.69)
+    assert abl["diff_from_baseline_points"] == pytest.approx(99.69 - 99.77)
+    assert json.loads((tmp_path / "r.json").read_text())["groups"][1]["label"] == "ablation"
+    for bad in ([f"{b0}"], ["best="], [f"={b0}"]):
+        with pytest.raises(SystemExit):
+            recipe_runs.main(["--group", *bad])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.json").write_text("[]")
+    with pytest.raises(ValueError, match="no finished epoch"):
+        recipe_runs.main(["--group", f"x={empty}"])
+
+
 def test_recipe_parity_compares_train_runs(tmp_path):
     """bench/recipe_parity.py: per-epoch relative training-loss difference and final accuracy difference of two
     train.py runs (metrics.json), the 1% / 0.05-point verdicts, unfinished runs compared over common epochs."""
