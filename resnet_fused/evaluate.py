@@ -1,7 +1,9 @@
-"""Evaluate a checkpoint from resnet_fused.train: ``python -m resnet_fused.evaluate CHECKPOINT``.
+"""Evaluate a checkpoint from resnet_fused.train: ``python -m resnet_fused.evaluate CHECKPOINT [CHECKPOINT ...]``.
 
 Prints test accuracy, per-class accuracy and the confusion matrix (rows: true class, columns: predicted);
 ``--json FILE`` writes them too, ``--plots DIR`` the confusion matrix and the misclassified digits as PNG images.
+Several checkpoints are evaluated as an ensemble: the average of their softmax probabilities, each member's own
+accuracy printed beside it.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import os
 
 import torch
+from torch import nn
 
 from .checkpoint import (UserError, atomic_write_bytes, atomic_write_text, check_output_file, check_writable_dir,
                          load_checkpoint, load_model_state, run_cli)
@@ -19,7 +22,9 @@ from .train import autocast_ctx, evaluate_split, make_model, pick_device
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m resnet_fused.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="a last.pt / best.pt written by resnet_fused.train")
+    p.add_argument("checkpoint", nargs="+",
+                   help="a last.pt / best.pt written by resnet_fused.train; several: their ensemble (the mean of "
+                        "the members' softmax probabilities), the members may differ in architecture")
     p.add_argument("--model", default=None, help="expected architecture (checked against the checkpoint)")
     p.add_argument("--impl", choices=["reference", "fused"], default=None, help="[the checkpoint's]")
     p.add_argument("--data-root", default=None)
@@ -96,53 +101,109 @@ def _save(fig, path, plt, io):
     atomic_write_bytes(buf.getvalue(), path)
 
 
+class Ensemble(nn.Module):
+    """The members' mean softmax probability, returned as its log: argmax is the ensemble's prediction and
+    cross-entropy of the output is the negative log-likelihood of the averaged probabilities."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        p = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
+        return p.clamp_min(torch.finfo(p.dtype).tiny).log()
+
+
+# what must agree between the members of an ensemble: the data they are evaluated on, and how it is normalized
+_SHARED = ("dataset", "subset", "in_channels", "num_classes", "mean", "std")
+
+
+def _load_member(path, args, device):
+    ckpt = load_checkpoint(path)
+    cfg = dict(ckpt["config"])
+    if args.model is not None and args.model != cfg.get("model"):
+        raise UserError(f"checkpoint {path!r} holds a {cfg.get('model')}, not a {args.model}")
+    if args.impl:
+        cfg["impl"] = args.impl
+    model = make_model(cfg, cfg["in_channels"], cfg["num_classes"], device)
+    weights = args.weights or ("ema" if "ema" in ckpt else "trained")
+    if weights == "ema" and "ema" not in ckpt:
+        raise UserError(f"checkpoint {path!r} has no weight EMA (the run had no --ema): use --weights trained")
+    state = ckpt["ema"]["model"] if weights == "ema" else ckpt["model"]
+    load_model_state(model, state, f"checkpoint {path!r}" + (" (EMA)" if weights == "ema" else ""))
+    return model, cfg, weights, ckpt["epoch"]
+
+
+def _data_key(cfg, split):
+    """The fields that decide which images a member is evaluated on (val_size and seed carve train only)."""
+    key = {k: cfg.get(k) or None for k in _SHARED}
+    if split == "train":
+        key["val_size"] = cfg.get("val_size") or 0
+        key["seed"] = cfg.get("seed", 0) if key["val_size"] else None
+    return key
+
+
 def evaluate(argv=None):
     args = build_parser().parse_args(argv)
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if len(set(args.checkpoint)) != len(args.checkpoint):
+        raise UserError("the same checkpoint is given twice: an ensemble's members must be distinct files")
     if args.json:
         check_output_file(args.json, "--json")
     if args.plots:
         check_writable_dir(args.plots)
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = dict(ckpt["config"])
-    if args.model is not None and args.model != cfg.get("model"):
-        raise UserError(f"checkpoint {args.checkpoint!r} holds a {cfg.get('model')}, not a {args.model}")
-    if args.impl:
-        cfg["impl"] = args.impl
     device = pick_device(args.device)
+    members = [_load_member(path, args, device) for path in args.checkpoint]
+    cfg = members[0][1]
+    for path, (_, other, _, _) in zip(args.checkpoint[1:], members[1:]):
+        a, b = _data_key(cfg, args.split), _data_key(other, args.split)
+        diff = [k for k in a if a[k] != b[k]]
+        if diff:
+            raise UserError(f"checkpoints {args.checkpoint[0]!r} and {path!r} cannot form an ensemble: their "
+                            + ", ".join(f"{k} differ ({a[k]} vs {b[k]})" for k in diff))
     data = load_splits(cfg["dataset"], args.data_root, args.download, val_size=cfg.get("val_size", 0),
                        subset=cfg.get("subset") or None, seed=cfg.get("seed", 0), device=device)
-    model = make_model(cfg, cfg["in_channels"], cfg["num_classes"], device)
-    weights = args.weights or ("ema" if "ema" in ckpt else "trained")
-    if weights == "ema" and "ema" not in ckpt:
-        raise UserError(f"checkpoint {args.checkpoint!r} has no weight EMA (the run had no --ema): use "
-                        f"--weights trained")
-    state = ckpt["ema"]["model"] if weights == "ema" else ckpt["model"]
-    load_model_state(model, state, f"checkpoint {args.checkpoint!r}" + (" (EMA)" if weights == "ema" else ""))
     loader = DeviceLoader(data[args.split], args.batch_size, cfg["mean"], cfg["std"],
                           channels_last=cfg.get("channels_last", False))
-    loss, acc, conf = evaluate_split(model, loader, device, args.amp, cfg["num_classes"])
     classes = data["classes"]
+    weights = members[0][2] if len({m[2] for m in members}) == 1 else "mixed"
+    results = []
+    if len(members) > 1:
+        for path, (model, mcfg, w, epoch) in zip(args.checkpoint, members):
+            loss, acc, _ = evaluate_split(model, loader, device, args.amp, cfg["num_classes"])
+            results.append(dict(checkpoint=path, model=mcfg["model"], recipe=mcfg.get("recipe", "default"),
+                                weights=w, epoch=epoch, accuracy=acc, loss=loss))
+            print(f"member {mcfg['model']} ({mcfg['impl']}, {w} weights) from {path}, epoch {epoch}: accuracy "
+                  f"{100 * acc:.2f}%, loss {loss:.4f}")
+        model = Ensemble([m[0] for m in members])
+        name = f"ensemble of {len(members)}"
+        source = f"{len(members)} checkpoints"
+    else:
+        model, name, source = members[0][0], cfg["model"], f"{args.checkpoint[0]}, epoch {members[0][3]}"
+    loss, acc, conf = evaluate_split(model, loader, device, args.amp, cfg["num_classes"])
     per_class = (conf.diag().double() / conf.sum(1).clamp_min(1).double()).tolist()
-    print(f"{cfg['model']} ({cfg['impl']}, {weights} weights) from {args.checkpoint}, epoch {ckpt['epoch']}, "
-          f"{cfg['dataset']} "
+    impl = cfg["impl"] if len({m[1]["impl"] for m in members}) == 1 else "mixed"
+    print(f"{name} ({impl}, {weights} weights) from {source}, {cfg['dataset']} "
           f"{args.split}: accuracy {100 * acc:.2f}% ({int(conf.diag().sum())}/{int(conf.sum())}), loss {loss:.4f}")
     print("per-class accuracy:")
-    for name, a, n in zip(classes, per_class, conf.sum(1).tolist()):
-        print(f"  {str(name):>12s}  {100 * a:6.2f}%  (n={n})")
+    for cname, a, n in zip(classes, per_class, conf.sum(1).tolist()):
+        print(f"  {str(cname):>12s}  {100 * a:6.2f}%  (n={n})")
     w = max(5, len(str(int(conf.max()))) + 1)
     print("confusion matrix (rows: true, columns: predicted):")
     print(" " * 6 + "".join(f"{i:>{w}d}" for i in range(conf.shape[1])))
     for i, row in enumerate(conf.tolist()):
         print(f"{i:>5d} " + "".join(f"{v:>{w}d}" for v in row))
-    result = dict(checkpoint=args.checkpoint, model=cfg["model"], recipe=cfg.get("recipe", "default"),
+    result = dict(checkpoint=args.checkpoint[0] if len(members) == 1 else list(args.checkpoint),
+                  model=name, recipe=cfg.get("recipe", "default"),
                   weights=weights, dataset=cfg["dataset"], split=args.split,
                   accuracy=acc, loss=loss, per_class_accuracy=dict(zip(map(str, classes), per_class)),
                   confusion_matrix=conf.tolist())
+    if results:
+        result["members"] = results
     if args.plots:
         wrong = misclassified(model, data[args.split], loader, device, args.amp)
-        write_plots(args.plots, conf, classes, wrong, f"{cfg['model']} on {cfg['dataset']} {args.split}, "
+        write_plots(args.plots, conf, classes, wrong, f"{name} on {cfg['dataset']} {args.split}, "
                                                       f"accuracy {100 * acc:.2f}%")
         result["misclassified_shown"] = len(wrong[0])
     if args.json:

@@ -176,6 +176,45 @@ def test_evaluate_writes_confusion_matrix_and_misclassified_digits(mnist_root, t
     assert all(torch.equal(a, d["test"].images[i, 0]) for a, i in zip(imgs, idx.tolist()))
 
 
+def test_evaluate_several_checkpoints_as_an_ensemble(mnist_root, tmp_path, capsys):
+    """The mean of the members' softmax probabilities (members of different architectures), each member's own
+    accuracy beside it; members evaluated on other data are refused."""
+    for name, model, seed in (("a", "resnet8", 0), ("b", "resnet14", 1)):
+        run_train(base_args(mnist_root, tmp_path / name, "--model", model, "--epochs", "1", "--subset", "200",
+                            "--seed", str(seed), "--lr", "0.05", "--no-plot"))
+    paths = [str(tmp_path / n / "last.pt") for n in ("a", "b")]
+    common = ["--data-root", mnist_root, "--device", "cpu"]
+    res = evaluate.evaluate([*paths, *common, "--plots", str(tmp_path / "plots")])
+    singles = [evaluate.evaluate([p, *common]) for p in paths]
+    assert [m["accuracy"] for m in res["members"]] == [s["accuracy"] for s in singles]
+    assert [m["model"] for m in res["members"]] == ["resnet8", "resnet14"] and res["checkpoint"] == paths
+    from resnet_fused.checkpoint import load_model_state
+    from resnet_fused.data import DeviceLoader, load_splits
+    from resnet_fused.train import make_model
+    d = load_splits("mnist", mnist_root, subset=200)
+    probs = []
+    for p in paths:
+        ckpt = load_checkpoint(p)
+        model = make_model(ckpt["config"], 1, 10, torch.device("cpu"))
+        load_model_state(model, ckpt["model"], p)
+        x = next(iter(DeviceLoader(d["test"], 1000, ckpt["config"]["mean"], ckpt["config"]["std"])))[0]
+        with torch.no_grad():
+            probs.append(model.eval()(x).softmax(1))
+    mean = (probs[0] + probs[1]) / 2
+    y = d["test"].labels
+    assert res["accuracy"] == pytest.approx((mean.argmax(1) == y).double().mean().item())
+    assert res["loss"] == pytest.approx(torch.nn.functional.nll_loss(mean.log(), y).item(), rel=1e-5)
+    # the ensemble's predictions are not one member's (else the average would be untested)
+    assert not all((mean.argmax(1) == q.argmax(1)).all() for q in probs)
+    assert res["misclassified_shown"] == min(64, int(round((1 - res["accuracy"]) * 200)))
+    assert "ensemble of 2" in capsys.readouterr().out
+    run_train(base_args(mnist_root, tmp_path / "c", "--model", "resnet8", "--epochs", "1", "--subset", "100",
+                        "--no-plot"))
+    err = cli_error(capsys, evaluate.main, [paths[0], str(tmp_path / "c" / "last.pt"), *common])
+    assert "cannot form an ensemble" in err and "subset differ (200 vs 100)" in err
+    assert "given twice" in cli_error(capsys, evaluate.main, [paths[0], paths[0], *common])
+
+
 def test_init_noise_perturbs_the_initial_weights_and_nothing_else(capsys, tmp_path):
     """The parity runs' control (--init-noise): weights move by about eps relative, the global RNG (hence data
     order and augmentations) is untouched, and a bad value is a one-line error."""
