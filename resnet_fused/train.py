@@ -61,7 +61,8 @@ def build_parser():
     a = p.add_argument
     a("--recipe", choices=list(RECIPES),
       help="a named set of the defaults below: fast (2 epochs, aiming at 99.5%% on MNIST), best (aiming at the "
-           "best single-model accuracy; not yet measured); flags given override it [default]")
+           "best single-model accuracy: 99.73%% on MNIST, mean of 3 seeds, README 'Accuracy'); flags given "
+           "override it [default]")
     a("--model", help=f"one of {', '.join(MODEL_NAMES)} (or resnetN/plainN) [default resnet20]")
     a("--impl", choices=["reference", "fused"],
       help="fused = FusedResNet (Triton on a GPU, the C++ operators on a CPU, plain PyTorch math where neither is "
