@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -118,6 +119,14 @@ class Ensemble(nn.Module):
 _SHARED = ("dataset", "subset", "in_channels", "num_classes", "mean", "std")
 
 
+class Member(NamedTuple):
+    path: str
+    model: nn.Module
+    cfg: dict
+    weights: str  # "ema" or "trained"
+    epoch: int
+
+
 def _load_member(path, args, device):
     ckpt = load_checkpoint(path)
     cfg = dict(ckpt["config"])
@@ -131,7 +140,7 @@ def _load_member(path, args, device):
         raise UserError(f"checkpoint {path!r} has no weight EMA (the run had no --ema): use --weights trained")
     state = ckpt["ema"]["model"] if weights == "ema" else ckpt["model"]
     load_model_state(model, state, f"checkpoint {path!r}" + (" (EMA)" if weights == "ema" else ""))
-    return model, cfg, weights, ckpt["epoch"]
+    return Member(path, model, cfg, weights, ckpt["epoch"])
 
 
 def _data_key(cfg, split):
@@ -147,7 +156,7 @@ def evaluate(argv=None):
     args = build_parser().parse_args(argv)
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
-    if len(set(args.checkpoint)) != len(args.checkpoint):
+    if len({os.path.realpath(p) for p in args.checkpoint}) != len(args.checkpoint):
         raise UserError("the same checkpoint is given twice: an ensemble's members must be distinct files")
     if args.json:
         check_output_file(args.json, "--json")
@@ -155,35 +164,35 @@ def evaluate(argv=None):
         check_writable_dir(args.plots)
     device = pick_device(args.device)
     members = [_load_member(path, args, device) for path in args.checkpoint]
-    cfg = members[0][1]
-    for path, (_, other, _, _) in zip(args.checkpoint[1:], members[1:]):
-        a, b = _data_key(cfg, args.split), _data_key(other, args.split)
+    cfg = members[0].cfg
+    for other in members[1:]:
+        a, b = _data_key(cfg, args.split), _data_key(other.cfg, args.split)
         diff = [k for k in a if a[k] != b[k]]
         if diff:
-            raise UserError(f"checkpoints {args.checkpoint[0]!r} and {path!r} cannot form an ensemble: their "
+            raise UserError(f"checkpoints {members[0].path!r} and {other.path!r} cannot form an ensemble: their "
                             + ", ".join(f"{k} differ ({a[k]} vs {b[k]})" for k in diff))
     data = load_splits(cfg["dataset"], args.data_root, args.download, val_size=cfg.get("val_size", 0),
                        subset=cfg.get("subset") or None, seed=cfg.get("seed", 0), device=device)
     loader = DeviceLoader(data[args.split], args.batch_size, cfg["mean"], cfg["std"],
                           channels_last=cfg.get("channels_last", False))
     classes = data["classes"]
-    weights = members[0][2] if len({m[2] for m in members}) == 1 else "mixed"
+    weights = members[0].weights if len({m.weights for m in members}) == 1 else "mixed"
     results = []
     if len(members) > 1:
-        for path, (model, mcfg, w, epoch) in zip(args.checkpoint, members):
-            loss, acc, _ = evaluate_split(model, loader, device, args.amp, cfg["num_classes"])
-            results.append(dict(checkpoint=path, model=mcfg["model"], recipe=mcfg.get("recipe", "default"),
-                                weights=w, epoch=epoch, accuracy=acc, loss=loss))
-            print(f"member {mcfg['model']} ({mcfg['impl']}, {w} weights) from {path}, epoch {epoch}: accuracy "
-                  f"{100 * acc:.2f}%, loss {loss:.4f}")
-        model = Ensemble([m[0] for m in members])
+        for m in members:
+            loss, acc, _ = evaluate_split(m.model, loader, device, args.amp, cfg["num_classes"])
+            results.append(dict(checkpoint=m.path, model=m.cfg["model"], recipe=m.cfg.get("recipe", "default"),
+                                weights=m.weights, epoch=m.epoch, accuracy=acc, loss=loss))
+            print(f"member {m.cfg['model']} ({m.cfg['impl']}, {m.weights} weights) from {m.path}, epoch {m.epoch}: "
+                  f"accuracy {100 * acc:.2f}%, loss {loss:.4f}")
+        model = Ensemble([m.model for m in members])
         name = f"ensemble of {len(members)}"
         source = f"{len(members)} checkpoints"
     else:
-        model, name, source = members[0][0], cfg["model"], f"{args.checkpoint[0]}, epoch {members[0][3]}"
+        model, name, source = members[0].model, cfg["model"], f"{members[0].path}, epoch {members[0].epoch}"
     loss, acc, conf = evaluate_split(model, loader, device, args.amp, cfg["num_classes"])
     per_class = (conf.diag().double() / conf.sum(1).clamp_min(1).double()).tolist()
-    impl = cfg["impl"] if len({m[1]["impl"] for m in members}) == 1 else "mixed"
+    impl = cfg["impl"] if len({m.cfg["impl"] for m in members}) == 1 else "mixed"
     print(f"{name} ({impl}, {weights} weights) from {source}, {cfg['dataset']} "
           f"{args.split}: accuracy {100 * acc:.2f}% ({int(conf.diag().sum())}/{int(conf.sum())}), loss {loss:.4f}")
     print("per-class accuracy:")

@@ -213,6 +213,8 @@ def test_evaluate_several_checkpoints_as_an_ensemble(mnist_root, tmp_path, capsy
     err = cli_error(capsys, evaluate.main, [paths[0], str(tmp_path / "c" / "last.pt"), *common])
     assert "cannot form an ensemble" in err and "subset differ (200 vs 100)" in err
     assert "given twice" in cli_error(capsys, evaluate.main, [paths[0], paths[0], *common])
+    same = os.path.join(os.path.dirname(paths[0]), ".", "last.pt")  # another spelling of the same file
+    assert "given twice" in cli_error(capsys, evaluate.main, [paths[0], same, *common])
 
 
 def test_init_noise_perturbs_the_initial_weights_and_nothing_else(capsys, tmp_path):
