@@ -279,13 +279,39 @@ def rotate_zoom(x, angle, zoom):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+# random erasing (Zhong et al., 2017): the erased rectangle's area as a fraction of the image, and its aspect ratio
+ERASE_AREA = (0.02, 0.4)
+ERASE_ASPECT = (0.3, 1 / 0.3)
+
+
+def erase_mask(u, h, w):
+    """Boolean [B, 1, H, W] masks, one rectangle per image where ``u[0] < p`` was drawn by the caller: ``u`` [5, B]
+    uniform draws in [0, 1) give (keep/erase, area, log aspect, top, left). The rectangle (area ``s * H * W``, height
+    over width ``r``) is clipped to the image; rows of ``u`` where nothing is erased give an all-False mask."""
+    erase, ua, ur, ut, ul = u
+    area = (ERASE_AREA[0] + ua * (ERASE_AREA[1] - ERASE_AREA[0])) * (h * w)
+    lo, hi = math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])
+    aspect = torch.exp(lo + ur * (hi - lo))
+    eh = torch.sqrt(area * aspect).round().clamp(1, h).long()
+    ew = torch.sqrt(area / aspect).round().clamp(1, w).long()
+    top = (ut * (h - eh + 1)).long()
+    left = (ul * (w - ew + 1)).long()
+    ys = torch.arange(h, device=u.device)[None, :, None]
+    xs = torch.arange(w, device=u.device)[None, None, :]
+    inside = ((ys >= top[:, None, None]) & (ys < (top + eh)[:, None, None]) &
+              (xs >= left[:, None, None]) & (xs < (left + ew)[:, None, None]))
+    return (inside & erase.bool()[:, None, None])[:, None]
+
+
 class DeviceLoader:
     """Batches from a :class:`Split` held on a device: shuffled, translated, normalised there.
 
     Iterating yields (float images [B, 1, H, W], labels [B]); ``epoch`` selects the seeded order and shifts.
     ``max_shift`` pixels of random translation (zero fill), 0 disables it; ``rotate`` (degrees) and ``scale``
     (relative) add a random rotation in [-rotate, rotate] and zoom in [1 - scale, 1 + scale] about the centre
-    (bilinear, zero fill), drawn per image after the translation; 0 disables each.
+    (bilinear, zero fill), drawn per image after the translation; 0 disables each. ``erase`` is the probability
+    that an image gets one random rectangle (2-40% of its area, aspect 0.3-3.3) set to the background, 0 (random
+    erasing, after the other augmentations); 0 disables it.
     ``shard=(rank, world)`` (distributed training): ``batch_size`` is the global batch; every rank draws the same
     order and the same shifts for it and yields only its own contiguous part (disjoint, reshuffled every epoch), so
     W ranks together see exactly the batches one process would.
@@ -293,11 +319,14 @@ class DeviceLoader:
 
     def __init__(self, split: Split, batch_size: int, mean: float, std: float, shuffle: bool = False,
                  max_shift: int = 0, seed: int = 0, drop_last: bool = False, channels_last: bool = False,
-                 dtype=torch.float32, shard: tuple = (0, 1), rotate: float = 0.0, scale: float = 0.0):
+                 dtype=torch.float32, shard: tuple = (0, 1), rotate: float = 0.0, scale: float = 0.0,
+                 erase: float = 0.0):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not (0.0 <= rotate <= 180.0 and 0.0 <= scale < 1.0):
             raise ValueError(f"rotate must be in [0, 180] degrees and scale in [0, 1), got {rotate} and {scale}")
+        if not 0.0 <= erase <= 1.0:
+            raise ValueError(f"erase is a probability in [0, 1], got {erase}")
         rank, world = shard
         if not 0 <= rank < world:
             raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
@@ -305,7 +334,7 @@ class DeviceLoader:
         self.shuffle, self.max_shift, self.seed, self.drop_last = shuffle, int(max_shift), int(seed), drop_last
         self.channels_last, self.dtype, self.epoch = channels_last, dtype, 0
         self.rank, self.world = int(rank), int(world)
-        self.rotate, self.scale = float(rotate), float(scale)
+        self.rotate, self.scale, self.erase = float(rotate), float(scale), float(erase)
 
     @property
     def device(self):
@@ -349,6 +378,13 @@ class DeviceLoader:
         u = torch.rand(2, total, device=imgs_u8.device, generator=g, dtype=torch.float64)[:, lo:hi]
         return rotate_zoom(imgs_u8.float(), (2 * u[0] - 1) * math.radians(self.rotate), 1 + (2 * u[1] - 1) * self.scale)
 
+    def _erase(self, imgs, g, rows=None):
+        """Random erasing: each image's rectangle drawn from the whole global batch, as in _translate."""
+        lo, hi, total = rows if rows is not None else (0, imgs.shape[0], imgs.shape[0])
+        u = torch.rand(5, total, device=imgs.device, generator=g, dtype=torch.float64)[:, lo:hi]
+        u[0] = (u[0] < self.erase).double()
+        return imgs.masked_fill(erase_mask(u, imgs.shape[-2], imgs.shape[-1]), 0)
+
     def __iter__(self):
         n = len(self.split)
         g = self._generator()
@@ -369,4 +405,6 @@ class DeviceLoader:
                 imgs = self._translate(imgs, g, rows)
             if self.rotate or self.scale:
                 imgs = self._warp(imgs, g, rows)
+            if self.erase:
+                imgs = self._erase(imgs, g, rows)
             yield self.normalize(imgs), labels

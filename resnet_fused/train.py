@@ -37,7 +37,7 @@ from .zoo import MODEL_NAMES, build_model, parse_model_name
 
 DEFAULTS = dict(model="resnet20", impl="fused", dataset="mnist", epochs=15, batch_size=128, lr=0.1,
                 momentum=0.9, wd=5e-4, schedule="cosine", warmup_epochs=1.0, label_smoothing=0.0, amp="off",
-                max_shift=2, rotate=0.0, scale=0.0, ema=0.0, val_size=0, subset=0, seed=0, shortcut=None,
+                max_shift=2, rotate=0.0, scale=0.0, erase=0.0, ema=0.0, val_size=0, subset=0, seed=0, shortcut=None,
                 sync_bn=False, init_noise=0.0)
 # Flags that define the run: on --resume they come from the checkpoint unless given again (and must then agree).
 RECIPE_KEYS = tuple(DEFAULTS)
@@ -82,6 +82,8 @@ def build_parser():
     a("--max-shift", type=int, help="random translation in pixels, 0 = none [2]")
     a("--rotate", type=float, help="random rotation in degrees, +- this, 0 = none [0]")
     a("--scale", type=float, help="random zoom, 1 +- this, 0 = none [0]")
+    a("--erase", type=float, help="random erasing: the probability that an image gets one random rectangle "
+                                  "(2-40%% of its area) set to the background, 0 = none [0]")
     a("--ema", type=float, help="decay of an exponential moving average of the weights (BatchNorm statistics "
                                 "too), evaluated and saved besides the trained weights; 0 = off [0]")
     a("--val-size", type=int, help="images carved from train for validation; best.pt then follows val [0]")
@@ -277,6 +279,7 @@ def resolve_config(args):
 _RANGES = dict(epochs=(1, None, True), batch_size=(1, None, True), lr=(0.0, None, False), momentum=(0.0, None, True),
                wd=(0.0, None, True), warmup_epochs=(0.0, None, True), label_smoothing=(0.0, 1.0, True),
                max_shift=(0, None, True), rotate=(0.0, 180.0, True), scale=(0.0, None, True),
+               erase=(0.0, 1.0, True),
                ema=(0.0, None, True), val_size=(0, None, True), subset=(0, None, True), seed=(0, 2**31 - 1, True),
                init_noise=(0.0, 1.0, True))
 
@@ -348,7 +351,8 @@ def make_train_loader(data, cfg, global_batch, shard=(0, 1)):
     least two batches, and always in a distributed run)."""
     world = shard[1]
     return DeviceLoader(data["train"], global_batch, data["mean"], data["std"], shuffle=True,
-                        max_shift=cfg["max_shift"], rotate=cfg["rotate"], scale=cfg["scale"], seed=cfg["seed"],
+                        max_shift=cfg["max_shift"], rotate=cfg["rotate"], scale=cfg["scale"], erase=cfg["erase"],
+                        seed=cfg["seed"],
                         drop_last=world > 1 or len(data["train"]) >= 2 * global_batch,
                         channels_last=cfg["channels_last"], shard=shard)
 

@@ -113,7 +113,55 @@ def test_rotation_and_zoom_are_seeded_and_bounded(mnist_root):
         _loader(d, scale=1.0)
 
 
-@pytest.mark.parametrize("world,aug", [(2, {}), (3, {}), (2, dict(rotate=10.0, scale=0.1))])
+def test_erase_mask_is_the_drawn_rectangle():
+    """One rectangle per image where the first draw says so: area s * H * W with s in [0.02, 0.4], height / width
+    the drawn aspect, top-left at the drawn fraction of the free room."""
+    from resnet_fused.data import ERASE_AREA, erase_mask
+    f64 = dict(dtype=torch.float64)
+    # image 0: area 0.02 + 0.5 * 0.38 = 0.21 of 10 x 20 = 42 px, aspect 1 (log-uniform midpoint) -> 6 x 6 at
+    # top = floor(0.5 * (10 - 6 + 1)) = 2, left = floor(0.25 * (20 - 6 + 1)) = 3; image 1: not erased;
+    # image 2: largest area, tallest aspect 1/0.3 -> height sqrt(80 / 0.3) = 16.3, clipped to 10
+    u = torch.tensor([[1.0, 0.0, 1.0], [0.5, 0.5, 1.0], [0.5, 0.5, 1.0], [0.5, 0.5, 0.0], [0.25, 0.0, 0.0]], **f64)
+    m = erase_mask(u, 10, 20)
+    assert m.shape == (3, 1, 10, 20) and m.dtype == torch.bool
+    expect = torch.zeros(10, 20, dtype=torch.bool)
+    expect[2:8, 3:9] = True
+    assert torch.equal(m[0, 0], expect)
+    assert not m[1].any()
+    w = round((ERASE_AREA[1] * 200 * 0.3) ** 0.5)
+    expect = torch.zeros(10, 20, dtype=torch.bool)
+    expect[:, :w] = True
+    assert torch.equal(m[2, 0], expect)
+
+
+def test_random_erasing_blanks_one_rectangle_in_the_drawn_share_of_images():
+    from resnet_fused.data import Split
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    split = Split(torch.randint(1, 255, (n, 1, 12, 12), dtype=torch.uint8, generator=g), torch.arange(n) % 10)
+    kw = dict(mean=0.1, std=0.3, shuffle=True, seed=4)
+    plain = torch.cat([x for x, _ in DeviceLoader(split, 500, **kw)])
+    x = torch.cat([x for x, _ in DeviceLoader(split, 500, erase=0.3, **kw)])
+    again = torch.cat([x for x, _ in DeviceLoader(split, 500, erase=0.3, **kw)])
+    torch.testing.assert_close(x, again, rtol=0, atol=0)  # seeded
+    bg = (0 - 0.1) / 0.3
+    blank = (x - bg).abs() < 1e-6            # the images have no background pixel of their own
+    changed = (x != plain)
+    assert torch.equal(blank, changed)       # only erased pixels differ, and they are the background
+    erased = blank.flatten(1).any(1)
+    assert 0.25 < erased.float().mean() < 0.35
+    area = blank.flatten(1).sum(1)[erased].float() / 144
+    assert area.min() >= 0.01 and area.max() <= 0.45 and 0.15 < area.mean() < 0.27
+    for b in erased.nonzero()[:50, 0]:       # one rectangle: its bounding box is all erased
+        rows, cols = blank[b, 0].any(1).nonzero()[:, 0], blank[b, 0].any(0).nonzero()[:, 0]
+        box = blank[b, 0, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all() and box.sum() == blank[b].sum()
+    with pytest.raises(ValueError, match="erase"):
+        DeviceLoader(split, 500, erase=1.5, **kw)
+
+
+@pytest.mark.parametrize("world,aug", [(2, {}), (3, {}), (2, dict(rotate=10.0, scale=0.1)),
+                                       (2, dict(rotate=10.0, erase=0.5))])
 def test_sharded_loader_splits_the_global_batches(world, aug):
     """W ranks' batches, concatenated in rank order, are exactly one process's batches (order, labels, shifts):
     disjoint shards, reshuffled every epoch."""
