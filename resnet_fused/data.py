@@ -279,6 +279,38 @@ def rotate_zoom(x, angle, zoom):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+# elastic distortion (Simard et al., 2003): the random displacement field's smoothing, in pixels
+ELASTIC_SIGMA = 4.0
+
+
+def elastic_field(u, alpha, sigma=ELASTIC_SIGMA):
+    """Displacement fields [B, 2, H, W] in pixels ((dx, dy)) from uniform draws ``u`` [B, 2, H, W] in [0, 1): each
+    component 2u - 1 smoothed by a Gaussian of ``sigma`` pixels (kernel normalised to sum 1, radius 3 sigma, zeros
+    outside the image: the field fades towards the borders, which hold the digits' background) and scaled by
+    ``alpha``."""
+    r = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, device=u.device, dtype=u.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    b, c, h, w = u.shape
+    f = (2 * u - 1).reshape(b * c, 1, h, w)
+    f = F.conv2d(f, k.view(1, 1, 1, -1), padding=(0, r))
+    f = F.conv2d(f, k.view(1, 1, -1, 1), padding=(r, 0))
+    return alpha * f.reshape(b, c, h, w)
+
+
+def elastic_warp(x, disp):
+    """Images x [B, C, H, W] (float) resampled at every pixel's own position plus ``disp`` [B, 2, H, W] ((dx, dy),
+    pixels): output[y, x] = input[y + dy, x + dx], bilinear, zero fill outside."""
+    b, c, h, w = x.shape
+    ys = (torch.arange(h, device=x.device, dtype=disp.dtype) + 0.5) * (2.0 / h) - 1
+    xs = (torch.arange(w, device=x.device, dtype=disp.dtype) + 0.5) * (2.0 / w) - 1
+    gx = xs[None, None, :] + disp[:, 0] * (2.0 / w)
+    gy = ys[None, :, None] + disp[:, 1] * (2.0 / h)
+    grid = torch.stack([gx, gy], -1).to(x.dtype)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 # random erasing (Zhong et al., 2017): the erased rectangle's area as a fraction of the image, and its aspect ratio
 ERASE_AREA = (0.02, 0.4)
 ERASE_ASPECT = (0.3, 1 / 0.3)
@@ -309,7 +341,9 @@ class DeviceLoader:
     Iterating yields (float images [B, 1, H, W], labels [B]); ``epoch`` selects the seeded order and shifts.
     ``max_shift`` pixels of random translation (zero fill), 0 disables it; ``rotate`` (degrees) and ``scale``
     (relative) add a random rotation in [-rotate, rotate] and zoom in [1 - scale, 1 + scale] about the centre
-    (bilinear, zero fill), drawn per image after the translation; 0 disables each. ``erase`` is the probability
+    (bilinear, zero fill), drawn per image after the translation; 0 disables each. ``elastic`` (pixels) adds an
+    elastic distortion after them: a random displacement field smoothed over ELASTIC_SIGMA pixels, scaled by it
+    (Simard et al. used 34 on MNIST; 0 disables it). ``erase`` is the probability
     that an image gets one random rectangle (2-40% of its area, aspect 0.3-3.3) set to the background, 0 (random
     erasing, after the other augmentations); 0 disables it.
     ``shard=(rank, world)`` (distributed training): ``batch_size`` is the global batch; every rank draws the same
@@ -320,13 +354,15 @@ class DeviceLoader:
     def __init__(self, split: Split, batch_size: int, mean: float, std: float, shuffle: bool = False,
                  max_shift: int = 0, seed: int = 0, drop_last: bool = False, channels_last: bool = False,
                  dtype=torch.float32, shard: tuple = (0, 1), rotate: float = 0.0, scale: float = 0.0,
-                 erase: float = 0.0):
+                 erase: float = 0.0, elastic: float = 0.0):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not (0.0 <= rotate <= 180.0 and 0.0 <= scale < 1.0):
             raise ValueError(f"rotate must be in [0, 180] degrees and scale in [0, 1), got {rotate} and {scale}")
         if not 0.0 <= erase <= 1.0:
             raise ValueError(f"erase is a probability in [0, 1], got {erase}")
+        if not (math.isfinite(elastic) and elastic >= 0.0):
+            raise ValueError(f"elastic (the displacement scale, pixels) must be finite and >= 0, got {elastic}")
         rank, world = shard
         if not 0 <= rank < world:
             raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
@@ -335,6 +371,7 @@ class DeviceLoader:
         self.channels_last, self.dtype, self.epoch = channels_last, dtype, 0
         self.rank, self.world = int(rank), int(world)
         self.rotate, self.scale, self.erase = float(rotate), float(scale), float(erase)
+        self.elastic = float(elastic)
 
     @property
     def device(self):
@@ -378,6 +415,13 @@ class DeviceLoader:
         u = torch.rand(2, total, device=imgs_u8.device, generator=g, dtype=torch.float64)[:, lo:hi]
         return rotate_zoom(imgs_u8.float(), (2 * u[0] - 1) * math.radians(self.rotate), 1 + (2 * u[1] - 1) * self.scale)
 
+    def _elastic(self, imgs, g, rows=None):
+        """Elastic distortion: each image's field drawn from the whole global batch, as in _translate."""
+        lo, hi, total = rows if rows is not None else (0, imgs.shape[0], imgs.shape[0])
+        h, w = imgs.shape[-2:]
+        u = torch.rand(total, 2, h, w, device=imgs.device, generator=g)[lo:hi]
+        return elastic_warp(imgs.float(), elastic_field(u, self.elastic))
+
     def _erase(self, imgs, g, rows=None):
         """Random erasing: each image's rectangle drawn from the whole global batch, as in _translate."""
         lo, hi, total = rows if rows is not None else (0, imgs.shape[0], imgs.shape[0])
@@ -405,6 +449,8 @@ class DeviceLoader:
                 imgs = self._translate(imgs, g, rows)
             if self.rotate or self.scale:
                 imgs = self._warp(imgs, g, rows)
+            if self.elastic:
+                imgs = self._elastic(imgs, g, rows)
             if self.erase:
                 imgs = self._erase(imgs, g, rows)
             yield self.normalize(imgs), labels

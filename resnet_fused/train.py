@@ -37,8 +37,8 @@ from .zoo import MODEL_NAMES, build_model, parse_model_name
 
 DEFAULTS = dict(model="resnet20", impl="fused", dataset="mnist", epochs=15, batch_size=128, lr=0.1,
                 momentum=0.9, wd=5e-4, schedule="cosine", warmup_epochs=1.0, label_smoothing=0.0, amp="off",
-                max_shift=2, rotate=0.0, scale=0.0, erase=0.0, ema=0.0, val_size=0, subset=0, seed=0, shortcut=None,
-                sync_bn=False, init_noise=0.0)
+                max_shift=2, rotate=0.0, scale=0.0, elastic=0.0, erase=0.0, ema=0.0, val_size=0, subset=0, seed=0,
+                shortcut=None, sync_bn=False, init_noise=0.0)
 # Flags that define the run: on --resume they come from the checkpoint unless given again (and must then agree).
 RECIPE_KEYS = tuple(DEFAULTS)
 # --recipe NAME: values over DEFAULTS (flags given on the command line override them). How each was chosen, with
@@ -82,6 +82,8 @@ def build_parser():
     a("--max-shift", type=int, help="random translation in pixels, 0 = none [2]")
     a("--rotate", type=float, help="random rotation in degrees, +- this, 0 = none [0]")
     a("--scale", type=float, help="random zoom, 1 +- this, 0 = none [0]")
+    a("--elastic", type=float, help="elastic distortion: the scale (pixels) of a random displacement field "
+                                    "smoothed over 4 px, 0 = none [0]")
     a("--erase", type=float, help="random erasing: the probability that an image gets one random rectangle "
                                   "(2-40%% of its area) set to the background, 0 = none [0]")
     a("--ema", type=float, help="decay of an exponential moving average of the weights (BatchNorm statistics "
@@ -279,7 +281,7 @@ def resolve_config(args):
 _RANGES = dict(epochs=(1, None, True), batch_size=(1, None, True), lr=(0.0, None, False), momentum=(0.0, None, True),
                wd=(0.0, None, True), warmup_epochs=(0.0, None, True), label_smoothing=(0.0, 1.0, True),
                max_shift=(0, None, True), rotate=(0.0, 180.0, True), scale=(0.0, None, True),
-               erase=(0.0, 1.0, True),
+               erase=(0.0, 1.0, True), elastic=(0.0, None, True),
                ema=(0.0, None, True), val_size=(0, None, True), subset=(0, None, True), seed=(0, 2**31 - 1, True),
                init_noise=(0.0, 1.0, True))
 
@@ -352,7 +354,7 @@ def make_train_loader(data, cfg, global_batch, shard=(0, 1)):
     world = shard[1]
     return DeviceLoader(data["train"], global_batch, data["mean"], data["std"], shuffle=True,
                         max_shift=cfg["max_shift"], rotate=cfg["rotate"], scale=cfg["scale"], erase=cfg["erase"],
-                        seed=cfg["seed"],
+                        elastic=cfg["elastic"], seed=cfg["seed"],
                         drop_last=world > 1 or len(data["train"]) >= 2 * global_batch,
                         channels_last=cfg["channels_last"], shard=shard)
 

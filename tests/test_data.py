@@ -134,6 +134,58 @@ def test_erase_mask_is_the_drawn_rectangle():
     assert torch.equal(m[2, 0], expect)
 
 
+def test_elastic_field_is_the_smoothed_scaled_noise():
+    """A single raised draw in a field of 0.5s (2u - 1 = 0 elsewhere) comes out as alpha times the 2-D Gaussian
+    kernel around it: normalised, radius 3 sigma, sigma = ELASTIC_SIGMA."""
+    import math
+    from resnet_fused.data import ELASTIC_SIGMA, elastic_field
+    u = torch.full((2, 2, 40, 40), 0.5, dtype=torch.float64)
+    u[0, 1, 20, 17] = 1.0
+    u[1, 0, 20, 20] = 0.0
+    f = elastic_field(u, 3.0)
+    r = math.ceil(3 * ELASTIC_SIGMA)
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-t ** 2 / (2 * ELASTIC_SIGMA ** 2))
+    k = k / k.sum()
+    expect = torch.zeros(40, 40, dtype=torch.float64)
+    expect[20 - r:20 + r + 1, 17 - r:17 + r + 1] = 3.0 * k[:, None] * k[None, :]
+    torch.testing.assert_close(f[0, 1], expect, rtol=0, atol=1e-12)
+    assert f[0, 0].abs().max() == 0 and f[1, 1].abs().max() == 0
+    torch.testing.assert_close(f[1, 0], -torch.roll(expect, 3, 1), rtol=0, atol=1e-12)
+
+
+def test_elastic_warp_moves_each_pixel_by_its_displacement():
+    from resnet_fused.data import elastic_warp
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    disp = torch.zeros(2, 2, 6, 7, dtype=torch.float64)
+    torch.testing.assert_close(elastic_warp(x, disp), x, rtol=0, atol=1e-12)
+    disp[0, 0] = 1.0   # image 0: every output pixel reads one column to the right
+    disp[1, 1] = -2.0  # image 1: two rows up
+    out = elastic_warp(x, disp)
+    torch.testing.assert_close(out[0, :, :, :-1], x[0, :, :, 1:], rtol=0, atol=1e-12)
+    assert out[0, :, :, -1].abs().max() < 1e-12
+    torch.testing.assert_close(out[1, :, 2:], x[1, :, :-2], rtol=0, atol=1e-12)
+    assert out[1, :, :2].abs().max() < 1e-12
+    disp = torch.zeros(1, 2, 6, 7, dtype=torch.float64)
+    disp[0, 0, 2, 3] = 0.25  # one pixel a quarter of the way to its right neighbour: bilinear
+    out = elastic_warp(x[:1], disp)
+    torch.testing.assert_close(out[0, :, 2, 3], 0.75 * x[0, :, 2, 3] + 0.25 * x[0, :, 2, 4], rtol=0, atol=1e-12)
+
+
+def test_elastic_distortion_in_the_loader_is_seeded_and_keeps_the_ink(mnist_root):
+    d = load_splits("mnist", mnist_root, subset=64)
+    plain = next(iter(_loader(d)))[0]
+    a, b = (next(iter(_loader(d, elastic=34.0, seed=5)))[0] for _ in range(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, plain, atol=1e-3)
+    bg = (0 - d["mean"]) / d["std"]
+    assert a.min() >= bg - 1e-5 and a.max() <= plain.max() + 1e-5
+    ink = lambda t: (t - bg).sum((1, 2, 3))
+    assert ((ink(a) / ink(plain)) - 1).abs().max() < 0.5  # stretched and squeezed here and there, not wiped
+    with pytest.raises(ValueError, match="elastic"):
+        _loader(d, elastic=-1.0)
+
+
 def test_random_erasing_blanks_one_rectangle_in_the_drawn_share_of_images():
     from resnet_fused.data import Split
     g = torch.Generator().manual_seed(0)
@@ -161,7 +213,7 @@ def test_random_erasing_blanks_one_rectangle_in_the_drawn_share_of_images():
 
 
 @pytest.mark.parametrize("world,aug", [(2, {}), (3, {}), (2, dict(rotate=10.0, scale=0.1)),
-                                       (2, dict(rotate=10.0, erase=0.5))])
+                                       (2, dict(rotate=10.0, erase=0.5, elastic=8.0))])
 def test_sharded_loader_splits_the_global_batches(world, aug):
     """W ranks' batches, concatenated in rank order, are exactly one process's batches (order, labels, shifts):
     disjoint shards, reshuffled every epoch."""

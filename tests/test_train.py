@@ -66,12 +66,13 @@ def test_recipes_set_defaults_that_flags_override(mnist_root, tmp_path, capsys):
     assert resolve_config(build_parser().parse_args([]))[0]["recipe"] == "default"
     # the recipe's augmentations reach the training loader
     from resnet_fused.data import Split
-    cfg = resolve_config(build_parser().parse_args(["--recipe", "best", "--erase", "0.3", "--max-shift", "3"]))[0]
+    cfg = resolve_config(build_parser().parse_args(["--recipe", "best", "--erase", "0.3", "--max-shift", "3",
+                                                   "--elastic", "8"]))[0]
     data = dict(train=Split(torch.zeros(300, 1, 8, 8, dtype=torch.uint8), torch.zeros(300, dtype=torch.long)),
                 mean=0.1, std=0.3)
     loader = train.make_train_loader(data, cfg, 100)
-    assert (loader.rotate, loader.scale, loader.erase, loader.max_shift, loader.seed) == (
-        RECIPES["best"]["rotate"], RECIPES["best"]["scale"], 0.3, 3, cfg["seed"])
+    assert (loader.rotate, loader.scale, loader.erase, loader.elastic, loader.max_shift, loader.seed) == (
+        RECIPES["best"]["rotate"], RECIPES["best"]["scale"], 0.3, 8.0, 3, cfg["seed"])
     # a recipe's run resumes with its own recipe: another one is refused, none given keeps it
     out = tmp_path / "run"
     run_train(base_args(mnist_root, out, "--model", "resnet8", "--recipe", "fast", "--epochs", "2", "--subset",
@@ -82,7 +83,8 @@ def test_recipes_set_defaults_that_flags_override(mnist_root, tmp_path, capsys):
     assert len(hist) == 2 and load_checkpoint(str(out / "last.pt"))["config"]["recipe"] == "fast"
     for bad, what in ((("--ema", "1"), "--ema must be below 1"), (("--scale", "1.5"), "--scale must be below 1"),
                       (("--rotate", "200"), "--rotate must be"), (("--ema", "-0.1"), "--ema must be"),
-                      (("--erase", "1.5"), "--erase must be at least 0.0 and at most 1.0")):
+                      (("--erase", "1.5"), "--erase must be at least 0.0 and at most 1.0"),
+                      (("--elastic", "-2"), "--elastic must be at least 0.0")):
         assert what in cli_error(capsys, train.main, base_args(mnist_root, tmp_path / "bad", *bad))
     assert not (tmp_path / "bad").exists()
 
