@@ -316,11 +316,11 @@ ERASE_AREA = (0.02, 0.4)
 ERASE_ASPECT = (0.3, 1 / 0.3)
 
 
-def erase_mask(u, h, w):
-    """Boolean [B, 1, H, W] masks, one rectangle per image where ``u[0] < p`` was drawn by the caller: ``u`` [5, B]
-    uniform draws in [0, 1) give (keep/erase, area, log aspect, top, left). The rectangle (area ``s * H * W``, height
-    over width ``r``) is clipped to the image; rows of ``u`` where nothing is erased give an all-False mask."""
-    erase, ua, ur, ut, ul = u
+def erase_mask(u, p, h, w):
+    """Boolean [B, 1, H, W] masks, one rectangle per image whose first draw is below ``p``: ``u`` [5, B] uniform
+    draws in [0, 1) give (erase or not, area, log aspect, top, left). The rectangle (area ``s * H * W``, height over
+    width ``r``) is clipped to the image; images not erased get an all-False mask."""
+    ue, ua, ur, ut, ul = u
     area = (ERASE_AREA[0] + ua * (ERASE_AREA[1] - ERASE_AREA[0])) * (h * w)
     lo, hi = math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])
     aspect = torch.exp(lo + ur * (hi - lo))
@@ -332,7 +332,7 @@ def erase_mask(u, h, w):
     xs = torch.arange(w, device=u.device)[None, None, :]
     inside = ((ys >= top[:, None, None]) & (ys < (top + eh)[:, None, None]) &
               (xs >= left[:, None, None]) & (xs < (left + ew)[:, None, None]))
-    return (inside & erase.bool()[:, None, None])[:, None]
+    return (inside & (ue < p)[:, None, None])[:, None]
 
 
 class DeviceLoader:
@@ -344,8 +344,8 @@ class DeviceLoader:
     (bilinear, zero fill), drawn per image after the translation; 0 disables each. ``elastic`` (pixels) adds an
     elastic distortion after them: a random displacement field smoothed over ELASTIC_SIGMA pixels, scaled by it
     (Simard et al. used 34 on MNIST; 0 disables it). ``erase`` is the probability
-    that an image gets one random rectangle (2-40% of its area, aspect 0.3-3.3) set to the background, 0 (random
-    erasing, after the other augmentations); 0 disables it.
+    that an image gets one random rectangle (2-40% of its area, aspect 0.3-3.3) set to the background value 0
+    (random erasing, after the other augmentations); 0 disables it.
     ``shard=(rank, world)`` (distributed training): ``batch_size`` is the global batch; every rank draws the same
     order and the same shifts for it and yields only its own contiguous part (disjoint, reshuffled every epoch), so
     W ranks together see exactly the batches one process would.
@@ -426,8 +426,7 @@ class DeviceLoader:
         """Random erasing: each image's rectangle drawn from the whole global batch, as in _translate."""
         lo, hi, total = rows if rows is not None else (0, imgs.shape[0], imgs.shape[0])
         u = torch.rand(5, total, device=imgs.device, generator=g, dtype=torch.float64)[:, lo:hi]
-        u[0] = (u[0] < self.erase).double()
-        return imgs.masked_fill(erase_mask(u, imgs.shape[-2], imgs.shape[-1]), 0)
+        return imgs.masked_fill(erase_mask(u, self.erase, imgs.shape[-2], imgs.shape[-1]), 0)
 
     def __iter__(self):
         n = len(self.split)

@@ -114,15 +114,15 @@ def test_rotation_and_zoom_are_seeded_and_bounded(mnist_root):
 
 
 def test_erase_mask_is_the_drawn_rectangle():
-    """One rectangle per image where the first draw says so: area s * H * W with s in [0.02, 0.4], height / width
+    """One rectangle per image whose first draw is below p: area s * H * W with s in [0.02, 0.4], height / width
     the drawn aspect, top-left at the drawn fraction of the free room."""
     from resnet_fused.data import ERASE_AREA, erase_mask
     f64 = dict(dtype=torch.float64)
     # image 0: area 0.02 + 0.5 * 0.38 = 0.21 of 10 x 20 = 42 px, aspect 1 (log-uniform midpoint) -> 6 x 6 at
     # top = floor(0.5 * (10 - 6 + 1)) = 2, left = floor(0.25 * (20 - 6 + 1)) = 3; image 1: not erased;
     # image 2: largest area, tallest aspect 1/0.3 -> height sqrt(80 / 0.3) = 16.3, clipped to 10
-    u = torch.tensor([[1.0, 0.0, 1.0], [0.5, 0.5, 1.0], [0.5, 0.5, 1.0], [0.5, 0.5, 0.0], [0.25, 0.0, 0.0]], **f64)
-    m = erase_mask(u, 10, 20)
+    u = torch.tensor([[0.1, 0.7, 0.6], [0.5, 0.5, 1.0], [0.5, 0.5, 1.0], [0.5, 0.5, 0.0], [0.25, 0.0, 0.0]], **f64)
+    m = erase_mask(u, 0.65, 10, 20)
     assert m.shape == (3, 1, 10, 20) and m.dtype == torch.bool
     expect = torch.zeros(10, 20, dtype=torch.bool)
     expect[2:8, 3:9] = True
