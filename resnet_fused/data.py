@@ -267,15 +267,20 @@ def load_splits(name: str, root: str | None = None, download: bool = False, val_
     return out
 
 
-def rotate_zoom(x, angle, zoom):
-    """Images x [B, C, H, W] (float) each rotated counter-clockwise by ``angle[b]`` radians and magnified by
-    ``zoom[b]`` about the image centre; bilinear, zero fill outside."""
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # output -> input coordinates
+def rotate_zoom_theta(angle, zoom):
+    """The output -> input maps [B, 2, 3] (affine_grid's normalised coordinates) that turn each image
+    counter-clockwise by ``angle[b]`` radians and magnify it by ``zoom[b]`` about its centre."""
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     zero = torch.zeros_like(cos)
     # affine_grid's (x, y) have y pointing down: a counter-clockwise turn on screen samples the input at the
     # output point turned clockwise
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+
+
+def rotate_zoom(x, angle, zoom):
+    """Images x [B, C, H, W] (float) each rotated counter-clockwise by ``angle[b]`` radians and magnified by
+    ``zoom[b]`` about the image centre; bilinear, zero fill outside."""
+    grid = F.affine_grid(rotate_zoom_theta(angle, zoom).to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -299,16 +304,22 @@ def elastic_field(u, alpha, sigma=ELASTIC_SIGMA):
     return alpha * f.reshape(b, c, h, w)
 
 
-def elastic_warp(x, disp):
+def elastic_warp(x, disp, theta=None):
     """Images x [B, C, H, W] (float) resampled at every pixel's own position plus ``disp`` [B, 2, H, W] ((dx, dy),
-    pixels): output[y, x] = input[y + dy, x + dx], bilinear, zero fill outside."""
+    pixels): output[y, x] = input[y + dy, x + dx], bilinear, zero fill outside. ``theta`` [B, 2, 3]
+    (rotate_zoom_theta) puts a rotation/zoom before the distortion in the same single resample: output[p] =
+    input[theta(p + disp(p))], the image ``elastic_warp(rotate_zoom(x, ...), disp)`` would give without blurring
+    the digits by a second bilinear interpolation."""
     b, c, h, w = x.shape
     ys = (torch.arange(h, device=x.device, dtype=disp.dtype) + 0.5) * (2.0 / h) - 1
     xs = (torch.arange(w, device=x.device, dtype=disp.dtype) + 0.5) * (2.0 / w) - 1
     gx = xs[None, None, :] + disp[:, 0] * (2.0 / w)
     gy = ys[None, :, None] + disp[:, 1] * (2.0 / h)
-    grid = torch.stack([gx, gy], -1).to(x.dtype)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = torch.stack([gx, gy], -1)
+    if theta is not None:
+        theta = theta.to(grid.dtype)
+        grid = torch.einsum("bhwj,bij->bhwi", grid, theta[:, :, :2]) + theta[:, None, None, :, 2]
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 # random erasing (Zhong et al., 2017): the erased rectangle's area as a fraction of the image, and its aspect ratio
@@ -409,18 +420,19 @@ class DeviceLoader:
         cidx = torch.arange(c, device=x.device)[None, :, None, None]
         return padded[bidx, cidx, rows, cols]
 
-    def _warp(self, imgs_u8, g, rows=None):
-        """Rotate and zoom every image by its own draw (the whole global batch is drawn, as in _translate)."""
-        lo, hi, total = rows if rows is not None else (0, imgs_u8.shape[0], imgs_u8.shape[0])
-        u = torch.rand(2, total, device=imgs_u8.device, generator=g, dtype=torch.float64)[:, lo:hi]
-        return rotate_zoom(imgs_u8.float(), (2 * u[0] - 1) * math.radians(self.rotate), 1 + (2 * u[1] - 1) * self.scale)
+    def _rotate_zoom_draws(self, imgs, g, rows=None):
+        """Every image's (angle, zoom), drawn from the whole global batch as in _translate."""
+        lo, hi, total = rows if rows is not None else (0, imgs.shape[0], imgs.shape[0])
+        u = torch.rand(2, total, device=imgs.device, generator=g, dtype=torch.float64)[:, lo:hi]
+        return (2 * u[0] - 1) * math.radians(self.rotate), 1 + (2 * u[1] - 1) * self.scale
 
-    def _elastic(self, imgs, g, rows=None):
-        """Elastic distortion: each image's field drawn from the whole global batch, as in _translate."""
+    def _elastic(self, imgs, g, rows=None, theta=None):
+        """Elastic distortion: each image's field drawn from the whole global batch, as in _translate; applied in
+        one resample with the rotation/zoom ``theta`` when there is one."""
         lo, hi, total = rows if rows is not None else (0, imgs.shape[0], imgs.shape[0])
         h, w = imgs.shape[-2:]
         u = torch.rand(total, 2, h, w, device=imgs.device, generator=g)[lo:hi]
-        return elastic_warp(imgs.float(), elastic_field(u, self.elastic))
+        return elastic_warp(imgs.float(), elastic_field(u, self.elastic), theta)
 
     def _erase(self, imgs, g, rows=None):
         """Random erasing: each image's rectangle drawn from the whole global batch, as in _translate."""
@@ -446,10 +458,12 @@ class DeviceLoader:
                 imgs, labels = self.split.images[idx], self.split.labels[idx]
             if self.max_shift:
                 imgs = self._translate(imgs, g, rows)
-            if self.rotate or self.scale:
-                imgs = self._warp(imgs, g, rows)
+            # rotation/zoom and elastic distortion: one bilinear resample for both
+            turn = self._rotate_zoom_draws(imgs, g, rows) if self.rotate or self.scale else None
             if self.elastic:
-                imgs = self._elastic(imgs, g, rows)
+                imgs = self._elastic(imgs, g, rows, None if turn is None else rotate_zoom_theta(*turn))
+            elif turn is not None:
+                imgs = rotate_zoom(imgs.float(), *turn)
             if self.erase:
                 imgs = self._erase(imgs, g, rows)
             yield self.normalize(imgs), labels

@@ -172,6 +172,44 @@ def test_elastic_warp_moves_each_pixel_by_its_displacement():
     torch.testing.assert_close(out[0, :, 2, 3], 0.75 * x[0, :, 2, 3] + 0.25 * x[0, :, 2, 4], rtol=0, atol=1e-12)
 
 
+def test_elastic_warp_after_a_rotation_is_one_resample():
+    """With theta, the output reads the input at theta(p + disp(p)): the distortion acts on the turned image. A
+    quarter turn moves pixel centres onto pixel centres, so turning first (exact) and distorting after must give the
+    same image; a displacement not turned with it, or applied before the turn, would not."""
+    import math
+    from resnet_fused.data import elastic_warp, rotate_zoom, rotate_zoom_theta
+    f64 = dict(dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=g, **f64)
+    disp = torch.rand(2, 2, 8, 8, generator=g, **f64) * 3 - 1.5  # fractional, different along x and y
+    angle, zoom = torch.tensor([math.pi / 2, -math.pi / 2], **f64), torch.ones(2, **f64)
+    one = elastic_warp(x, disp, rotate_zoom_theta(angle, zoom))
+    torch.testing.assert_close(one, elastic_warp(rotate_zoom(x, angle, zoom), disp), rtol=0, atol=1e-12)
+    assert (one - rotate_zoom(elastic_warp(x, disp), angle, zoom)).abs().max() > 0.1
+    # no displacement: the rotation/zoom alone
+    angle, zoom = torch.tensor([0.3, -0.2], **f64), torch.tensor([1.1, 0.9], **f64)
+    torch.testing.assert_close(elastic_warp(x, torch.zeros_like(disp), rotate_zoom_theta(angle, zoom)),
+                               rotate_zoom(x, angle, zoom), rtol=0, atol=1e-12)
+
+
+def test_rotation_and_elastic_distortion_in_the_loader_take_one_resample(mnist_root):
+    """The loader's rotate + elastic images are the translated digits sampled once at theta(p + disp(p)), with the
+    draws in the loader's order (shifts, rotation/zoom, field)."""
+    import math
+    from resnet_fused.data import elastic_field, elastic_warp, rotate_zoom_theta
+    d = load_splits("mnist", mnist_root, subset=64)
+    kw = dict(shuffle=True, max_shift=2, rotate=10.0, scale=0.1, elastic=8.0, seed=3)
+    got = next(iter(_loader(d, **kw)))[0]
+    ld = _loader(d, **kw)
+    g = ld._generator()
+    order = torch.randperm(len(d["train"]), generator=g)
+    imgs = ld._translate(d["train"].images[order[:ld.batch_size]], g)
+    u = torch.rand(2, imgs.shape[0], generator=g, dtype=torch.float64)
+    theta = rotate_zoom_theta((2 * u[0] - 1) * math.radians(10.0), 1 + (2 * u[1] - 1) * 0.1)
+    field = elastic_field(torch.rand(imgs.shape[0], 2, 28, 28, generator=g), 8.0)
+    torch.testing.assert_close(got, ld.normalize(elastic_warp(imgs.float(), field, theta)), rtol=0, atol=1e-5)
+
+
 def test_elastic_distortion_in_the_loader_is_seeded_and_keeps_the_ink(mnist_root):
     d = load_splits("mnist", mnist_root, subset=64)
     plain = next(iter(_loader(d)))[0]
