@@ -320,3 +320,26 @@ def test_host_profile_kernel_work_accounting(dev):
     assert conv["frac_peak_flops"] == pytest.approx(flops / 2e-6 / 1e12)
     assert bn["gflop"] is None and bn["tflops"] is None and bn["gbps"] == pytest.approx(400)
     assert bn["frac_peak_bw"] == pytest.approx(0.4)
+
+
+def test_augment_check_stats_and_precise_bn(mnist_root):
+    """The pixel statistics over the augmentations (one resample blurs less than two), and precise BN: the running
+    statistics reset and replaced by the exact average over one pass."""
+    import augment_check
+    from resnet_fused.data import DeviceLoader, Split, load_splits
+    d = load_splits("mnist", mnist_root, subset=200)
+    s = augment_check.stats(d, n=200)
+    assert s["plain"]["std"] > s["rotation/zoom + elastic 34, one resample"]["std"] \
+        > s["rotation/zoom + elastic 34, two resamples"]["std"]
+    assert all(0 < r["above_200"] < r["above_10"] < 1 for r in s.values())
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 255, (96, 1, 6, 6), dtype=torch.uint8, generator=g), torch.zeros(96).long())
+    bn = torch.nn.BatchNorm2d(1)
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(7.0)
+    loader = DeviceLoader(split, 32, 0.0, 1.0)
+    augment_check.recompute_bn(torch.nn.Sequential(bn), loader)
+    x = torch.cat([b for b, _ in loader])
+    torch.testing.assert_close(bn.running_mean, x.mean().reshape(1), rtol=1e-6, atol=1e-6)
+    batch_vars = torch.stack([b.var() for b, _ in loader])  # unbiased per batch, averaged over the pass
+    torch.testing.assert_close(bn.running_var, batch_vars.mean().reshape(1), rtol=1e-6, atol=1e-6)
