@@ -63,6 +63,10 @@ def test_recipes_set_defaults_that_flags_override(mnist_root, tmp_path, capsys):
         assert all(cfg[k] == v for k, v in DEFAULTS.items() if k not in values)
     cfg = resolve_config(build_parser().parse_args(["--recipe", "fast", "--epochs", "3", "--lr", "0.05"]))[0]
     assert (cfg["epochs"], cfg["lr"], cfg["schedule"]) == (3, 0.05, RECIPES["fast"]["schedule"])
+    # a recipe's net is a default too: --model replaces it, the rest of the recipe stays
+    cfg = resolve_config(build_parser().parse_args(["--recipe", "best", "--model", "resnet20"]))[0]
+    assert RECIPES["best"]["model"] != "resnet20"
+    assert cfg["model"] == "resnet20" and cfg["epochs"] == RECIPES["best"]["epochs"]
     assert resolve_config(build_parser().parse_args([]))[0]["recipe"] == "default"
     # the recipe's augmentations reach the training loader
     from resnet_fused.data import Split
