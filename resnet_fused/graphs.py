@@ -38,6 +38,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .capture_state import conv_tf32
+from .graph_capture import Captured, CudaCapture, EmulatedCapture  # noqa: F401 - the capture objects, re-exported
+from .ops.semaphores import SemaphorePool, use_pool
+
 ENV_VAR = "RESNET_FUSED_CUDA_GRAPHS"
 MAX_GRAPHS = 4  # keys kept: a training batch size, the epoch's last (smaller) batch, and the eval batch sizes
 
@@ -60,80 +64,6 @@ def enabled_by_default() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-# ---- capture: the real one and its CPU stand-in ------------------------------------------------------------------
-
-class Captured:
-    """A captured computation: ``outputs`` are static tensors that ``replay()`` rewrites in place; ``live`` are the
-    outputs that carry the autograd graph of the latest execution (what a backward capture differentiates)."""
-
-    def __init__(self, replay, outputs, live):
-        self.replay, self.outputs, self.live = replay, outputs, live
-
-
-class CudaCapture:
-    """torch.cuda.CUDAGraph capture into one private memory pool shared by every graph of the model."""
-
-    device_types = ("cuda",)
-    retain_graph = False  # the backward graph is captured once; replays reuse its kernels, not autograd's graph
-
-    def __init__(self):
-        self._pool = None
-
-    def capture(self, fn, module) -> Captured:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: a DataLoader's pin-memory thread may call CUDA while we capture
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = fn()
-        return Captured(graph.replay, out, out)
-
-
-class EmulatedCapture:
-    """A stand-in for CudaCapture on any device: capture runs ``fn`` once, then restores the module's buffers (a
-    real capture runs no kernels) and fills the static outputs with NaN (a real capture leaves them undefined);
-    replay runs ``fn`` again and copies its results into the same static outputs (a real replay rewrites the same
-    memory). Used by the tests to check GraphRunner without a GPU."""
-
-    device_types = ("cpu", "cuda")
-    retain_graph = True  # replays re-run autograd on the latest forward; keep it for a repeated backward
-
-    def __init__(self):
-        self.captures = 0
-        self.fail = None  # set to an exception to make the next capture raise it (tests)
-
-    def capture(self, fn, module) -> Captured:
-        if self.fail is not None:
-            e, self.fail = self.fail, None
-            raise e
-        self.captures += 1
-        saved = [b.detach().clone() for b in module.buffers()]
-        out = fn()
-        with torch.no_grad():
-            for b, s in zip(module.buffers(), saved):
-                b.data.copy_(s)  # .data: the capture's own op calls moved the version counters, this does not
-        static = tuple(o.detach().clone() for o in out)
-        with torch.no_grad():
-            for s in static:
-                if s.is_floating_point():
-                    s.fill_(float("nan"))
-        cap = Captured(None, static, out)
-
-        def replay():
-            # a real replay runs kernels only: no PyTorch op sees it, no version counter moves
-            tensors = list(module.parameters()) + list(module.buffers())
-            versions = [t._version for t in tensors]
-            new = fn()
-            torch._C._autograd._unsafe_set_version_counter(tuple(tensors), tuple(versions))
-            cap.live = new
-            with torch.no_grad():
-                for s, o in zip(static, new):
-                    if s.data_ptr() != o.data_ptr():
-                        s.copy_(o)
-        cap.replay = replay
-        return cap
-
-
 # ---- keys and entries --------------------------------------------------------------------------------------------
 
 class GraphKey(NamedTuple):
@@ -145,6 +75,8 @@ class GraphKey(NamedTuple):
     autocast: Optional[torch.dtype]   # autocast's dtype for this device when it is on, else None
     training: bool
     needs_grad: bool                  # grad mode on and something (x or a parameter) requires grad
+    inference: bool                   # torch.inference_mode: its static tensors are inference tensors
+    tf32: bool                        # fp32 convolutions in TF32 (capture_state.conv_tf32): baked into the kernels
     backend: str
 
 
@@ -216,6 +148,7 @@ class GraphRunner:
         self._pending = None  # weak reference to the token of the replay whose backward has not run yet
         self._signature = None  # what the graphs were captured against (see _check_signature)
         self._lists = self._objects = None  # cached parameter/buffer/BatchNorm lists and the tensors' identities
+        self.semaphores = SemaphorePool()  # last_to_finish counters of this model's graphs (ops/semaphores.py)
         self._reset()
 
     def _reset(self):
@@ -266,7 +199,8 @@ class GraphRunner:
         autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or params_grad)
         return GraphKey(tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x.requires_grad and needs_grad,
-                        autocast, training, needs_grad, backend.name)
+                        autocast, training, needs_grad, torch.is_inference_mode_enabled(), conv_tf32(),
+                        backend.name)
 
     def _check_signature(self, module):
         """Drop the graphs when something they baked in changed: a parameter or buffer replaced (a new object or
@@ -308,8 +242,9 @@ class GraphRunner:
                 while len(self._warm) > 4 * self.max_graphs:
                     self._warm.popitem(last=False)
                 self.stats["eager"] += 1
-                return run(x)
-            entry = self._capture(module, key, x, run, fold_gen)
+                with use_pool(self.semaphores):  # the warm-up sizes the graphs' counters (zeroed here, eagerly)
+                    return run(x)
+            entry = self._capture(module, key, x, run, fold_gen, backend)
             if entry is None:
                 self.stats["eager"] += 1
                 return run(x)
@@ -322,13 +257,16 @@ class GraphRunner:
     def _drop(self, key):
         self._entries.pop(key, None)
 
-    def _capture(self, module, key, x, run, fold_gen):
+    def _capture(self, module, key, x, run, fold_gen, backend):
         while len(self._entries) >= self.max_graphs:
             self._entries.popitem(last=False)
         entry = _Entry(key)
         entry.fold_generation = fold_gen
         try:
-            self._capture_into(entry, module, key, x, run)
+            with _modes(key):
+                backend.prepare(module, x)  # packed/transformed weights made now: nothing is kept from a capture
+            with use_pool(self.semaphores):
+                self._capture_into(entry, module, key, x, run)
         except Exception as e:  # noqa: BLE001 - anything the capture refuses: run this key eagerly from now on
             self._failed.add(key)
             self.stats["failures"] += 1
@@ -379,7 +317,8 @@ class GraphRunner:
     def _replay_forward(self, module, entry, x):
         with torch.no_grad():
             entry.static_x.copy_(x)
-        entry.fwd.replay()
+        with use_pool(self.semaphores):  # what the capture used (the emulated replay checks it)
+            entry.fwd.replay()
         if entry.key.training:
             # the replay moved the running statistics without moving their version counters: the folded
             # inference weights must be rebuilt from them
@@ -391,7 +330,8 @@ class GraphRunner:
     def _replay_backward(self, entry, grad):
         with torch.no_grad():
             entry.static_grad_out.copy_(grad)
-        entry.bwd.replay()
+        with use_pool(self.semaphores):
+            entry.bwd.replay()
         flat = {dt: buf.clone() for dt, buf in entry.flat.items()}  # one copy per dtype: the user's gradients
         return tuple(_slot_view(flat[dt], off, shape, stride) for dt, off, shape, stride in entry.slots)
 

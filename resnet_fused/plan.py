@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .capture_state import forbid_in_capture
+
 __all__ = ["ShortcutMode", "ConvBN", "BlockSpec", "NetworkPlan", "FoldedConv", "FoldedBlock", "FoldedPlan",
            "FoldCache", "build_plan", "to_channels_last"]
 
@@ -191,6 +193,7 @@ class FoldCache:
             return fold(plan, dtype)
         key = self._cache_key(module, dtype)
         if key != self._key:
+            forbid_in_capture("folding BatchNorm into the convolution weights")
             self._folded, self._key, self._derived = fold(plan, dtype), key, {}
             self.generation += 1
         return self._folded
@@ -202,5 +205,6 @@ class FoldCache:
 
     def derived(self, name, fn):
         if name not in self._derived:
+            forbid_in_capture(f"computing the {name!r} weights from the folded plan")
             self._derived[name] = fn(self._folded)
         return self._derived[name]

@@ -346,3 +346,70 @@ def test_whole_network_inference_under_emulated_graphs(dev):
         assert g.graphs.stats["replays"] == 2 and len(g.graphs) == 1  # call 1 eager, 2 captures + replays
         g.whole_network_inference = False
         assert len(g.graphs) == 0
+
+
+def test_inference_mode_and_no_grad_graphs_do_not_mix():
+    """A graph captured under torch.inference_mode holds inference tensors: a no_grad call must not replay it
+    (its static input copy would be an in-place update of an inference tensor outside inference mode)."""
+    g, e = pair()
+    g.eval(), e.eval()
+    x, _ = batch(8, seed=3)
+    for _ in range(3):
+        with torch.inference_mode():
+            torch.testing.assert_close(g(x), e(x))
+        with torch.no_grad():
+            torch.testing.assert_close(g(x), e(x))
+    assert g.graphs.stats["captures"] == 2 and g.graphs.stats["failures"] == 0, g.graphs.stats
+
+
+def test_tf32_is_part_of_the_key():
+    """fp32 kernels read TF32 at launch and a graph bakes the choice in: flipping it recaptures."""
+    g, e = pair()
+    g.eval(), e.eval()
+    x, _ = batch(8, seed=4)
+    old = torch.backends.cudnn.allow_tf32
+    try:
+        with torch.no_grad():
+            for flag in (False, False, True, True, True, False):
+                torch.backends.cudnn.allow_tf32 = flag
+                torch.testing.assert_close(g(x), e(x))
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    assert g.graphs.stats["captures"] == 2 and g.graphs.stats["replays"] == 4, g.graphs.stats
+
+
+def test_a_host_read_inside_the_forward_is_caught_by_the_capture():
+    """A planted fault (an .item() in a forward hook): the strict stand-in refuses it as a real capture would,
+    and the model falls back to running without graphs, with the same numbers."""
+    g, e = pair()
+
+    def hook(mod, inp, out):
+        out.abs().max().item()  # e.g. logging the largest logit
+    g.fc.register_forward_hook(hook)
+    og, oe = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (g, e))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for i in range(3):
+            x, y = batch(8, seed=i)
+            torch.testing.assert_close(train_step(g, og, x, y), train_step(e, oe, x, y))
+    assert g.graphs.stats["failures"] == 1 and g.graphs.stats["captures"] == 0
+    assert any("on the host" in str(m.message) for m in w)
+    assert_same_state(g, e)
+
+
+def test_whole_network_weights_are_packed_before_the_capture(dev):
+    """After the weights change, the eval key is already warm: the next call captures at once, and the packed
+    weights of the new fold must be made before the capture, not inside it (torch.tensor there is a pageable
+    host-to-device copy a real capture refuses)."""
+    g, e = pair("A", backend="triton", depth=8, device=dev)
+    for m in (g, e):
+        m.eval()
+        m.whole_network_inference = True
+    x = batch(2, hw=6, seed=1, device=dev)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), e(x), rtol=1e-5, atol=1e-6)  # warm-up
+        for m in (g, e):
+            m.fc.weight.mul_(0.5)  # a new fold
+        for _ in range(2):
+            torch.testing.assert_close(g(x), e(x), rtol=1e-5, atol=1e-6)
+    assert g.graphs.stats["failures"] == 0 and g.graphs.stats["captures"] == 1, g.graphs.stats

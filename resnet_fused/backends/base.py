@@ -22,6 +22,10 @@ class Backend:
         """``sync``: a distributed.BatchSync in training with sync_bn across processes (global statistics)."""
         return self.train_features(model, x, sync) if model.training else self.eval_features(model, x)
 
+    def prepare(self, model, x: torch.Tensor) -> None:
+        """Make now whatever ``forward(model, x)`` would otherwise compute lazily and keep (packed or transformed
+        weights): resnet_fused.graphs calls it before a capture, inside which nothing may be kept."""
+
     def train_features(self, model, x, sync=None):
         raise NotImplementedError
 

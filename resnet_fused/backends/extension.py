@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ext
+from ..capture_state import capturing
 from ..plan import ShortcutMode, to_channels_last
 from .base import Backend, compute_dtype
 
@@ -165,8 +166,10 @@ class ExtensionBackend(Backend):
     def eval_features(self, model, x):
         dtype = compute_dtype(x)
         folded = model.folded(dtype)
+        # the fast path's NaN check reads x on the host: not under torch.compile or a (CPU-emulated) graph capture
         onednn = (_HAS_ONEDNN_POST_OPS and x.device.type == "cpu" and dtype == torch.float32
-                  and not torch.compiler.is_compiling() and folded.all_finite and bool(torch.isfinite(x).all()))
+                  and not torch.compiler.is_compiling() and not capturing() and folded.all_finite
+                  and bool(torch.isfinite(x).all()))
         base = _onednn_conv if onednn else _aten_conv
         wino = model.fold_cache.derived("winograd", _winograd_weights) if onednn and _WINOGRAD else {}
 

@@ -101,15 +101,22 @@ class TritonBackend(Backend):
                 return logits
         return super().forward(model, x, sync)
 
+    def prepare(self, model, x):
+        if not model.training and model.whole_network_inference:
+            self._packed_network(model, self._dtype(x))
+
+    def _packed_network(self, model, dtype):
+        """resnet_infer's (spec, packed weights) of the folded network, kept with the folded plan; None when its
+        kernel does not take this network."""
+        folded = model.folded(dtype)
+        if torch.compiler.is_compiling():
+            return _resnet_infer.prepare(folded, model.in_channels, dtype)
+        return model.fold_cache.derived("resnet_infer", lambda f: _resnet_infer.prepare(f, model.in_channels, dtype))
+
     def whole_network(self, model, x):
         """The logits from one resnet_infer launch, or None when its kernel does not take this network."""
         dtype = self._dtype(x)
-        folded = model.folded(dtype)
-        if torch.compiler.is_compiling():
-            net = _resnet_infer.prepare(folded, model.in_channels, dtype)
-        else:
-            net = model.fold_cache.derived("resnet_infer",
-                                           lambda f: _resnet_infer.prepare(f, model.in_channels, dtype))
+        net = self._packed_network(model, dtype)
         fc = model.fc
         if net is None or fc.out_features > _resnet_infer.MAX_CLASSES:
             return None

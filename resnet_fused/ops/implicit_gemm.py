@@ -485,6 +485,9 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 
+from ..capture_state import conv_tf32, note_choice  # noqa: E402
+from .semaphores import semaphores  # noqa: E402,F401 - launchers of other ops import it from here
+
 # (BLOCK_M, BLOCK_N cap, BLOCK_K, num_warps, num_stages) candidates; conv_config picks one per shape. Tests run
 # every entry (tests/test_implicit_gemm.py) so that no shipped config goes unexercised.
 CONV_CONFIGS = [
@@ -539,7 +542,9 @@ def index64(*tensors) -> bool:
         if 3 * elems <= bound and max(t.stride(), default=0) <= elems:
             continue
         if reach(t) > INT32_LIMIT:
+            note_choice("index64", True)
             return True
+    note_choice("index64", False)
     return False
 
 
@@ -568,9 +573,11 @@ def sm_count(device) -> int:
 
 def dot_precision(dtype, device) -> str:
     """IEEE fp32 products unless PyTorch's own convolutions would use TF32 here."""
-    if dtype == torch.float32 and gpu_target(device) and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    if dtype == torch.float32:
+        tf32 = conv_tf32()
+        note_choice("tf32", tf32)  # read on every launch: a graph bakes it in (graphs.GraphKey.tf32)
+        return "tf32" if tf32 and gpu_target(device) else "ieee"
+    return "ieee" if dtype == torch.float64 else "tf32"
 
 
 def _pow2_clamp(n, lo, hi):
@@ -589,6 +596,7 @@ def conv_config(M, N, ktot, device, config=None):
     cfg = dict(config)
     cfg["BLOCK_N"] = _pow2_clamp(N, 16, cfg["BLOCK_N"])
     cfg["BLOCK_K"] = _pow2_clamp(ktot, 16, cfg["BLOCK_K"])
+    note_choice("conv_config", tuple(cfg.values()))
     return cfg
 
 
@@ -687,18 +695,6 @@ def conv_launch(src, w, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0
     return ((out, out2) if dual_out else out), (res_stats if stats else None)
 
 
-def semaphores(device, n):
-    """n int32 counters for last_to_finish on the current stream of device, all zero: each launch that uses them
-    leaves them zero, and launches on one stream run one after another (a stream, or a graph being captured on it,
-    has its own)."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
-    buf = _SEMAPHORES.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _SEMAPHORES[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
-
-
-_SEMAPHORES = {}
 
 
 
@@ -765,6 +761,7 @@ def wgrad_split(p, cout, ktot, config, dev):
     target = 4 * (sm_count(dev) if gpu_target(dev) else 2)
     split = max(1, min(cdiv(p, 4 * cfg["BLOCK_P"]), cdiv(target, tiles)))
     per = cdiv(cdiv(p, split), cfg["BLOCK_P"]) * cfg["BLOCK_P"]
+    note_choice("wgrad_split", (cdiv(p, per), per))
     return cdiv(p, per), per
 
 
