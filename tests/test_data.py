@@ -45,6 +45,15 @@ def test_loader_is_seeded_and_reproducible(mnist_root):
     assert len(a) == 5 and sum(y.numel() for _, y in a) == 300
 
 
+def test_different_seeds_give_different_batches(mnist_root):
+    """The seed reaches the generator: another seed, another order and other shifts (same epoch)."""
+    d = load_splits("mnist", mnist_root, subset=300)
+    (xa, ya), (xb, yb) = (next(iter(_loader(d, shuffle=True, max_shift=2, seed=s))) for s in (3, 4))
+    assert not torch.equal(ya, yb)
+    xa, xb = (next(iter(_loader(d, max_shift=2, seed=s)))[0] for s in (3, 4))  # unshuffled: the shifts alone
+    assert not torch.equal(xa, xb)
+
+
 def test_translation_moves_digits_without_flipping(mnist_root):
     d = load_splits("mnist", mnist_root, subset=64)
     plain = next(iter(_loader(d)))[0]
