@@ -1,5 +1,6 @@
 """FusedResNet against the reference ResNet: outputs, every gradient, running statistics, and the contract."""
 import copy
+import os
 
 import pytest
 import torch
@@ -237,3 +238,27 @@ def test_training_parity_sgd_steps(dev):
             opt.step()
             losses.append(loss.item())
         assert abs(losses[0] - losses[1]) <= 1e-3 * abs(losses[0]), (step, losses)
+
+
+# ---- parity that fails only when the kernels are wrong (tests/parity.py; the same checks at full size on a GPU in
+# test_gpu.py) ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,shortcut", [("cpu", "A"), ("cpu", "B"), ("triton", "A")])
+def test_one_step_error_against_float64_is_within_twice_pytorch_fp32(backend, shortcut):
+    from parity import assert_within_twice_pytorch, one_step_errors
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    ref = perturbed_reference(8, shortcut, False, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 1, 9, 9, generator=gen), torch.randint(0, 10, (6,), generator=gen)
+    assert_within_twice_pytorch(one_step_errors(ref, x, y, backend, cuda_graphs=False))
+
+
+def test_loss_trajectory_stays_in_the_band_of_the_perturbed_reference():
+    from parity import assert_inside_band, loss_band, losses
+    ref = perturbed_reference(8, "A", False, "cpu")
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(16, 1, 10, 10, generator=gen), torch.randint(0, 10, (16,), generator=gen))
+               for _ in range(12)]
+    band = loss_band(ref, batches)
+    assert_inside_band(losses(FusedResNet.from_reference(ref, backend="cpu"), batches), band)

@@ -107,14 +107,15 @@ def test_cuda_graph_capture(cuda, train, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("amp", [False, True])
-def test_self_captured_graphs_match_eager(cuda, backend, amp):
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16])
+def test_self_captured_graphs_match_eager(cuda, backend, shortcut, amp):
     """FusedResNet's own CUDA graphs (on by default) in the ordinary loop, an epoch's smaller last batch included,
     then eval: the numbers of the same model with cuda_graphs=False, one running-statistics update per call."""
     from resnet_fused import ext
     if backend == "cuda" and not ext.has_cuda():
         pytest.skip("resnet_fused._C was built without CUDA kernels")
-    ref, g = _models(cuda, depth=8, shortcut="B", backend=backend)
+    ref, g = _models(cuda, depth=8, shortcut=shortcut, backend=backend)
     e = FusedResNet.from_reference(ref, backend=backend, cuda_graphs=False)
     assert g.graphs.enabled and not e.graphs.enabled
     opts = [torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9) for m in (g, e)]
@@ -126,7 +127,7 @@ def test_self_captured_graphs_match_eager(cuda, backend, amp):
         y = torch.randint(0, 10, (n,), device=cuda, generator=gen)
         outs = []
         for m, opt in zip((g, e), opts):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None):
                 out = m(x)
             F.cross_entropy(out.float(), y).backward()
             opt.step()
@@ -140,11 +141,48 @@ def test_self_captured_graphs_match_eager(cuda, backend, amp):
     assert int(g.bn1.num_batches_tracked) == len(sizes)
     assert g.graphs.stats["captures"] == 2 and g.graphs.stats["replays"] == 6, g.graphs.stats
     g.eval(), e.eval()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    with torch.no_grad(), torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None):
         for i in range(3):
             x = torch.randn(64, 1, 28, 28, device=cuda)
             torch.testing.assert_close(g(x).float(), e(x).float(), **tol)
     assert g.graphs.stats["captures"] == 3
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_train_eval_train_cycles_under_graphs(cuda, backend):
+    """Epochs of training with an evaluation after each (inference_mode and no_grad both), as the training CLI
+    runs them: every call the numbers of the model without graphs, no capture failure, eval graphs recaptured
+    after each epoch's weights (packed before the capture), one set of graphs per key."""
+    from resnet_fused import ext
+    if backend == "cuda" and not ext.has_cuda():
+        pytest.skip("resnet_fused._C was built without CUDA kernels")
+    ref, g = _models(cuda, depth=8, shortcut="A", backend=backend)
+    e = FusedResNet.from_reference(ref, backend=backend, cuda_graphs=False)
+    g.whole_network_inference = e.whole_network_inference = backend == "triton"
+    opts = [torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9) for m in (g, e)]
+    gen = torch.Generator(device=cuda).manual_seed(0)
+    xe = torch.randn(64, 1, 28, 28, device=cuda, generator=gen)
+    for epoch in range(3):
+        for m in (g, e):
+            m.train()
+        for i in range(4):
+            x = torch.randn(32, 1, 28, 28, device=cuda, generator=gen)
+            y = torch.randint(0, 10, (32,), device=cuda, generator=gen)
+            outs = []
+            for m, opt in zip((g, e), opts):
+                out = m(x)
+                F.cross_entropy(out, y).backward()
+                opt.step()
+                opt.zero_grad()
+                outs.append(out.detach())
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+        for m in (g, e):
+            m.eval()
+        for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+            with mode():
+                torch.testing.assert_close(g(xe), e(xe), rtol=1e-4, atol=1e-5)
+    assert g.graphs.stats["failures"] == 0, g.graphs.stats
+    assert g.graphs.stats["replays"] > 0
 
 
 def test_self_captured_graphs_stay_out_of_an_outer_capture(cuda):
@@ -165,29 +203,46 @@ def test_self_captured_graphs_stay_out_of_an_outer_capture(cuda):
     torch.testing.assert_close(out, want)
 
 
-def test_training_parity_50_steps_on_mnist(cuda, mnist_root):
-    """Reference and fused ResNet-20, same weights and batches: per-step losses within 1e-3 relative (fp32)."""
+def _mnist_batches(cuda, mnist_root, n, batch=128):
     from resnet_fused.data import DeviceLoader, load_splits
-    d = load_splits("mnist", mnist_root, device=cuda)
-    loader = DeviceLoader(d["train"], 128, d["mean"], d["std"], shuffle=True, max_shift=2, seed=0)
+    d = load_splits("mnist", mnist_root, device=cuda, subset=n * batch)
+    loader = DeviceLoader(d["train"], batch, d["mean"], d["std"], shuffle=True, max_shift=2, seed=0)
+    return [(x.clone(), y.clone()) for x, y in loader][:n]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("tf32", [False, True])
+def test_one_step_error_against_float64_is_within_twice_pytorch(cuda, mnist_root, backend, shortcut, tf32,
+                                                                 monkeypatch):
+    """ResNet-20, one training step on an MNIST batch: FusedResNet's logits, every gradient and running statistic
+    against float64, within twice PyTorch fp32's error; with TF32 on (PyTorch's default for convolutions) both
+    sides use TF32 and the same rule holds with TF32's larger error."""
+    from parity import assert_within_twice_pytorch, one_step_errors
+    from resnet_fused import ext
+    if backend == "cuda" and not ext.has_cuda():
+        pytest.skip("resnet_fused._C was built without CUDA kernels")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    torch.manual_seed(0)
+    ref = ResNet(20, shortcut=shortcut).to(cuda)
+    (x, y), = _mnist_batches(cuda, mnist_root, 1)
+    assert_within_twice_pytorch(one_step_errors(ref, x, y, backend))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_50_step_losses_stay_in_the_band_of_the_perturbed_reference(cuda, mnist_root, backend):
+    """ResNet-20, 50 SGD steps on MNIST (fp32): per-step losses inside the band that the reference itself spans
+    when its initial weights are perturbed by 1e-6 (tests/parity.py). A per-step 1e-3 tolerance is below this
+    recipe's own chaos floor (bench/lockstep.py: the perturbed reference leaves it by step 9): this band is not."""
+    from parity import assert_inside_band, loss_band, losses
+    from resnet_fused import ext
+    if backend == "cuda" and not ext.has_cuda():
+        pytest.skip("resnet_fused._C was built without CUDA kernels")
     torch.manual_seed(0)
     ref = ResNet(20).to(cuda)
-    fused = FusedResNet.from_reference(ref, backend="triton")
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4) for m in (ref, fused)]
-    worst = 0.0
-    for step, (x, y) in enumerate(loader):
-        if step == 50:
-            break
-        losses = []
-        for m, opt in zip((ref, fused), opts):
-            loss = F.cross_entropy(m(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        worst = max(worst, abs(losses[0] - losses[1]) / abs(losses[0]))
-        assert abs(losses[0] - losses[1]) <= 1e-3 * abs(losses[0]), (step, losses)
-    print(f"worst relative loss difference over 50 steps: {worst:.2e}")
+    batches = _mnist_batches(cuda, mnist_root, 50)
+    band = loss_band(ref, batches)
+    assert_inside_band(losses(FusedResNet.from_reference(ref, backend=backend), batches), band)
 
 
 def test_in_launch_reductions_are_deterministic_and_race_free(cuda, monkeypatch):

@@ -1,0 +1,94 @@
+"""Parity checks that fail only when the kernels are wrong, not when fp32 rounding takes its usual course.
+
+* ``one_step_errors``: one training step of FusedResNet and of the fp32 reference, each against the same step in
+  float64; FusedResNet's error (logits, every gradient, running statistics) may be at most twice PyTorch fp32's.
+* ``loss_band``: a training run is chaotic: the reference itself, started from weights perturbed by 1e-6, leaves a
+  1e-3 band around its own loss within a few steps. The band of such perturbed reference runs, per step, is the
+  yardstick: FusedResNet's losses must lie inside it (widened by the band's own width and a small floor).
+
+Used by tests/test_fused_model.py on CPU (small) and tests/test_gpu.py on a GPU (ResNet-20 on MNIST).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from resnet_fused import FusedResNet
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _step(model, x, y):
+    model.zero_grad(set_to_none=True)
+    out = model(x.to(next(model.parameters()).dtype))
+    F.cross_entropy(out.double(), y).backward()
+    return out.detach()
+
+
+def one_step_errors(ref, x, y, backend, **fused_kwargs):
+    """{name: (FusedResNet's error, PyTorch fp32's error, the float64 value's largest magnitude)} against float64
+    after one training step from the fp32 reference ``ref``'s state: the logits, every parameter's gradient, every
+    floating-point buffer."""
+    ref64 = copy.deepcopy(ref).double()
+    fused = FusedResNet.from_reference(ref, backend=backend, **fused_kwargs)
+    ref32 = copy.deepcopy(ref)
+    outs = {name: _step(m, x, y) for name, m in (("64", ref64), ("fused", fused), ("32", ref32))}
+    def errors(f, p, want):
+        return _max_err(f, want), _max_err(p, want), want.abs().max().item()
+    errs = {"logits": errors(outs["fused"], outs["32"], outs["64"])}
+    for (name, p64), pf, p32 in zip(ref64.named_parameters(), fused.parameters(), ref32.parameters()):
+        errs[f"grad {name}"] = errors(pf.grad, p32.grad, p64.grad)
+    for (name, b64), bf, b32 in zip(ref64.named_buffers(), fused.buffers(), ref32.buffers()):
+        if b64.is_floating_point():
+            errs[name] = errors(bf, b32, b64)
+    return errs
+
+
+def assert_within_twice_pytorch(errs, ulps=4, eps=torch.finfo(torch.float32).eps):
+    """Each of FusedResNet's errors <= 2x PyTorch fp32's + ``ulps`` fp32 roundings of the quantity's magnitude
+    (PyTorch may get a value to within one rounding by luck)."""
+    bad = {k: v for k, v in errs.items() if v[0] > 2 * v[1] + ulps * eps * v[2]}
+    assert not bad, "FusedResNet's error above twice PyTorch fp32's (fused, pytorch): " + \
+        ", ".join(f"{k}: {v[0]:.3g} vs {v[1]:.3g}" for k, v in bad.items())
+
+
+def perturbed(ref, eps, seed):
+    """A copy of ``ref`` with every parameter multiplied by (1 + eps * N(0, 1))."""
+    m = copy.deepcopy(ref)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1 + eps * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
+    return m
+
+
+def losses(model, batches, lr=0.1):
+    """The per-step training losses of ``model`` over ``batches`` (SGD, momentum 0.9, weight decay 5e-4)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    out = []
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return out
+
+
+def loss_band(ref, batches, runs=3, eps=1e-6):
+    """Per step (lo, hi) of the reference's loss over ``runs`` runs from 1e-6-perturbed copies and itself."""
+    curves = [losses(copy.deepcopy(ref), batches)]
+    curves += [losses(perturbed(ref, eps, seed), batches) for seed in range(runs)]
+    return [(min(c), max(c)) for c in zip(*curves)]
+
+
+def assert_inside_band(curve, band, floor=1e-4):
+    """Each loss inside its step's band widened by the band's width and ``floor`` relative."""
+    for step, (loss, (lo, hi)) in enumerate(zip(curve, band)):
+        margin = (hi - lo) + floor * abs(hi)
+        assert lo - margin <= loss <= hi + margin, \
+            f"step {step}: FusedResNet's loss {loss:.6f} outside the reference band [{lo:.6f}, {hi:.6f}]"
