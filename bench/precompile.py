@@ -69,6 +69,27 @@ def run_workload(spec, dry_run):
     return dict(workload="/".join(map(str, spec)), seconds=time.perf_counter() - t0, launches=dict(launches))
 
 
+def test_shards(paths, jobs):
+    """The node ids of the tests under ``paths``, dealt round-robin into ``jobs`` shards (a test file's kernels are
+    spread over the shards, so that its compiles run side by side)."""
+    import subprocess
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *paths],
+                       capture_output=True, text=True, cwd=os.path.dirname(HERE))
+    ids = [line for line in r.stdout.splitlines() if "::" in line]
+    return [ids[i::jobs] for i in range(jobs) if ids[i::jobs]]
+
+
+def start_test_shards(paths, jobs):
+    """The tests' own Triton specialisations, compiled by running them with RESNET_FUSED_COMPILE_ONLY=1 (see
+    tests/conftest.py: each launch compiles and runs nothing) in ``jobs`` processes at once."""
+    import subprocess
+    env = dict(os.environ, RESNET_FUSED_COMPILE_ONLY="1")
+    return [(len(ids), time.perf_counter(), subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header", "-o", "addopts=", *ids],
+        cwd=os.path.dirname(HERE), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for ids in test_shards(paths, jobs)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet20")
@@ -77,11 +98,14 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
     p.add_argument("--json", default=None)
+    p.add_argument("--tests", nargs="*", default=[],
+                   help="test files whose Triton specialisations to compile too (run compile-only, in --jobs shards)")
     args = p.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     print(f"precompile: Triton cache {os.environ.get('TRITON_CACHE_DIR', '~/.triton/cache')}", flush=True)
     t0 = time.perf_counter()
+    shards = start_test_shards(args.tests, args.jobs) if args.tests else []
     results = []
     # spawned workers: CUDA cannot be used in forked children, and each worker must compile on its own
     with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
@@ -96,6 +120,11 @@ def main(argv=None):
             print(f"precompile: {r['workload']}: " + (f"{r['seconds']:.1f}s, {kernels} Triton launches of "
                                                       f"{len(r['launches'])} kernels" if "error" not in r
                                                       else r["error"]), flush=True)
+    for tests, started, proc in shards:  # their pass/fail is meaningless: only what they compiled counts
+        proc.wait()
+        results.append(dict(workload=f"tests shard ({tests} tests)", seconds=time.perf_counter() - started,
+                            launches={}))
+        print(f"precompile: a shard of {tests} tests compiled in {results[-1]['seconds']:.1f}s", flush=True)
     out = dict(seconds=time.perf_counter() - t0, workloads=results)
     print(f"precompile: {len(results)} workloads in {out['seconds']:.1f}s", flush=True)
     if args.json:
