@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from resnet_fused import backends as fused_backends  # noqa: E402
 from resnet_fused import build_model  # noqa: E402
 from resnet_fused.ops import implicit_gemm  # noqa: E402
+from resnet_fused.ops.resnet_infer import ctas_per_sm  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -94,6 +95,8 @@ def analyse(kernel, workdir):
     st = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", v)
     res.update(regs=int(regs.group(1)) if regs else None,
                spill_bytes=(int(st.group(1)) + int(st.group(2))) if st else None)
+    # blocks an SM holds at once (registers, shared memory, threads): what sizes resnet_infer's persistent grid
+    res["ctas_per_sm"] = ctas_per_sm(res["regs"], md.shared, md.num_warps) if res["regs"] else None
     usage = _run([_tool("cuobjdump"), "--dump-resource-usage", cubin_path]).stdout
     reg = re.search(r"REG:(\d+)", usage)
     res["regs_cubin"] = int(reg.group(1)) if reg else None
@@ -203,7 +206,7 @@ def main(argv=None):
                     disagree.append(f"{name} {h[:12]}: driver {kernel.n_regs} regs / {kernel.n_spills} spills, "
                                     f"cubin {r['regs_cubin']} regs, ptxas {r['spill_bytes']} spill bytes")
             rows.append(r)
-    cols = ["regs", "regs_cubin", "spill_bytes", "smem", "num_warps", "mul64", "mulwide", "ldg_vec", "ldg",
+    cols = ["regs", "regs_cubin", "spill_bytes", "smem", "num_warps", "ctas_per_sm", "mul64", "mulwide", "ldg_vec", "ldg",
             "stg_vec", "stg", "mma", "sass"]
     target = (f"sm_{torch.cuda.get_device_capability()[0]}{torch.cuda.get_device_capability()[1]} "
               f"({torch.cuda.get_device_name()})") if args.check_driver else "sm_90"

@@ -172,3 +172,30 @@ def test_opcheck_and_compile(dev):
         out, launches = _calls(lambda: compiled(x))
         torch.testing.assert_close(out, ref(x), rtol=1e-4, atol=1e-5)
     assert launches == 1
+
+
+def test_blocks_per_sm_follow_registers_shared_memory_and_threads():
+    """The CUDA occupancy rules on sm_90 (65,536 registers, 228 KB of shared memory, 2,048 threads per SM): 154
+    registers x 128 threads leave room for 3 blocks, not the 4 a fixed grid assumed."""
+    from resnet_fused.ops.resnet_infer import ctas_per_sm
+    assert ctas_per_sm(154, 0, 4) == 3   # 20 x 256 registers per warp: 20,480 per block
+    assert ctas_per_sm(128, 0, 4) == 4
+    assert ctas_per_sm(32, 0, 4) == 16   # the threads' limit: 2,048 / 128
+    assert ctas_per_sm(32, 100_000, 4) == 2  # shared memory's
+    assert ctas_per_sm(255, 0, 8) == 1
+    assert ctas_per_sm(16, 0, 1) == 32   # the blocks' limit
+
+
+def test_the_persistent_grid_is_the_blocks_the_gpu_holds_at_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from resnet_fused.ops import implicit_gemm
+    from resnet_fused.ops.resnet_infer import programs
+    monkeypatch.setattr(implicit_gemm, "COMPILE_FOR_GPU_SMS", 132)
+    cpu = torch.device("cpu")
+    kernel = SimpleNamespace(n_regs=154, metadata=SimpleNamespace(shared=0, num_warps=4))
+    assert programs(10_000, cpu, kernel) == 3 * 132
+    assert programs(100, cpu, kernel) == 100
+    assert programs(10_000, cpu) == 4 * 132  # no register count (a compile-only run): the old default
+    monkeypatch.setattr(implicit_gemm, "COMPILE_FOR_GPU_SMS", None)
+    assert programs(10_000, cpu, kernel) == 2  # the interpreter

@@ -321,11 +321,56 @@ def _check(x, weights, biases, table, fc_weight, fc_bias, spec):
             raise ValueError(f"resnet_infer: {name} on {t.device}, the input on {x.device}")
 
 
-def programs(n, device):
-    """Persistent programs for n images: a few per SM on a GPU (each holds one image's scratch at a time)."""
-    if gpu_target(device):
-        return max(1, min(n, 4 * sm_count(device)))
-    return max(1, min(n, 2))  # the interpreter: still a persistent loop when n > 2 (tests)
+# sm_90's per-SM limits, for kernel_report's compile-only runs (a GPU reports its own)
+SM90 = dict(regs=65536, smem=233472, threads=2048, blocks=32)
+REG_UNIT, SMEM_RESERVED = 256, 1024  # registers are allocated per warp in units of 256; 1 KB of smem per block
+
+
+def ctas_per_sm(n_regs, smem, num_warps, limits=SM90) -> int:
+    """Blocks of a kernel one SM holds at once: the least of what its registers, shared memory and threads allow
+    (the CUDA occupancy calculator's rules)."""
+    warp_regs = -(-n_regs * 32 // REG_UNIT) * REG_UNIT
+    by_regs = limits["regs"] // max(1, warp_regs * num_warps)
+    by_smem = limits["smem"] // (smem + SMEM_RESERVED) if smem else limits["blocks"]
+    by_threads = limits["threads"] // (32 * num_warps)
+    return max(1, min(by_regs, by_smem, by_threads, limits["blocks"]))
+
+
+def _sm_limits(device):
+    if device.type != "cuda":
+        return SM90
+    p = torch.cuda.get_device_properties(device)
+    return dict(regs=p.regs_per_multiprocessor, smem=p.shared_memory_per_multiprocessor,
+                threads=p.max_threads_per_multi_processor, blocks=SM90["blocks"])
+
+
+def programs(n, device, kernel=None):
+    """Persistent programs for n images: on a GPU as many as its SMs hold at once (from the compiled kernel's
+    registers and shared memory: more would only queue a second, partial wave; each program holds one image's
+    scratch at a time), else 2 for the interpreter (still a persistent loop when n > 2: tests)."""
+    if not gpu_target(device):
+        return max(1, min(n, 2))
+    per_sm = 4  # without a compiled kernel whose register count is known (kernel_report's compile-only runs)
+    if kernel is not None and getattr(kernel, "n_regs", None):
+        per_sm = ctas_per_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps, _sm_limits(device))
+    return max(1, min(n, per_sm * sm_count(device)))
+
+
+_COMPILED = {}  # (device, dtype, constexprs) -> the compiled kernel, for its occupancy (programs())
+
+
+def _compiled(args, consts, x):
+    """The kernel compiled for this launch's specialisation with its register count loaded (on a GPU), or None
+    elsewhere (the interpreter; kernel_report compiles without a driver)."""
+    if x.device.type != "cuda":
+        return None
+    key = (x.device, x.dtype, tuple(consts.items()))
+    if key not in _COMPILED:
+        placeholder = torch.empty(16, dtype=x.dtype, device=x.device)  # aligned, as the real scratch is
+        kernel = resnet_infer_kernel.warmup(*[placeholder if a is None else a for a in args], grid=(1,), **consts)
+        kernel._init_handles()  # loads the module: n_regs and n_spills become known
+        _COMPILED[key] = kernel
+    return _COMPILED[key]
 
 
 @custom_op("resnet_fused::resnet_infer", mutates_args=())
@@ -352,24 +397,23 @@ def resnet_infer(x: Tensor, weights: Tensor, biases: Tensor, table: Tensor, fc_w
     if reach >= 2**31:
         raise ValueError(f"resnet_infer: one image of x spans {reach} elements; the kernel's per-image offsets "
                          f"are 32-bit")
-    grid = programs(n, x.device)
-    scratch = torch.empty(grid * 3 * scr, dtype=x.dtype, device=x.device)
     s_n, s_c, s_h, s_w = x.stride()
     bm = max(16, min(64, 8192 // max(16, next_pow2(max(widths)))))
+    args = [out, None, x, weights, biases, table, fc_weight, fc_bias if fc_bias is not None else fc_weight,
+            n, h0, w0, s_n, s_h, s_w, s_c, scr, k, *fc_weight.stride(), *(s[5] for s in st)]
+    consts = dict(CIN=cin, NST=n_st, REST=rest, HAS_B=fc_bias is not None,
+                  C0=widths[0], C1=widths[1], C2=widths[2], C3=widths[3],
+                  B0=max(16, next_pow2(widths[0])), B1=max(16, next_pow2(widths[1])),
+                  B2=max(16, next_pow2(widths[2])), B3=max(16, next_pow2(widths[3])),
+                  S0=st[0][2], S1=st[1][2], S2=st[2][2], S3=st[3][2],
+                  M0=st[0][3], M1=st[1][3], M2=st[2][3], M3=st[3][3],
+                  P0=st[0][4], P1=st[1][4], P2=st[2][4], P3=st[3][4],
+                  CL=widths[n_st - 1], BL=max(16, next_pow2(widths[n_st - 1])),
+                  BM=bm, PRECISION=dot_precision(x.dtype, x.device), num_warps=4, num_stages=1)
     with device_guard(x):
-        resnet_infer_kernel[(grid,)](
-            out, scratch, x, weights, biases, table, fc_weight, fc_bias if fc_bias is not None else fc_weight,
-            n, h0, w0, s_n, s_h, s_w, s_c, scr, k, *fc_weight.stride(),
-            *(s[5] for s in st),
-            CIN=cin, NST=n_st, REST=rest, HAS_B=fc_bias is not None,
-            C0=widths[0], C1=widths[1], C2=widths[2], C3=widths[3],
-            B0=max(16, next_pow2(widths[0])), B1=max(16, next_pow2(widths[1])),
-            B2=max(16, next_pow2(widths[2])), B3=max(16, next_pow2(widths[3])),
-            S0=st[0][2], S1=st[1][2], S2=st[2][2], S3=st[3][2],
-            M0=st[0][3], M1=st[1][3], M2=st[2][3], M3=st[3][3],
-            P0=st[0][4], P1=st[1][4], P2=st[2][4], P3=st[3][4],
-            CL=widths[n_st - 1], BL=max(16, next_pow2(widths[n_st - 1])),
-            BM=bm, PRECISION=dot_precision(x.dtype, x.device), num_warps=4, num_stages=1)
+        grid = programs(n, x.device, _compiled(args, consts, x))
+        args[1] = torch.empty(grid * 3 * scr, dtype=x.dtype, device=x.device)  # per-program scratch
+        resnet_infer_kernel[(grid,)](*args, **consts)
     return out
 
 
