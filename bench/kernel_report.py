@@ -115,9 +115,23 @@ def analyse(kernel, workdir):
     return res
 
 
-def collect(workloads, batch, real_driver=False):
-    """{(kernel name, specialisation key): (CompiledKernel, {constexprs}, [workloads])} for the given workloads;
-    ``real_driver``: compile for the GPU of this machine (the tensors stay on the CPU: nothing is launched)."""
+def run_heads(heads, precisions, current):
+    """pool_linear's forward and backward at each (channels, classes) head: the extreme sizes fits() admits."""
+    from resnet_fused.ops import pool_linear as pl
+    for c, k in heads:
+        for prec in precisions:
+            dt = torch.bfloat16 if prec == "bf16" else torch.float32
+            current[0] = f"head {c}x{k}/{prec}"
+            f = torch.randn(32, c, 4, 4, dtype=dt).contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(k, c, dtype=dt), torch.randn(k, dtype=dt)
+            _, pooled = pl.pool_linear(f, w, b, dt)
+            pl.pool_linear_backward(torch.randn(32, k, dtype=dt), pooled, f, w, True)
+
+
+def collect(workloads, batch, real_driver=False, heads=(), index64=False):
+    """{(kernel name, specialisation key): (CompiledKernel, {constexprs}, [workloads])} for the given workloads
+    (and pool_linear's ``heads``); ``real_driver``: compile for the GPU of this machine (the tensors stay on the
+    CPU: nothing is launched); ``index64``: every launcher takes its 64-bit index variant (INDEX64)."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
     if not real_driver:
@@ -140,6 +154,9 @@ def collect(workloads, batch, real_driver=False):
     fused_backends.triton_interpreting = lambda: True  # backend "triton" takes the CPU tensors
     # the launchers choose tiles, TF32 and split counts for the GPU compiled for, not for the CPU tensors
     implicit_gemm.COMPILE_FOR_GPU_SMS = launch_sms(real_driver)
+    int32_limit = implicit_gemm.INT32_LIMIT
+    if index64:
+        implicit_gemm.INT32_LIMIT = 0  # every offset "too large": the INDEX64 variants
     try:
         for name, shortcut, mode, prec in workloads:
             current[0] = f"{name}{shortcut}/{mode}/{prec}"
@@ -156,9 +173,11 @@ def collect(workloads, batch, real_driver=False):
                 else:
                     with torch.no_grad():
                         model(x)
+        run_heads(heads, sorted({w[3] for w in workloads}), current)
     finally:
         JITFunction.run = original
         implicit_gemm.COMPILE_FOR_GPU_SMS = None
+        implicit_gemm.INT32_LIMIT = int32_limit
     return seen
 
 
@@ -186,14 +205,21 @@ def main(argv=None):
     p.add_argument("--tf32", choices=["on", "off"], default="on",
                    help="fp32 convolutions as with torch.backends.cudnn.allow_tf32 = True (PyTorch's default: TF32 "
                         "tensor cores) or False (IEEE fp32) [on]")
+    p.add_argument("--index64", action="store_true",
+                   help="compile the 64-bit index variants (INDEX64) of every launch instead of the 32-bit ones")
+    p.add_argument("--heads", default="",
+                   help="pool_linear heads to compile too, CxK,... ('extremes': the largest that fits() admits)")
     args = p.parse_args(argv)
     torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    from resnet_fused.ops import pool_linear
+    heads = (pool_linear.EXTREME_HEADS if args.heads == "extremes" else
+             [tuple(int(v) for v in h.split("x")) for h in args.heads.split(",") if h])
     if args.check_driver and not torch.cuda.is_available():
         raise SystemExit("error: --check-driver needs a CUDA GPU (it loads every kernel through the driver)")
     workloads = [(args.model, s, m, pr) for s in args.shortcuts.split(",") for m in args.modes.split(",")
                  for pr in args.precisions.split(",")]
     t0 = time.perf_counter()
-    seen = collect(workloads, args.batch, real_driver=args.check_driver)
+    seen = collect(workloads, args.batch, real_driver=args.check_driver, heads=heads, index64=args.index64)
     rows, disagree = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for (name, h), (kernel, consts, used) in sorted(seen.items(), key=lambda kv: kv[0][0]):
@@ -228,6 +254,7 @@ def main(argv=None):
     res = dict(target=target, driver_checked=args.check_driver, driver_disagreements=disagree,
                triton=triton.__version__, torch=torch.__version__, model=args.model,
                batch=args.batch, workloads=["/".join(w[1:]) for w in workloads], launch_choices=launch,
+               index64=args.index64, heads=[list(h) for h in heads],
                kernels=rows, totals=tot,
                git_commit=os.environ.get("RESNET_FUSED_GIT_COMMIT") or _git_commit())
     if args.json:

@@ -226,8 +226,8 @@ def test_bn_running_update_matches_batchnorm(dev):
         ops.bn_running_update([bns[0].running_mean], [], [], [], [], [], [], [])
 
 
-@pytest.mark.parametrize("n,c,hw,k,bias", [(1, 64, 7, 10, True), (37, 13, 3, 10, False), (16, 64, 1, 47, True)],
-                         ids=str)
+@pytest.mark.parametrize("n,c,hw,k,bias", [(1, 64, 7, 10, True), (37, 13, 3, 10, False), (16, 64, 1, 47, True),
+                                           (2, 512, 1, 16, True), (3, 32, 2, 256, False)], ids=str)
 def test_pool_linear_matches_pytorch(dev, n, c, hw, k, bias):
     """Global average pool + linear, forward and every gradient, against F.linear(x.mean((2, 3))): batch 1, 7x7,
     channels and classes not multiples of 8 or 16, no bias, a 1x1 map; the weight gradient in the weight's
@@ -246,6 +246,19 @@ def test_pool_linear_matches_pytorch(dev, n, c, hw, k, bias):
         close(a, r, msg=name)
     assert got[0].is_contiguous(memory_format=torch.channels_last)
     assert not ig.semaphores(f.device, 1).any()
+
+
+def test_pool_linear_takes_only_heads_whose_tile_compiles():
+    """fits(): the extreme heads it admits (each compiled for sm_90 by kernel_report --heads extremes) and nothing
+    with a larger weight tile: 256 x 256 needs more shared memory than an sm_90 block may have."""
+    from resnet_fused.ops import pool_linear as pl
+    for c, k in pl.EXTREME_HEADS:
+        assert pl.fits(c, k) and pl.fits(c - 3, k - 1)
+        assert not pl.fits(2 * c, k) and not pl.fits(c, 2 * k) and not pl.fits(c + 1, k)
+    assert pl.fits(64, 10) and pl.fits(64, 100) and not pl.fits(128, 128) and not pl.fits(512, 256)
+    assert not pl.fits(0, 10) and not pl.fits(1024, 1)
+    with pytest.raises(ValueError, match="weight tile"):
+        ops.pool_linear(torch.randn(2, 256, 1, 1), torch.randn(256, 256), None, out_dtype=torch.float32)
 
 
 def test_pool_linear_low_precision_and_its_errors(dev):

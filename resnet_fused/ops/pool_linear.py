@@ -27,10 +27,20 @@ from .implicit_gemm import cdiv, device_guard, last_to_finish, next_pow2, nhwc_s
 
 BLOCK_N = 16
 MAX_C, MAX_K = 512, 256  # the widest head the kernels take (the model falls back to PyTorch ops beyond)
+# One program holds a [BLOCK_C, BLOCK_K] tile of the weight in fp32 (the dot's operand, staged through shared
+# memory). Compiled for sm_90 (bench/kernel_report.py --heads): a 256 x 256 tile needs 273 KB of shared memory,
+# more than the 227 KB a block may have (the launch fails), 512 x 256 545 KB; 128 x 128 spills ~4.8 KB of
+# registers in fp32. Tiles up to 8,192 elements (64 KB of shared memory) are what the kernels take.
+MAX_TILE = 8192
+EXTREME_HEADS = [(512, 16), (256, 32), (128, 64), (64, 128), (32, 256)]  # the corners fits() admits
 
 
 def fits(channels: int, classes: int) -> bool:
-    return 1 <= channels <= MAX_C and 1 <= classes <= MAX_K
+    """Whether the kernels take a head of this size (see MAX_TILE); the model runs PyTorch's ops otherwise."""
+    if not (1 <= channels <= MAX_C and 1 <= classes <= MAX_K):
+        return False
+    bc, bk = _blocks(channels, classes)
+    return bc * bk <= MAX_TILE
 
 
 @triton.jit
@@ -122,8 +132,9 @@ def _check(feats, weight, bias):
         raise ValueError(f"pool_linear: features {tuple(feats.shape)} need a weight [K, {c}] and bias [K], got "
                          f"{tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}")
     if not fits(c, weight.shape[0]):
-        raise ValueError(f"pool_linear: takes up to {MAX_C} channels and {MAX_K} classes, got {c} and "
-                         f"{weight.shape[0]}")
+        raise ValueError(f"pool_linear: takes up to {MAX_C} channels, {MAX_K} classes and a weight tile of "
+                         f"{MAX_TILE} elements (channels x classes, each rounded up to a power of two >= 16), got "
+                         f"{c} and {weight.shape[0]}")
 
 
 @custom_op("resnet_fused::pool_linear", mutates_args=())
