@@ -189,12 +189,11 @@ class EmulatedCapture:
             recorder.undo_writes()
         recorder.poison_made()
         self.captures += 1
-        tensors = list(module.parameters()) + list(module.buffers())
         choices = recorder.choices
 
         def replay():
-            versions = [t._version for t in tensors]  # a real replay moves no version counter
-            # below autograd, where the recorder saw the operators (a replay builds no autograd graph)
+            # below autograd, where the recorder saw the operators: no autograd graph is built and, below
+            # ADInplaceOrView, no version counter moves (a real replay runs kernels only)
             with torch.inference_mode(inference), torch._C._AutoDispatchBelowADInplaceOrView(), \
                     recording_choices() as now:
                 for func, args, kwargs, rec in recorder.calls:
@@ -203,7 +202,6 @@ class EmulatedCapture:
                     for r, n in zip(_tensors(rec), _tensors(func(*args, **kwargs))):
                         if r.data_ptr() != n.data_ptr():
                             r.copy_(n)
-            torch._C._autograd._unsafe_set_version_counter(tuple(tensors), tuple(versions))
             if now != choices:
                 changed = sorted({k for k, v in now if (k, v) not in choices}
                                  | {k for k, v in choices if (k, v) not in now})
