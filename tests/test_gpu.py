@@ -349,3 +349,13 @@ def test_kernel_report_agrees_with_the_driver(cuda, tmp_path):
     d = json.loads(out.read_text())
     assert d["driver_checked"] and not d["driver_disagreements"]
     assert all(k["driver_regs"] == k["regs_cubin"] for k in d["kernels"])
+
+
+def test_eager_semaphores_are_per_stream(cuda):
+    """Launches on two streams may run at once: their last_to_finish counters must not be shared."""
+    from resnet_fused.ops.semaphores import semaphores
+    a = semaphores(cuda, 4)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        b = semaphores(cuda, 4)
+    assert a.data_ptr() != b.data_ptr() and semaphores(cuda, 4) is a

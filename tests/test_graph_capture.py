@@ -208,3 +208,16 @@ def test_conv_tf32_follows_the_legacy_flag_and_the_fp32_precision_api(restore_pr
     assert not conv_tf32()
     torch.backends.cudnn.conv.fp32_precision = "tf32"
     assert conv_tf32()
+
+
+def test_folding_or_deriving_weights_inside_a_capture_is_refused():
+    """The model's caches are filled before a capture (GraphRunner refreshes the fold and calls Backend.prepare);
+    the refusal is what catches a path that would fill one inside."""
+    from resnet_fused import FusedResNet
+    m = FusedResNet(depth=8, backend="cpu").eval()
+    with pytest.raises(CaptureError, match="folding"):
+        capture(lambda: (m.folded(torch.float32).stem.bias * 1,), m)
+    m.folded(torch.float32)  # filled outside: a cache hit inside is fine
+    capture(lambda: (m.folded(torch.float32).stem.bias * 1,), m).replay()
+    with pytest.raises(CaptureError, match="'packed' weights"):
+        capture(lambda: (m.fold_cache.derived("packed", lambda f: f.stem.bias * 2) * 1,), m)
