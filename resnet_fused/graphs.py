@@ -263,8 +263,7 @@ class GraphRunner:
         entry = _Entry(key)
         entry.fold_generation = fold_gen
         try:
-            with _modes(key):
-                backend.prepare(module, x)  # packed/transformed weights made now: nothing is kept from a capture
+            backend.prepare(module, x)  # packed/transformed weights made now (in the call's autocast dtype)
             with use_pool(self.semaphores):
                 self._capture_into(entry, module, key, x, run)
         except Exception as e:  # noqa: BLE001 - anything the capture refuses: run this key eagerly from now on

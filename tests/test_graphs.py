@@ -402,16 +402,17 @@ def test_a_host_read_inside_the_forward_is_caught_by_the_capture():
     assert_same_state(g, e)
 
 
-def test_whole_network_weights_are_packed_before_the_capture(dev):
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_whole_network_weights_are_packed_before_the_capture(dev, amp):
     """After the weights change, the eval key is already warm: the next call captures at once, and the packed
-    weights of the new fold must be made before the capture, not inside it (torch.tensor there is a pageable
-    host-to-device copy a real capture refuses)."""
+    weights of the new fold (in autocast's dtype) must be made before the capture, not inside it (torch.tensor
+    there is a pageable host-to-device copy a real capture refuses)."""
     g, e = pair("A", backend="triton", depth=8, device=dev)
     for m in (g, e):
         m.eval()
         m.whole_network_inference = True
     x = batch(2, hw=6, seed=1, device=dev)[0]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         torch.testing.assert_close(g(x), e(x), rtol=1e-5, atol=1e-6)  # warm-up
         for m in (g, e):
             m.fc.weight.mul_(0.5)  # a new fold

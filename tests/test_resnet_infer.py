@@ -179,6 +179,8 @@ def test_blocks_per_sm_follow_registers_shared_memory_and_threads():
     registers x 128 threads leave room for 3 blocks, not the 4 a fixed grid assumed."""
     from resnet_fused.ops.resnet_infer import ctas_per_sm
     assert ctas_per_sm(154, 0, 4) == 3   # 20 x 256 registers per warp: 20,480 per block
+    assert ctas_per_sm(97, 0, 4) == 4    # 97 x 32 rounds up to 13 x 256 per warp (not 5 blocks of 12,416)
+    assert ctas_per_sm(32, 77_000, 4) == 2  # 1 KB reserved per block: 3 x 78,024 bytes do not fit
     assert ctas_per_sm(128, 0, 4) == 4
     assert ctas_per_sm(32, 0, 4) == 16   # the threads' limit: 2,048 / 128
     assert ctas_per_sm(32, 100_000, 4) == 2  # shared memory's
