@@ -96,6 +96,63 @@ def test_bn_stats_kernels(emu, dtype, p, c):
     close(var, xd.var(0, unbiased=False), acc)
 
 
+def _chan_merge(a, b):
+    """portable.cuh's chan_merge on (n, mean, M2) triples, operation for operation (Python floats are doubles)."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    if n_b == 0:
+        return a
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + (m2_b + delta * delta * (n_a * (n_b / n)))
+
+
+def _bn_stats_in_order(col, groups=8):
+    """bn_stats of one channel as the two kernels compute it, in float64: per chunk, each row group's two-pass
+    (mean, M2), merged in group order; each merge thread's run of chunks in order; the runs as a binary tree."""
+    p = len(col)
+    chunks = []
+    for r0 in range(0, p, ROWS):
+        rows = col[r0:r0 + ROWS]
+        acc = None
+        for q in range(groups):
+            mine = rows[q::groups]
+            n = len(mine)
+            m = m2 = 0.0
+            if n:
+                m = sum(mine, 0.0) / n
+                for v in mine:
+                    m2 += (v - m) * (v - m)
+            acc = (float(n), m, m2) if acc is None else _chan_merge(acc, (float(n), m, m2))
+        chunks.append((float(len(rows)), acc[1], acc[2]))
+    runs = []
+    for ty in range(groups):
+        acc = (0.0, 0.0, 0.0)
+        for k in range(len(chunks) * ty // groups, len(chunks) * (ty + 1) // groups):
+            acc = _chan_merge(acc, chunks[k])
+        runs.append(acc)
+    step = 1
+    while step < groups:
+        for ty in range(0, groups, 2 * step):
+            runs[ty] = _chan_merge(runs[ty], runs[ty + step])
+        step *= 2
+    return runs[0][1], runs[0][2] / p
+
+
+@pytest.mark.parametrize("p", [300, 5000])
+def test_bn_stats_kernels_merge_in_their_documented_order_bit_for_bit(emu, p):
+    """float64, bit for bit against the order the kernels document (group order within a chunk, chunks in order
+    within a run, then a tree): a reordered merge changes only roundings, which only an exact comparison sees."""
+    gen = torch.Generator().manual_seed(p)
+    c = 3
+    x = rand((p, c), torch.float64, gen, scale=3.0, offset=0.7)
+    mean, var = torch.full((c,), float("nan"), dtype=torch.float64), torch.full((c,), float("nan"), dtype=torch.float64)
+    assert emu.emu_bn_stats(CODE[torch.float64], ptr(x), i64(p), i64(c), ptr(mean), ptr(var)) == 0
+    for j in range(c):
+        m, v = _bn_stats_in_order(x[:, j].tolist())
+        assert (mean[j].item(), var[j].item()) == (m, v), (j, mean[j].item() - m, var[j].item() - v)
+
+
 def test_bn_stats_kernels_are_stable_far_from_zero(emu):
     """|mean| >> std: two passes per thread and Chan's merge keep the variance (a sum-of-squares form loses it)."""
     gen = torch.Generator().manual_seed(0)
