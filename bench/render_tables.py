@@ -1,8 +1,11 @@
-"""The README's speed tables, rendered from the committed benchmark JSON so the text cannot drift from it.
+"""The README's and docs/RESULTS.md's tables, rendered from the committed JSON so the text cannot drift from it.
 
     python bench/render_tables.py bench/results/throughput-....json     # markdown on stdout
-    python bench/render_tables.py --readme README.md                   # rewrite every table block in place
-    python bench/render_tables.py --readme README.md --check           # exit 1 if a block is out of date
+    python bench/render_tables.py --readme README.md --readme docs/RESULTS.md          # rewrite every block
+    python bench/render_tables.py --readme README.md --readme docs/RESULTS.md --check  # exit 1 if one is stale
+
+Accuracy blocks, ``<!-- accuracy-table: PATH[,PATH] -->`` ... ``<!-- end accuracy-table -->``, list the groups of
+runs in bench/recipe_runs.py / bench/recipe_parity.py JSON files (seeds, mean and spread of the final accuracy).
 
 A block in the README is the lines between ``<!-- throughput-table: PATH -->`` and ``<!-- end throughput-table
 -->``; PATH is a JSON written by bench/throughput.py (relative to the repository root). Each table names its JSON,
@@ -26,6 +29,7 @@ sys.path.insert(0, HERE)
 from throughput import BASELINES, IMPLS, summarize  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- throughput-table: (\S+) -->\n)(.*?)(<!-- end throughput-table -->)", re.S)
+ACCURACY = re.compile(r"(<!-- accuracy-table: (\S+) -->\n)(.*?)(<!-- end accuracy-table -->)", re.S)
 
 
 def _fmt(v):
@@ -75,13 +79,39 @@ def render(path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _groups(path):
+    """(label, {mean, min, max, n}) of each group in a bench/recipe_runs.py or bench/recipe_parity.py JSON."""
+    with open(os.path.join(ROOT, path)) as f:
+        d = json.load(f)
+    if "groups" in d:  # recipe_runs: final test accuracy of the weights each run reports
+        return [(g["label"], g["final_acc"]) for g in d["groups"]]
+    names = dict(fused_acc="FusedResNet", reference_acc="reference")  # recipe_parity: the default recipe's pairs
+    return [(f"{names.get(k, k)}, default recipe", v) for k, v in d["summary"].items()]
+
+
+def render_accuracy(paths: str) -> str:
+    """One row per group of runs in the comma-separated JSON files: seeds, mean and spread of the final MNIST
+    test accuracy, and the file it comes from."""
+    lines = ["| runs | seeds | MNIST test accuracy, mean (min-max) | from |", "| --- | ---: | ---: | --- |"]
+    for path in paths.split(","):
+        for label, acc in _groups(path):
+            lines.append(f"| {label} | {acc['n']} | **{acc['mean']:.2f}%** ({acc['min']:.2f}-{acc['max']:.2f}) "
+                         f"| `{path}` |")
+    return "\n".join(lines) + "\n"
+
+
+def rendered(text: str) -> str:
+    text = BLOCK.sub(lambda m: m.group(1) + render(m.group(2)) + m.group(4), text)
+    return ACCURACY.sub(lambda m: m.group(1) + render_accuracy(m.group(2)) + m.group(4), text)
+
+
 def update_readme(readme: str, check: bool) -> int:
     with open(readme) as f:
         text = f.read()
-    new = BLOCK.sub(lambda m: m.group(1) + render(m.group(2)) + m.group(4), text)
+    new = rendered(text)
     if check:
         if new != text:
-            print(f"{readme}: a throughput table is out of date: run python bench/render_tables.py --readme {readme}")
+            print(f"{readme}: a rendered table is out of date: run python bench/render_tables.py --readme {readme}")
             return 1
         return 0
     if new != text:
@@ -93,12 +123,13 @@ def update_readme(readme: str, check: bool) -> int:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="*", help="throughput JSON files (paths relative to the repository root)")
-    p.add_argument("--readme", default=None, help="rewrite the table blocks of this markdown file")
+    p.add_argument("--readme", action="append", default=[],
+                   help="rewrite the table blocks of this markdown file (repeatable: README.md, docs/RESULTS.md)")
     p.add_argument("--check", action="store_true", help="with --readme: only report whether it is up to date")
     args = p.parse_args(argv)
     for path in args.json:
         print(render(os.path.relpath(os.path.abspath(path), ROOT)))
-    return update_readme(args.readme, args.check) if args.readme else 0
+    return max([update_readme(r, args.check) for r in args.readme], default=0)
 
 
 if __name__ == "__main__":

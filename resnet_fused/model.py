@@ -33,9 +33,10 @@ def _drop_graphs(module, incompatible_keys):
 class FusedResNet(ResNet):
     """Drop-in ResNet with fused kernels: same constructor (plus ``backend``) and the same state_dict keys.
 
-    ``backend``: "auto" (default, or ``RESNET_FUSED_BACKEND``), "triton", "cuda" or "cpu"; see README.
+    ``backend``: "auto" (default, or ``RESNET_FUSED_BACKEND``), "triton", "cuda" or "cpu"; see the README's
+    backends table and docs/GUIDE.md.
     ``cuda_graphs``: capture the forward/backward of CUDA inputs in CUDA graphs and replay them (default on;
-    ``RESNET_FUSED_CUDA_GRAPHS=0`` sets the default off); see resnet_fused.graphs and the README.
+    ``RESNET_FUSED_CUDA_GRAPHS=0`` sets the default off); see resnet_fused.graphs and docs/GUIDE.md.
     ``sync_bn``: in training under torch.distributed, BatchNorm statistics of the global batch (over
     ``process_group``, default the world); see resnet_fused.distributed."""
 

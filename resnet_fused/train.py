@@ -42,11 +42,11 @@ DEFAULTS = dict(model="resnet20", impl="fused", dataset="mnist", epochs=15, batc
 # Flags that define the run: on --resume they come from the checkpoint unless given again (and must then agree).
 RECIPE_KEYS = tuple(DEFAULTS)
 # --recipe NAME: values over DEFAULTS (flags given on the command line override them). How each was chosen, with
-# the measurements: README "Accuracy" and results/recipes/.
+# the measurements: docs/RESULTS.md "Accuracy" and results/recipes/.
 RECIPES = dict(
     default={},
-    # the fewest images to 99.5% MNIST test accuracy: 3 of 3 seeds in 2 epochs (README "Accuracy"; lr 0.4 at batch
-    # 256 spiked near the one-cycle peak, in the reference as in the fused runs: results/recipes/README.md)
+    # the fewest images to 99.5% MNIST test accuracy: 3 of 3 seeds in 2 epochs (docs/RESULTS.md "Accuracy"; lr 0.4
+    # at batch 256 spiked near the one-cycle peak, in the reference as in the fused runs: results/recipes/README.md)
     fast=dict(epochs=2, batch_size=128, schedule="onecycle", lr=0.2, label_smoothing=0.1),
     # the best single-model accuracy: small rotations/zooms on top of the shifts, label smoothing, weight EMA,
     # a longer schedule, ResNet-32 (99.77% over 3 seeds against ResNet-20's 99.73%: results/best-resnet32/)
@@ -61,7 +61,7 @@ def build_parser():
     a = p.add_argument
     a("--recipe", choices=list(RECIPES),
       help="a named set of the defaults below: fast (2 epochs, aiming at 99.5%% on MNIST), best (aiming at the "
-           "best single-model accuracy: 99.77%% on MNIST with ResNet-32, mean of 3 seeds, README 'Accuracy'); flags "
+           "best single-model accuracy: 99.77%% on MNIST with ResNet-32, mean of 3 seeds, docs/RESULTS.md); flags "
            "given override it [default]")
     a("--model", help=f"one of {', '.join(MODEL_NAMES)} (or resnetN/plainN) [default resnet20]")
     a("--impl", choices=["reference", "fused"],

@@ -153,15 +153,21 @@ def test_host_overhead_tool(tmp_path):
     assert d["host_cpu_ratio"] == pytest.approx(d["fused_host_cpu_us"] / d["reference_host_cpu_us"])
 
 
-def test_readme_speed_tables_are_rendered_from_the_committed_json():
-    """The README's throughput tables are bench/render_tables.py's output for the JSON each block names."""
+@pytest.mark.parametrize("doc", ["README.md", "docs/RESULTS.md"])
+def test_readme_speed_tables_are_rendered_from_the_committed_json(doc):
+    """The README's and docs/RESULTS.md's throughput and accuracy tables are bench/render_tables.py's output for
+    the JSON each block names."""
     import render_tables
-    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
-    text = open(readme).read()
+    text = open(os.path.join(os.path.dirname(__file__), "..", doc)).read()
     blocks = render_tables.BLOCK.findall(text)
-    assert blocks, "README has no <!-- throughput-table: ... --> block"
+    assert blocks, f"{doc} has no <!-- throughput-table: ... --> block"
     for _, path, body, _ in blocks:
-        assert body == render_tables.render(path), f"README table for {path} is out of date: run render_tables.py"
+        assert body == render_tables.render(path), f"{doc} table for {path} is out of date: run render_tables.py"
+    for _, paths, body, _ in render_tables.ACCURACY.findall(text):
+        assert body == render_tables.render_accuracy(paths), f"{doc} accuracy table for {paths} is out of date"
+    if doc == "README.md":
+        assert render_tables.ACCURACY.findall(text), "the README has no accuracy table"
+        assert len(text.splitlines()) <= 250, "the README is for a newcomer: at most 250 lines (details in docs/)"
 
 
 def test_render_tables_shows_best_baseline_and_fused_ratio(tmp_path):

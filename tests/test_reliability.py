@@ -1,5 +1,5 @@
 """Reliability: NaN/Inf honesty on every backend, safe checkpoints, no silent data loss, every bad input a clear
-one-line error that changes nothing (the README's "bad input -> what happens" table, case by case)."""
+one-line error that changes nothing (docs/GUIDE.md's "bad input -> what happens" table, case by case)."""
 import gzip
 import os
 import shutil
