@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from resnet_fused import backends as fused_backends  # noqa: E402
 from resnet_fused import build_model  # noqa: E402
-from resnet_fused.ops import implicit_gemm  # noqa: E402
+from resnet_fused.ops import launch  # noqa: E402
 from resnet_fused.ops.resnet_infer import ctas_per_sm  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -153,10 +153,10 @@ def collect(workloads, batch, real_driver=False, heads=(), index64=False):
     JITFunction.run = compile_only
     fused_backends.triton_interpreting = lambda: True  # backend "triton" takes the CPU tensors
     # the launchers choose tiles, TF32 and split counts for the GPU compiled for, not for the CPU tensors
-    implicit_gemm.COMPILE_FOR_GPU_SMS = launch_sms(real_driver)
-    int32_limit = implicit_gemm.INT32_LIMIT
+    launch.COMPILE_FOR_GPU_SMS = launch_sms(real_driver)
+    int32_limit = launch.INT32_LIMIT
     if index64:
-        implicit_gemm.INT32_LIMIT = 0  # every offset "too large": the INDEX64 variants
+        launch.INT32_LIMIT = 0  # every offset "too large": the INDEX64 variants
     try:
         for name, shortcut, mode, prec in workloads:
             current[0] = f"{name}{shortcut}/{mode}/{prec}"
@@ -176,8 +176,8 @@ def collect(workloads, batch, real_driver=False, heads=(), index64=False):
         run_heads(heads, sorted({w[3] for w in workloads}), current)
     finally:
         JITFunction.run = original
-        implicit_gemm.COMPILE_FOR_GPU_SMS = None
-        implicit_gemm.INT32_LIMIT = int32_limit
+        launch.COMPILE_FOR_GPU_SMS = None
+        launch.INT32_LIMIT = int32_limit
     return seen
 
 

@@ -63,9 +63,9 @@ def test_train_step_matches_reference(dev, depth, shortcut, plain, size, batch):
 def test_64bit_index_path_matches_reference(dev, shortcut, monkeypatch):
     """Every Triton kernel's INDEX64 path (what tensors with offsets past 2**31 - 1 take; the limit lowered to 0
     here): a training step (outputs, every gradient, running statistics) and inference against the reference."""
-    from resnet_fused.ops import implicit_gemm
-    monkeypatch.setattr(implicit_gemm, "INT32_LIMIT", 0)
-    assert implicit_gemm.index64(torch.zeros(1))
+    from resnet_fused.ops import launch
+    monkeypatch.setattr(launch, "INT32_LIMIT", 0)
+    assert launch.index64(torch.zeros(1))
     ref = perturbed_reference(8, shortcut, False, dev)
     fused = FusedResNet.from_reference(ref, backend="triton")
     x = torch.randn(2, 1, 9, 9, device=dev)

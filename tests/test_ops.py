@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import resnet_fused.backends.triton  # noqa: F401  (importing the Triton backend registers the ops)
 from resnet_fused.ops import implicit_gemm as ig
+from resnet_fused.ops import launch
 
 ops = torch.ops.resnet_fused
 
@@ -139,8 +140,7 @@ MODES = [(0, 8, 8, 1), (1, 8, 8, 1), (2, 4, 8, 2), (2, 3, 8, 2), (3, 8, 8, 1)]
 def test_bn_add_relu(dev, mode, cin, c, stride, index64, monkeypatch):
     """Both index paths: 32-bit (these sizes) and the 64-bit one huge tensors take (the limit lowered to 0)."""
     if index64:
-        from resnet_fused.ops import implicit_gemm
-        monkeypatch.setattr(implicit_gemm, "INT32_LIMIT", 0)
+        monkeypatch.setattr(launch, "INT32_LIMIT", 0)
     torch.manual_seed(0)
     nb, h, w = 3, 5, 7
     y = nhwc(torch.randn(nb, c, h, w, device=dev)).requires_grad_()
@@ -340,10 +340,9 @@ def test_conv_per_tap_gather_matches_the_reference(dev, cin, taps, index64, monk
     through every gather variant: plain and stride 2, the BN-ReLU prologue (PRO 1), the input gradient with BN's
     backward prologue (PRO 2, transposed, stride 2), the option-B projection beside it (DUAL), 32- and 64-bit
     indices."""
-    from resnet_fused.ops import implicit_gemm
     monkeypatch.setattr(ig, "TAP_BLOCKS", taps)
     if index64:
-        monkeypatch.setattr(implicit_gemm, "INT32_LIMIT", 0)
+        monkeypatch.setattr(launch, "INT32_LIMIT", 0)
     cfg = ig.CONV_CONFIGS[0]  # BLOCK_K 32: 16 and 48 channels drop it to 16, 32 keeps it
     bk, flags = ig.tap_blocks(cfg, cin, 24)
     assert flags == (taps, False) and bk == (min(32, cin & -cin) if taps else 32)
@@ -431,10 +430,9 @@ def test_every_wgrad_config(dev, cfg):
 def test_wgrad_per_tap_gather_matches_the_reference(dev, cfg, taps, index64, monkeypatch):
     """The weight gradient's per-tap gather (C_in a multiple of BLOCK_R: each program's columns inside one tap)
     and the per-element one, with the layer-input prologue relu(x*s+t), stride 2, 32- and 64-bit indices."""
-    from resnet_fused.ops import implicit_gemm
     monkeypatch.setattr(ig, "TAP_BLOCKS", taps)
     if index64:
-        monkeypatch.setattr(implicit_gemm, "INT32_LIMIT", 0)
+        monkeypatch.setattr(launch, "INT32_LIMIT", 0)
     torch.manual_seed(cfg)
     x = nhwc(torch.randn(2, 64, 9, 7, device=dev))
     s, t = torch.rand(64, device=dev) + 0.5, torch.randn(64, device=dev) * 0.5
@@ -548,12 +546,12 @@ def test_launch_choices_for_a_gpu_from_cpu_tensors(monkeypatch):
     cpu = torch.device("cpu")
     assert ig.conv_config(10**6, 16, 144, cpu) == dict(ig.CONV_CONFIGS[3], BLOCK_N=16, BLOCK_K=16)
     assert ig.dot_precision(torch.float32, cpu) == "ieee"
-    monkeypatch.setattr(ig, "COMPILE_FOR_GPU_SMS", 132)
+    monkeypatch.setattr(launch, "COMPILE_FOR_GPU_SMS", 132)
     big, small = 2 * 128 * 132, 2 * 128 * 132 - 1
     assert ig.conv_config(big, 64, 576, cpu)["BLOCK_M"] == ig.CONV_CONFIGS[1]["BLOCK_M"] == 128
     assert ig.conv_config(big, 128, 576, cpu)["BLOCK_N"] == ig.CONV_CONFIGS[2]["BLOCK_N"] == 128
     assert ig.conv_config(small, 64, 576, cpu) == dict(ig.CONV_CONFIGS[0], BLOCK_N=64, BLOCK_K=32)
-    monkeypatch.setattr(ig, "COMPILE_FOR_GPU_SMS", 66)  # a smaller GPU fills with fewer rows
+    monkeypatch.setattr(launch, "COMPILE_FOR_GPU_SMS", 66)  # a smaller GPU fills with fewer rows
     assert ig.conv_config(small, 64, 576, cpu)["BLOCK_M"] == 128
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     assert ig.dot_precision(torch.float32, cpu) == "tf32"
@@ -561,6 +559,6 @@ def test_launch_choices_for_a_gpu_from_cpu_tensors(monkeypatch):
     assert ig.dot_precision(torch.float32, cpu) == "ieee"
     splits = {}
     for sms in (66, 132):  # the weight gradient's row split fills the GPU it is chosen for
-        monkeypatch.setattr(ig, "COMPILE_FOR_GPU_SMS", sms)
+        monkeypatch.setattr(launch, "COMPILE_FOR_GPU_SMS", sms)
         splits[sms] = ig.wgrad_split(512 * 28 * 28, 16, 144, ig.WGRAD_CONFIGS[0], cpu)[0]
     assert splits[132] > splits[66] > 1

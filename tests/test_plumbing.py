@@ -12,6 +12,7 @@ import torch
 from resnet_fused import FusedResNet, ResNet, ext, train
 from resnet_fused.checkpoint import load_checkpoint, seal
 from resnet_fused.ops import implicit_gemm as ig
+from resnet_fused.ops import launch
 
 WIDTHS = [8, 8, 16]
 
@@ -136,7 +137,7 @@ def test_index64_quick_bound_agrees_with_the_reach(monkeypatch):
     base = torch.empty(4096)
     cases = [torch.empty(2, 16, 8, 8), base[::64], base.as_strided((1, 4), (10**10, 1)),
              torch.empty(8, 3, 5, 5).contiguous(memory_format=torch.channels_last)]
-    for limit in (ig.INT32_LIMIT, 70_000, 0):
-        monkeypatch.setattr(ig, "INT32_LIMIT", limit)
+    for limit in (launch.INT32_LIMIT, 70_000, 0):
+        monkeypatch.setattr(launch, "INT32_LIMIT", limit)
         for t in cases:
-            assert ig.index64(t) == (reach(t) > limit), (tuple(t.shape), t.stride(), limit)
+            assert launch.index64(t) == (reach(t) > limit), (tuple(t.shape), t.stride(), limit)

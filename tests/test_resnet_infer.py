@@ -191,13 +191,13 @@ def test_blocks_per_sm_follow_registers_shared_memory_and_threads():
 def test_the_persistent_grid_is_the_blocks_the_gpu_holds_at_once(monkeypatch):
     from types import SimpleNamespace
 
-    from resnet_fused.ops import implicit_gemm
+    from resnet_fused.ops import launch
     from resnet_fused.ops.resnet_infer import programs
-    monkeypatch.setattr(implicit_gemm, "COMPILE_FOR_GPU_SMS", 132)
+    monkeypatch.setattr(launch, "COMPILE_FOR_GPU_SMS", 132)
     cpu = torch.device("cpu")
     kernel = SimpleNamespace(n_regs=154, metadata=SimpleNamespace(shared=0, num_warps=4))
     assert programs(10_000, cpu, kernel) == 3 * 132
     assert programs(100, cpu, kernel) == 100
     assert programs(10_000, cpu) == 4 * 132  # no register count (a compile-only run): the old default
-    monkeypatch.setattr(implicit_gemm, "COMPILE_FOR_GPU_SMS", None)
+    monkeypatch.setattr(launch, "COMPILE_FOR_GPU_SMS", None)
     assert programs(10_000, cpu, kernel) == 2  # the interpreter

@@ -32,8 +32,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .eager import custom_op, ops, register_autograd
-from .implicit_gemm import (cdiv, device_guard, empty_nhwc, index64, last_to_finish, next_pow2, nhwc_strides, relu,
-                            semaphores, tile_sums)
+from .launch import cdiv, device_guard, empty_nhwc, index64, next_pow2, nhwc_strides
+from .semaphores import semaphores
+from .tl_helpers import last_to_finish, relu, tile_sums
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .bn_formulas import bn_grad_coeffs_tile
-from .implicit_gemm import cdiv, device_guard, next_pow2
+from .launch import cdiv, device_guard, next_pow2
 
 
 @triton.jit(do_not_specialize=["C", "INV_M", "EPS"])

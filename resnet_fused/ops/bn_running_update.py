@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .eager import custom_op
-from .implicit_gemm import device_guard, next_pow2
+from .launch import device_guard, next_pow2
 
 
 @triton.jit

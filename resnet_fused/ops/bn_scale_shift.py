@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .eager import custom_op, ops, register_autograd
 from .bn_formulas import bn_affine, bn_affine_vjp
-from .implicit_gemm import cdiv, device_guard, next_pow2
+from .launch import cdiv, device_guard, next_pow2
 
 
 @triton.jit(do_not_specialize=["C", "EPS"])

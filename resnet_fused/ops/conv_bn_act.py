@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .eager import custom_op
-from .implicit_gemm import conv_launch, conv_out_hw, empty_nhwc
+from .implicit_gemm import conv_launch, conv_out_hw
+from .launch import empty_nhwc
 
 
 @custom_op("resnet_fused::conv_bn_act", mutates_args=())

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from .eager import custom_op, ops, register_autograd
-from .implicit_gemm import conv_launch, conv_out_hw, empty_nhwc, wgrad_launch
+from .implicit_gemm import conv_launch, conv_out_hw, wgrad_launch
+from .launch import empty_nhwc
 from .bn_grad_coeffs import GradCoeffs, launch_grad_coeffs
 
 

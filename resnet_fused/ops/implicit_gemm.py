@@ -1,15 +1,16 @@
-"""Implicit-GEMM convolution kernels shared by the fused conv ops (no op registration here).
+"""Implicit-GEMM convolution kernels shared by the fused conv ops, and their launchers (no op registration here;
+the host helpers they share with the other ops are in launch.py, the @triton.jit ones in tl_helpers.py).
 
 Activations are NHWC in memory (channels_last tensors, any strides accepted); a convolution is the GEMM
     out[m, n] = sum_k A[m, k] * B[k, n]
 with m = (image, oh, ow) an output pixel, n an output channel and k = (kh, kw, c) a filter tap and input channel.
 A is never materialised (no im2col): each [BLOCK_M, BLOCK_K] tile is gathered from the input with the index math
     ih = oh * stride - pad + kh,  iw = ow * stride - pad + kw     (zero outside the image)
-B is the weight as a [KH*KW*C_in, C_out] matrix (``weight.permute(2, 3, 1, 0)``, a few KB, made per call).
+B is the weight seen as a [KH*KW*C_in, C_out] matrix, read in place through its strides and cast on load (no copy).
 
 The same kernel computes the input gradient (``TRANSPOSED``): m = (image, ih, iw) of the input, k = (kh, kw, c_out),
     A[m, k] = dy[image, (ih + pad - kh) / stride, (iw + pad - kw) / stride, c_out]   where the division is exact
-    B[k, c_in] = W[c_out, c_in, kh, kw]                                              (``weight.permute(2, 3, 0, 1)``)
+    B[k, c_in] = W[c_out, c_in, kh, kw]                                              (the weight's strides again)
 so stride-2 convolutions need no zero-dilated copy of dy.
 
 Prologues applied to A as it is loaded (fp32 math, then cast to the dot's dtype), so that no normalised copy of an
@@ -20,7 +21,8 @@ activation is ever written:
 Padding positions are zero *after* the prologue (the conv pads the activated tensor).
 
 Accumulation is fp32 (``tl.dot`` with fp32 accumulators); fp32 inputs use IEEE fp32 products unless the caller asks
-for TF32 (the launchers follow ``torch.backends.cudnn.allow_tf32``, as PyTorch's own convolutions do).
+for TF32 (the launchers follow PyTorch's own fp32 convolutions: capture_state.conv_tf32(), which reads the legacy
+``allow_tf32`` flag or the ``fp32_precision`` API).
 """
 from __future__ import annotations
 
@@ -28,80 +30,7 @@ import triton
 import triton.language as tl
 
 from .bn_formulas import bn_affine, bn_grad_coeffs_tile
-
-
-@triton.jit
-def ix(v, INDEX64: tl.constexpr):
-    """An index as the kernel's index type: int64 when INDEX64 (some operand offset may pass 2**31 - 1, see
-    index64()), else unchanged (int32): 32-bit address products and row divisions."""
-    if INDEX64:
-        return v.to(tl.int64)
-    else:
-        return v
-
-
-@triton.jit
-def relu(v):
-    """max(v, 0) that keeps NaN, as torch.relu does (Triton's default maximum turns NaN into 0)."""
-    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def last_to_finish(cnt_ptr, n):
-    """Whether this program is the last of the n programs that share the int32 counter at cnt_ptr to get here
-    (then it resets the counter to 0, as every launch expects to find it). What the other programs stored before
-    they got here is visible to the last one: every thread's stores precede the barrier, the barrier precedes the
-    counter's acquire-release atomic; the last program reads those stores with ld.global.cg (not through L1)."""
-    tl.debug_barrier()
-    last = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == n - 1
-    if last:
-        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
-    return last
-
-
-@triton.jit
-def tile_stats_merge(part_ptr, M, N, T, TILE, offs_c, c_ok, BLOCK_T: tl.constexpr):
-    """Channel mean and biased variance from per-tile (mean, M2) partials part[t, 0:2, c] of T tiles of TILE rows
-    (the last has M - (T-1)*TILE): Chan's parallel formula, tiles in order (deterministic; no E[y^2] - E[y]^2
-    cancellation). Loads bypass L1 (.cg): other programs of the launch wrote the partials (last_to_finish)."""
-    total = tl.zeros(offs_c.shape, dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        mask = (offs_t < T)[:, None] & c_ok[None, :]
-        cnt = tl.minimum(M - offs_t * TILE, TILE).to(tl.float32)
-        mt = tl.load(part_ptr + offs_t[:, None] * 2 * N + offs_c[None, :], mask=mask, other=0.0,
-                     cache_modifier=".cg")
-        total += tl.sum(tl.where(mask, cnt[:, None] * mt, 0.0), axis=0)
-    mean = total / M
-    m2 = tl.zeros(offs_c.shape, dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        mask = (offs_t < T)[:, None] & c_ok[None, :]
-        cnt = tl.minimum(M - offs_t * TILE, TILE).to(tl.float32)
-        base = part_ptr + offs_t[:, None] * 2 * N + offs_c[None, :]
-        mt = tl.load(base, mask=mask, other=0.0, cache_modifier=".cg")
-        m2t = tl.load(base + N, mask=mask, other=0.0, cache_modifier=".cg")
-        d = mt - mean[None, :]
-        m2 += tl.sum(tl.where(mask, m2t + cnt[:, None] * d * d, 0.0), axis=0)
-    return mean, m2 / M
-
-
-@triton.jit
-def tile_sums(part_ptr, N, T, offs_c, c_ok, ROWS: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr):
-    """The sums over T tiles, in order, of the first K (2 or 3) of the ROWS rows of partials part[t, row, c] (a
-    third sum of zeros when K == 2); .cg loads, as in tile_stats_merge."""
-    s0 = tl.zeros(offs_c.shape, dtype=tl.float32)
-    s1 = tl.zeros(offs_c.shape, dtype=tl.float32)
-    s2 = tl.zeros(offs_c.shape, dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        mask = (offs_t < T)[:, None] & c_ok[None, :]
-        base = part_ptr + offs_t[:, None] * ROWS * N + offs_c[None, :]
-        s0 += tl.sum(tl.load(base, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
-        s1 += tl.sum(tl.load(base + N, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
-        if K > 2:
-            s2 += tl.sum(tl.load(base + 2 * N, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
-    return s0, s1, s2
+from .tl_helpers import ix, last_to_finish, relu, tile_stats_merge, tile_sums
 
 
 @triton.jit
@@ -479,17 +408,17 @@ def conv_wgrad_kernel(part_ptr, dw_ptr, cnt_ptr,              # fp32 [SPLIT, COU
 
 # ---- launchers (allocate, pick a config, launch; no autograd) ---------------------------------------------
 
-import contextlib  # noqa: E402
-import functools  # noqa: E402
 import os  # noqa: E402
 
 import torch  # noqa: E402
 
-from ..capture_state import conv_tf32, note_choice  # noqa: E402
-from .semaphores import semaphores  # noqa: E402,F401 - launchers of other ops import it from here
+from ..capture_state import note_choice  # noqa: E402
+from .launch import (cdiv, device_guard, dot_precision, empty_nhwc, gpu_target, index64, next_pow2,  # noqa: E402
+                     nhwc_strides, sm_count)
+from .semaphores import semaphores  # noqa: E402
 
 # (BLOCK_M, BLOCK_N cap, BLOCK_K, num_warps, num_stages) candidates; conv_config picks one per shape. Tests run
-# every entry (tests/test_implicit_gemm.py) so that no shipped config goes unexercised.
+# every entry (tests/test_ops.py) so that no shipped config goes unexercised.
 CONV_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
@@ -501,83 +430,6 @@ WGRAD_CONFIGS = [
     dict(BLOCK_CO=32, BLOCK_R=32, BLOCK_P=32, num_warps=2, num_stages=2),
     dict(BLOCK_CO=64, BLOCK_R=128, BLOCK_P=64, num_warps=8, num_stages=3),
 ]
-
-
-def cdiv(a, b):
-    """ceil(a / b) for host-side launch math. (triton.cdiv / next_power_of_2 are constexpr functions in Triton 3.8,
-    ~14 us per host call: a few hundred of them per training step cost milliseconds.)"""
-    return -(-a // b)
-
-
-def next_pow2(n):
-    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
-
-
-def device_guard(t):
-    """Make t's device current (Triton launches on the current device and its current stream)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-# Kernels index with 32-bit integers when every element offset of every operand is below this (index64()).
-INT32_LIMIT = 2**31 - 1
-
-
-def index64(*tensors) -> bool:
-    """Whether a kernel over these tensors needs 64-bit index math: some element offset passes INT32_LIMIT. A
-    tensor's furthest element is sum((size - 1) * stride); masked-off lanes of a tile may compute addresses up to
-    one step past the outermost index and a tile beyond the end: two of the largest stride plus 2**16 allow for
-    both. Quick bound first (a few hundred launches per step call this): a view lies inside its storage, so its
-    offsets stay below the storage's element count E; with every stride <= E the reach is below 3 E + 2**16."""
-    def reach(t):
-        if t.numel() == 0:
-            return 0
-        return sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 2 * max(t.stride(), default=0) + 2**16
-    bound = INT32_LIMIT - 2**16  # read at each call: tests lower the module's limit
-    seen = set()  # launchers pass one tensor in several roles (dummies): check each once
-    for t in tensors:
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        elems = t.untyped_storage().nbytes() // t.element_size()
-        if 3 * elems <= bound and max(t.stride(), default=0) <= elems:
-            continue
-        if reach(t) > INT32_LIMIT:
-            note_choice("index64", True)
-            return True
-    note_choice("index64", False)
-    return False
-
-
-def nhwc_strides(t):
-    """(n, h, w, c) element strides of a logical NCHW tensor, whatever its memory format."""
-    return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
-
-
-# The GPU whose launch choices (tile configs, TF32, program counts) are made for CPU tensors: None, except while
-# bench/kernel_report.py compiles the kernels for sm_90 on a CPU machine (then the SM count of an H100 SXM, 132),
-# so that it compiles the configurations a GPU launches, not the interpreter's.
-COMPILE_FOR_GPU_SMS = None
-
-
-def gpu_target(device) -> bool:
-    """Whether launches on this device are chosen for a GPU (a CUDA device, or kernel_report's compile target)."""
-    return device.type == "cuda" or COMPILE_FOR_GPU_SMS is not None
-
-
-def sm_count(device) -> int:
-    """Streaming multiprocessors of the GPU the launch is chosen for (gpu_target(device) must hold)."""
-    if device.type != "cuda":
-        return COMPILE_FOR_GPU_SMS
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def dot_precision(dtype, device) -> str:
-    """IEEE fp32 products unless PyTorch's own convolutions would use TF32 here."""
-    if dtype == torch.float32:
-        tf32 = conv_tf32()
-        note_choice("tf32", tf32)  # read on every launch: a graph bakes it in (graphs.GraphKey.tf32)
-        return "tf32" if tf32 and gpu_target(device) else "ieee"
-    return "ieee" if dtype == torch.float64 else "tf32"
 
 
 def _pow2_clamp(n, lo, hi):
@@ -617,10 +469,6 @@ def tap_blocks(cfg, *channels):
             if c % 16 == 0:
                 bk = min(bk, c & -c)
     return bk, tuple(TAP_BLOCKS and c % bk == 0 for c in channels)
-
-
-def empty_nhwc(n, c, h, w, dtype, device):
-    return torch.empty((n, c, h, w), dtype=dtype, device=device, memory_format=torch.channels_last)
 
 
 def conv_launch(src, w, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0, pa=None, pb=None, a2=None,
@@ -763,8 +611,3 @@ def wgrad_split(p, cout, ktot, config, dev):
     per = cdiv(cdiv(p, split), cfg["BLOCK_P"]) * cfg["BLOCK_P"]
     note_choice("wgrad_split", (cdiv(p, per), per))
     return cdiv(p, per), per
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count

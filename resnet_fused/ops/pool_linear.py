@@ -23,7 +23,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .eager import custom_op, ops, register_autograd
-from .implicit_gemm import cdiv, device_guard, last_to_finish, next_pow2, nhwc_strides, semaphores
+from .launch import cdiv, device_guard, next_pow2, nhwc_strides
+from .semaphores import semaphores
+from .tl_helpers import last_to_finish
 
 BLOCK_N = 16
 MAX_C, MAX_K = 512, 256  # the widest head the kernels take (the model falls back to PyTorch ops beyond)

@@ -36,7 +36,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .eager import custom_op
-from .implicit_gemm import cdiv, device_guard, dot_precision, gpu_target, next_pow2, relu, sm_count
+from .launch import device_guard, dot_precision, gpu_target, next_pow2, sm_count
+from .tl_helpers import relu
 
 MAX_STAGES = 4
 MAX_WIDTH, MAX_CLASSES = 512, 256
