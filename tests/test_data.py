@@ -1,7 +1,15 @@
+import gzip
+import os
+import shutil
+
+import numpy as np
 import pytest
 import torch
 
-from resnet_fused.data import DataNotFoundError, DeviceLoader, load_dataset, load_splits
+from resnet_fused import train
+from resnet_fused.data import DataFormatError, DataNotFoundError, DeviceLoader, load_dataset, load_splits, read_idx
+
+from cli_helpers import base_args, cli_error
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
@@ -282,3 +290,91 @@ def test_sharded_loader_splits_the_global_batches(world, aug):
     assert not torch.equal(firsts[0], firsts[1])  # reshuffled per epoch
     with pytest.raises(ValueError, match="shard"):
         DeviceLoader(split, 12, **kw, shard=(2, 2))
+
+
+# ---- the IDX files: gzip alone, and every fault named ----------------------------------------------------------
+
+def _idx_bytes(arr: np.ndarray, code: int) -> bytes:
+    head = bytes([0, 0, code, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
+    return head + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+
+
+def _small_root(tmp_path, mnist_root, n=200, gz=False):
+    """A MNIST root with the first n images of each split, uncompressed or as .gz only."""
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    src = os.path.join(mnist_root, "MNIST", "raw")
+    for stem in ("train", "t10k"):
+        imgs = read_idx(os.path.join(src, f"{stem}-images-idx3-ubyte"))[:n]
+        lbls = read_idx(os.path.join(src, f"{stem}-labels-idx1-ubyte"))[:n]
+        for name, arr in ((f"{stem}-images-idx3-ubyte", imgs), (f"{stem}-labels-idx1-ubyte", lbls)):
+            data = _idx_bytes(np.ascontiguousarray(arr), 0x08)
+            if gz:
+                with gzip.open(raw / (name + ".gz"), "wb") as f:
+                    f.write(data)
+            else:
+                (raw / name).write_bytes(data)
+    return tmp_path / "data", raw
+
+
+def test_a_root_of_gzip_files_alone_loads_without_writing(mnist_root, tmp_path):
+    root, raw = _small_root(tmp_path, mnist_root, gz=True)
+    plain_root, _ = _small_root(tmp_path / "plain", mnist_root)
+    for p in raw.iterdir():
+        p.chmod(0o444)
+    raw.chmod(0o555)  # read-only: nothing may be extracted next to the files
+    try:
+        before = sorted(os.listdir(raw))
+        a = load_splits("mnist", str(root))
+        b = load_splits("mnist", str(plain_root))
+        assert sorted(os.listdir(raw)) == before
+    finally:
+        raw.chmod(0o755)
+    assert torch.equal(a["train"].images, b["train"].images) and torch.equal(a["test"].labels, b["test"].labels)
+    assert a["train"].images.shape == (200, 1, 28, 28)
+    # and the real MNIST files, gz against uncompressed
+    full = load_dataset("mnist", False, mnist_root)[0]
+    shutil.copy(os.path.join(mnist_root, "MNIST", "raw", "t10k-images-idx3-ubyte.gz"), tmp_path / "t.gz")
+    assert torch.equal(torch.from_numpy(read_idx(str(tmp_path / "t"))[:, None].copy()), full.images)
+
+
+DAMAGE = [
+    ("bad magic", lambda b: b"\x08\x03\x00\x00" + b[4:], "bad magic number"),
+    ("empty", lambda b: b"", "is empty"),
+    ("truncated", lambda b: b[:-100], "is truncated"),
+    ("header only", lambda b: b[:10], "is truncated"),
+    ("trailing bytes", lambda b: b + b"\0" * 7, "longer than its header says"),
+]
+
+
+@pytest.mark.parametrize("which", ["images", "labels"])
+@pytest.mark.parametrize("damage", DAMAGE, ids=[d[0] for d in DAMAGE])
+def test_damaged_idx_files_are_named(mnist_root, tmp_path, capsys, which, damage):
+    _, how, message = damage
+    root, raw = _small_root(tmp_path, mnist_root)
+    f = raw / f"train-{which}-idx{3 if which == 'images' else 1}-ubyte"
+    f.write_bytes(how(f.read_bytes()))
+    with pytest.raises(DataFormatError, match=message) as e:
+        load_splits("mnist", str(root))
+    assert str(f) in str(e.value)
+    out = tmp_path / "run"
+    err = cli_error(capsys, train.main, base_args(str(root), out, "--subset", "0"))
+    assert message in err and not out.exists()
+
+
+def test_image_and_label_counts_must_agree(mnist_root, tmp_path, capsys):
+    root, raw = _small_root(tmp_path, mnist_root)
+    lbl = raw / "train-labels-idx1-ubyte"
+    lbl.write_bytes(_idx_bytes(read_idx(str(lbl))[:150].copy(), 0x08))
+    err = cli_error(capsys, train.main, base_args(str(root), tmp_path / "run", "--subset", "0"))
+    assert "has 200 images but" in err and "150 labels" in err
+
+
+def test_labels_out_of_range_are_refused_at_load(mnist_root, tmp_path, capsys):
+    root, raw = _small_root(tmp_path, mnist_root)
+    lbl = raw / "t10k-labels-idx1-ubyte"
+    arr = read_idx(str(lbl)).copy()
+    arr[17] = 200
+    lbl.write_bytes(_idx_bytes(arr, 0x08))
+    err = cli_error(capsys, train.main, base_args(str(root), tmp_path / "run", "--subset", "0"))
+    assert "label 200" in err and "0..9" in err and str(lbl) in err

@@ -91,7 +91,6 @@ def test_semaphore_pools_are_not_shared():
 
 def test_a_replay_under_another_semaphore_buffer_raises():
     pool = sem.SemaphorePool()
-    dev = torch.device("cpu")
 
     @torch.library.custom_op("rf_capture_test::counted", mutates_args=())
     def counted(x: torch.Tensor) -> torch.Tensor:

@@ -562,3 +562,36 @@ def test_launch_choices_for_a_gpu_from_cpu_tensors(monkeypatch):
         monkeypatch.setattr(launch, "COMPILE_FOR_GPU_SMS", sms)
         splits[sms] = ig.wgrad_split(512 * 28 * 28, 16, 144, ig.WGRAD_CONFIGS[0], cpu)[0]
     assert splits[132] > splits[66] > 1
+
+
+@pytest.mark.parametrize("cfg", range(len(ig.WGRAD_CONFIGS)))
+def test_weight_gradient_with_a_split_reduction(dev, cfg):
+    """A shape whose weight gradient is reduced over several row ranges (split > 1) on every config."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, device=dev).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(2, 8, 16, 16, device=dev).contiguous(memory_format=torch.channels_last)
+    config = ig.WGRAD_CONFIGS[cfg]
+    split, _ = ig.wgrad_split(2 * 16 * 16, 8, 36, config, x.device)
+    assert split > 1
+    dw = ig.wgrad_launch(dy, x, 3, 3, 1, 1, config=config)
+    ref = torch.nn.grad.conv2d_weight(x, (8, 4, 3, 3), dy, stride=1, padding=1)
+    torch.testing.assert_close(dw, ref, rtol=2e-4, atol=1e-4)
+    # the split partials were summed by the last program of each tile, which left the counters at zero
+    assert not ig.semaphores(x.device, 1).any()
+    torch.testing.assert_close(ig.wgrad_launch(dy, x, 3, 3, 1, 1, config=config), ref, rtol=2e-4, atol=1e-4)
+
+
+def test_index64_quick_bound_agrees_with_the_reach(monkeypatch):
+    """index64's quick bound (storage size, largest stride) never answers 32-bit where the exact reach needs 64:
+    a dense tensor, a small view of a large storage, a size-1 dimension with a huge stride, and a limit lowered
+    below the tensors' reach."""
+    def reach(t):
+        return sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 2 * max(t.stride()) + 2**16
+
+    base = torch.empty(4096)
+    cases = [torch.empty(2, 16, 8, 8), base[::64], base.as_strided((1, 4), (10**10, 1)),
+             torch.empty(8, 3, 5, 5).contiguous(memory_format=torch.channels_last)]
+    for limit in (launch.INT32_LIMIT, 70_000, 0):
+        monkeypatch.setattr(launch, "INT32_LIMIT", limit)
+        for t in cases:
+            assert launch.index64(t) == (reach(t) > limit), (tuple(t.shape), t.stride(), limit)

@@ -1,18 +1,15 @@
 """Configuration plumbing, not kernel math: BatchNorm hyper-parameters reach every backend, non-square inputs count
-their values right, a resumed run keeps its best score, the weight gradient's split reduction is exercised.
+their values right.
 
 Each test here was written against a planted bug that the rest of the suite let through: BatchNorm folding with eps
 hard-coded to 1e-5, the running update with momentum hard-coded to 0.1, the running-variance count computed as
-N*H*H, a resumed run forgetting its best score, a bug in the split weight-gradient reduction."""
-import os
+N*H*H. (Two more such tests moved beside what they test: a resumed run forgetting its best score,
+test_checkpoint.py; a bug in the split weight-gradient reduction, test_ops.py.)"""
 
 import pytest
 import torch
 
-from resnet_fused import FusedResNet, ResNet, ext, train
-from resnet_fused.checkpoint import load_checkpoint, seal
-from resnet_fused.ops import implicit_gemm as ig
-from resnet_fused.ops import launch
+from resnet_fused import FusedResNet, ResNet, ext
 
 WIDTHS = [8, 8, 16]
 
@@ -83,61 +80,3 @@ def test_non_square_training_step_updates_every_buffer_exactly(dev, backend, sho
     _same_buffers(ref, fused)
 
 
-def test_resume_keeps_the_best_score_and_best_pt(mnist_root, tmp_path):
-    args = ["--data-root", mnist_root, "--device", "cpu", "--subset", "300", "--batch-size", "100", "--model",
-            "resnet8", "--epochs", "3", "--no-progress", "--no-plot"]
-    train.train(args + ["--out", str(tmp_path / "full")])
-    train.train(args + ["--out", str(tmp_path / "split"), "--stop-after-epoch", "1"])
-    train.train(args + ["--out", str(tmp_path / "split"), "--resume"])
-    for name in ("last.pt", "best.pt"):
-        a = load_checkpoint(str(tmp_path / "full" / name))
-        b = load_checkpoint(str(tmp_path / "split" / name))
-        assert (b["epoch"], b["best"]) == (a["epoch"], a["best"]), name
-        for k, v in a["model"].items():
-            torch.testing.assert_close(b["model"][k], v, msg=lambda m: f"{name} {k}: {m}")
-    # a resumed run compares with the best score it was saved with, not with nothing: a checkpoint that claims an
-    # unbeatable best keeps best.pt untouched through the epochs after it
-    ckpt = load_checkpoint(str(tmp_path / "split" / "last.pt"))
-    ckpt["epoch"], ckpt["best"] = 1, 2.0
-    ckpt["history"] = ckpt["history"][:1]
-    out = tmp_path / "claimed"
-    out.mkdir()
-    torch.save(seal(ckpt), out / "last.pt")
-    (out / "best.pt").write_bytes((tmp_path / "split" / "best.pt").read_bytes())
-    before = (out / "best.pt").read_bytes()
-    train.train(args + ["--out", str(out), "--resume"])
-    assert (out / "best.pt").read_bytes() == before
-    assert load_checkpoint(str(out / "last.pt"))["best"] == 2.0
-
-
-@pytest.mark.parametrize("cfg", range(len(ig.WGRAD_CONFIGS)))
-def test_weight_gradient_with_a_split_reduction(dev, cfg):
-    """A shape whose weight gradient is reduced over several row ranges (split > 1) on every config."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 16, 16, device=dev).contiguous(memory_format=torch.channels_last)
-    dy = torch.randn(2, 8, 16, 16, device=dev).contiguous(memory_format=torch.channels_last)
-    config = ig.WGRAD_CONFIGS[cfg]
-    split, _ = ig.wgrad_split(2 * 16 * 16, 8, 36, config, x.device)
-    assert split > 1
-    dw = ig.wgrad_launch(dy, x, 3, 3, 1, 1, config=config)
-    ref = torch.nn.grad.conv2d_weight(x, (8, 4, 3, 3), dy, stride=1, padding=1)
-    torch.testing.assert_close(dw, ref, rtol=2e-4, atol=1e-4)
-    # the split partials were summed by the last program of each tile, which left the counters at zero
-    assert not ig.semaphores(x.device, 1).any()
-    torch.testing.assert_close(ig.wgrad_launch(dy, x, 3, 3, 1, 1, config=config), ref, rtol=2e-4, atol=1e-4)
-
-
-def test_index64_quick_bound_agrees_with_the_reach(monkeypatch):
-    """index64's quick bound (storage size, largest stride) never answers 32-bit where the exact reach needs 64:
-    a dense tensor, a small view of a large storage, a size-1 dimension with a huge stride, and a limit lowered
-    below the tensors' reach."""
-    def reach(t):
-        return sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 2 * max(t.stride()) + 2**16
-
-    base = torch.empty(4096)
-    cases = [torch.empty(2, 16, 8, 8), base[::64], base.as_strided((1, 4), (10**10, 1)),
-             torch.empty(8, 3, 5, 5).contiguous(memory_format=torch.channels_last)]
-    for limit in (launch.INT32_LIMIT, 70_000, 0):
-        monkeypatch.setattr(launch, "INT32_LIMIT", limit)
-        for t in cases:
-            assert launch.index64(t) == (reach(t) > limit), (tuple(t.shape), t.stride(), limit)
