@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -430,11 +431,65 @@ def train(argv=None):
             torch.distributed.destroy_process_group()
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the steps of one training run share: the settings, the model and its optimizer, the loaders, and where
+    the run stands (epoch, history, best score)."""
+    args: argparse.Namespace
+    cfg: dict
+    denv: object
+    device: torch.device
+    model: torch.nn.Module
+    out: str
+    opt: torch.optim.Optimizer = None
+    sched: object = None
+    scaler: object = None
+    ema: object = None
+    train_loader: object = None
+    test_loader: object = None
+    val_loader: object = None
+    run_model: torch.nn.Module = None  # the model as the steps call it: under DDP and/or torch.compile
+    start_epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    best: float = -1.0
+
+    @property
+    def main(self):
+        return self.denv.is_main
+
+    @property
+    def world(self):
+        return self.denv.world_size
+
+
 def _train(args, cfg, ckpt, resume_path, denv, device):
-    world, main = denv.world_size, denv.is_main
-    seed_all(cfg["seed"])
+    """Set up, restore, then per epoch: train, evaluate, save (each step a function below)."""
+    run = _set_up(args, cfg, denv, device)
+    if ckpt is not None and not _restore(run, ckpt, resume_path):
+        return run.history
+    _wrap_model(run)
+    if run.main and run.world > 1:
+        print(f"distributed: {run.world} processes ({torch.distributed.get_backend()}), batch {cfg['batch_size']} "
+              f"per process, global batch {cfg['global_batch']}{', sync-BN' if cfg['sync_bn'] else ''}", flush=True)
+    for epoch in range(run.start_epoch, cfg["epochs"]):
+        row = _evaluate_epoch(run, _train_epoch(run, epoch))
+        _save_epoch(run, row)
+        if run.world > 1:
+            torch.distributed.barrier()  # the epoch ends for everyone once its checkpoint is on disk
+        if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch:
+            if run.main:
+                print(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
+            break
+    if run.main and not args.no_plot and run.history:
+        plot_curves(run.history, os.path.join(run.out, "curves.png"), f"{cfg['model']} on {cfg['dataset']}")
+    return run.history
+
+
+def _load_data(args, cfg, denv, device):
+    """The dataset's splits on the device, checked against the settings and the number of processes."""
+    world = denv.world_size
     try:
-        data = load_splits(cfg["dataset"], args.data_root, args.download and main, val_size=cfg["val_size"],
+        data = load_splits(cfg["dataset"], args.data_root, args.download and denv.is_main, val_size=cfg["val_size"],
                            subset=cfg["subset"] or None, seed=cfg["seed"], device=device)
     except ValueError as e:  # --val-size out of range for this dataset
         raise UserError(str(e)) from None
@@ -449,165 +504,190 @@ def _train(args, cfg, ckpt, resume_path, denv, device):
             if split is not None and len(split) < need:
                 raise UserError(f"the {name} split has {len(split)} images, fewer than {what}: use fewer "
                                 f"processes, a smaller --batch-size or more data")
-    num_classes = len(data["classes"])
-    in_ch = data["train"].images.shape[1]
-    model = make_model(cfg, in_ch, num_classes, device)
+    return data
+
+
+def _build_model(cfg, data, denv, device):
+    """The model for the data's channels and classes, with synchronized BatchNorm where asked."""
+    model = make_model(cfg, data["train"].images.shape[1], len(data["classes"]), device)
     if cfg["sync_bn"]:
         if cfg["impl"] == "fused":
             model.sync_bn = True
         elif device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif world > 1:
+        elif denv.world_size > 1:
             raise UserError("--sync-bn with --impl reference needs CUDA (torch.nn.SyncBatchNorm runs on GPUs "
                             "only); use --impl fused for synchronized BatchNorm on CPUs")
-    cfg.update(in_channels=in_ch, num_classes=num_classes, mean=data["mean"], std=data["std"],
-               arch=model.config() if hasattr(model, "config") else None, world_size=world, global_batch=global_batch)
+    return model
+
+
+def _set_up(args, cfg, denv, device):
+    """Data, model, output folder, optimizer, schedule, loaders and EMA of a new run (nothing restored yet)."""
+    seed_all(cfg["seed"])
+    data = _load_data(args, cfg, denv, device)
+    model = _build_model(cfg, data, denv, device)
+    world = denv.world_size
+    cfg.update(in_channels=data["train"].images.shape[1], num_classes=len(data["classes"]), mean=data["mean"],
+               std=data["std"], arch=model.config() if hasattr(model, "config") else None, world_size=world,
+               global_batch=cfg["batch_size"] * world)
     out = args.out
-    if main:
+    if denv.is_main:
         out = check_writable_dir(args.out)  # the first thing written: every check above has passed
         clean_stale_temp_files(out, RUN_FILES)
-
-    opt = make_optimizer(model, cfg)
+    run = _Run(args, cfg, denv, device, model, out)
+    run.opt = make_optimizer(model, cfg)
     loader_kw = dict(mean=data["mean"], std=data["std"], channels_last=cfg["channels_last"])
-    train_loader = make_train_loader(data, cfg, global_batch, shard=(denv.rank, world))
-    test_loader = DeviceLoader(shard_split(data["test"], denv), 1000, **loader_kw)
-    val_loader = DeviceLoader(shard_split(data["val"], denv), 1000, **loader_kw) if data["val"] is not None else None
-    steps = len(train_loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+    run.train_loader = make_train_loader(data, cfg, cfg["global_batch"], shard=(denv.rank, world))
+    run.test_loader = DeviceLoader(shard_split(data["test"], denv), 1000, **loader_kw)
+    if data["val"] is not None:
+        run.val_loader = DeviceLoader(shard_split(data["val"], denv), 1000, **loader_kw)
+    steps = len(run.train_loader)
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda s: lr_factor(s, steps, cfg))
+    run.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+    run.ema = WeightEMA(model, cfg["ema"]) if cfg["ema"] > 0 else None
+    return run
 
-    start_epoch, history, best = 0, [], -1.0
-    ema = WeightEMA(model, cfg["ema"]) if cfg["ema"] > 0 else None
-    if ckpt is not None:
-        load_model_state(model, ckpt["model"], f"checkpoint {resume_path!r}")
-        if ema is not None:
-            if "ema" not in ckpt:
-                raise UserError(f"checkpoint {resume_path!r} has no weight EMA but this run asks for --ema "
-                                f"{cfg['ema']}: resume with its own settings or start a new --out")
-            load_model_state(ema.model, ckpt["ema"]["model"], f"checkpoint {resume_path!r} (EMA)")
-            ema.updates = int(ckpt["ema"]["updates"])
-        try:
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise UserError(f"checkpoint {resume_path!r}: optimizer/scheduler state does not fit this run: {e}") \
-                from None
-        start_epoch, history, best = ckpt["epoch"], ckpt.get("history", []), ckpt.get("best", -1.0)
-        set_rng_state(ckpt["rng"])
-        # the schedule's position from the epoch (steps per epoch change with the number of processes)
-        sched.last_epoch = start_epoch * steps - 1
-        sched.step()
-        before = ckpt["config"].get("world_size", 1)
-        if before != world and main:
-            print(f"resuming a run of {before} process(es) with {world}: the global batch is now {global_batch}")
-        if start_epoch >= cfg["epochs"]:
-            if main:
-                print(f"checkpoint is already at epoch {start_epoch} of {cfg['epochs']}: nothing to do "
-                      f"(raise --epochs to train further)")
-            return history
 
-    run_model = model
-    if world > 1:
+def _restore(run, ckpt, resume_path) -> bool:
+    """The run's state from its checkpoint; False when the checkpoint already holds every epoch asked for."""
+    cfg, where = run.cfg, f"checkpoint {resume_path!r}"
+    load_model_state(run.model, ckpt["model"], where)
+    if run.ema is not None:
+        if "ema" not in ckpt:
+            raise UserError(f"{where} has no weight EMA but this run asks for --ema {cfg['ema']}: resume with its "
+                            f"own settings or start a new --out")
+        load_model_state(run.ema.model, ckpt["ema"]["model"], f"{where} (EMA)")
+        run.ema.updates = int(ckpt["ema"]["updates"])
+    try:
+        run.opt.load_state_dict(ckpt["optimizer"])
+        run.sched.load_state_dict(ckpt["scheduler"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"{where}: optimizer/scheduler state does not fit this run: {e}") from None
+    run.start_epoch, run.history, run.best = ckpt["epoch"], ckpt.get("history", []), ckpt.get("best", -1.0)
+    set_rng_state(ckpt["rng"])
+    # the schedule's position from the epoch (steps per epoch change with the number of processes)
+    run.sched.last_epoch = run.start_epoch * len(run.train_loader) - 1
+    run.sched.step()
+    before = ckpt["config"].get("world_size", 1)
+    if before != run.world and run.main:
+        print(f"resuming a run of {before} process(es) with {run.world}: the global batch is now "
+              f"{cfg['global_batch']}")
+    if run.start_epoch >= cfg["epochs"]:
+        if run.main:
+            print(f"checkpoint is already at epoch {run.start_epoch} of {cfg['epochs']}: nothing to do (raise "
+                  f"--epochs to train further)")
+        return False
+    return True
+
+
+def _wrap_model(run):
+    """run.run_model: the model under DDP (several processes) and torch.compile (--compile)."""
+    run.run_model = run.model
+    if run.world > 1:
         # the 1-input-channel stem's weight gradient comes back from a channels_last convolution with a different
         # (equivalent: the dimension has size 1) stride; DDP warns about it on every run
         import warnings
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        run_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg["compile"]:
-        run_model = torch.compile(run_model)
-    progress = main and (not args.no_progress and sys.stderr.isatty() or os.environ.get("RESNET_FUSED_PROGRESS") == "1")
+        run.run_model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if run.cfg["compile"]:
+        run.run_model = torch.compile(run.run_model)
+
+
+def _train_epoch(run, epoch) -> dict:
+    """One epoch of training steps; its training metrics (loss and accuracy over every process, time, speed)."""
+    cfg, device, steps = run.cfg, run.device, len(run.train_loader)
+    progress = run.main and (not run.args.no_progress and sys.stderr.isatty()
+                             or os.environ.get("RESNET_FUSED_PROGRESS") == "1")
     # the loss is checked for NaN/Inf at every step where reading it costs nothing (CPU) and every
     # DIVERGENCE_CHECK_STEPS steps elsewhere (a host sync); the error names the first bad step either way
     check_every = 1 if device.type == "cpu" else DIVERGENCE_CHECK_STEPS
     from tqdm import tqdm
-    if main and world > 1:
-        print(f"distributed: {world} processes ({torch.distributed.get_backend()}), batch {cfg['batch_size']} per "
-              f"process, global batch {global_batch}{', sync-BN' if cfg['sync_bn'] else ''}", flush=True)
+    run.model.train()
+    run.train_loader.set_epoch(epoch)
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.float64)
+    first_bad = torch.full((), -1, device=device, dtype=torch.int64)  # first step with a non-finite loss
+    seen = 0
+    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for i, (x, y) in enumerate(bar):
+        with autocast_ctx(device, cfg["amp"]):
+            logits = run.run_model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), i, first_bad)
+        if (i + 1) % check_every == 0 or i == steps - 1:
+            check_divergence(first_bad, epoch, steps, cfg, run.denv)
+        run.opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.sched.step()
+        if run.ema is not None:
+            run.ema.update(run.model)
+        loss_sum += loss.detach().double() * y.numel()
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.numel()
+        if progress and (i % 20 == 0 or i == steps - 1):  # host sync only when the bar is drawn
+            el = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}",
+                            img_s=f"{seen * run.world / el:.0f}")
+    if run.world > 1:  # one collective: the epoch's sums over every process
+        packed = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+        torch.distributed.all_reduce(packed)
+        loss_sum, correct, seen = packed[0], packed[1], int(packed[2].item())
+    train_time = time.perf_counter() - t0
+    return dict(epoch=epoch + 1, lr=run.opt.param_groups[0]["lr"], train_loss=loss_sum.item() / seen,
+                train_acc=correct.item() / seen, epoch_time_s=train_time, images_per_s=seen / train_time)
 
-    for epoch in range(start_epoch, cfg["epochs"]):
-        model.train()
-        train_loader.set_epoch(epoch)
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.float64)
-        first_bad = torch.full((), -1, device=device, dtype=torch.int64)  # first step with a non-finite loss
-        seen = 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not progress, leave=False,
-                   dynamic_ncols=True)
-        for i, (x, y) in enumerate(bar):
-            with autocast_ctx(device, cfg["amp"]):
-                logits = run_model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), i, first_bad)
-            if (i + 1) % check_every == 0 or i == steps - 1:
-                check_divergence(first_bad, epoch, steps, cfg, denv)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if ema is not None:
-                ema.update(model)
-            loss_sum += loss.detach().double() * y.numel()
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += y.numel()
-            if progress and (i % 20 == 0 or i == steps - 1):  # host sync only when the bar is drawn
-                el = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}",
-                                img_s=f"{seen * world / el:.0f}")
-        if world > 1:  # one collective: the epoch's sums over every process
-            packed = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64,
-                                                                  device=device)])
-            torch.distributed.all_reduce(packed)
-            loss_sum, correct, seen = packed[0], packed[1], int(packed[2].item())
-        train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
-        train_time = time.perf_counter() - t0
-        # with --ema the averaged weights are the run's result: test/val columns are theirs (the trained weights'
-        # test accuracy besides, as test_acc_raw)
-        judged = ema.model if ema is not None else run_model
-        test_loss, test_acc, _ = evaluate_split(judged, test_loader, device, cfg["amp"], num_classes,
-                                                reduce=world > 1)
-        row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"], train_loss=train_loss, train_acc=train_acc,
-                   test_loss=test_loss, test_acc=test_acc, epoch_time_s=train_time,
-                   images_per_s=seen / train_time)
-        if ema is not None:
-            row["test_acc_raw"] = evaluate_split(run_model, test_loader, device, cfg["amp"], num_classes,
-                                                 reduce=world > 1)[1]
-        if val_loader is not None:
-            row["val_loss"], row["val_acc"], _ = evaluate_split(judged, val_loader, device, cfg["amp"],
-                                                                num_classes, reduce=world > 1)
-        history.append(row)
-        score = row.get("val_acc", test_acc)
-        is_best = score > best
-        best = max(best, score)
-        if main:
-            state = seal(dict(model=clean_state_dict(model.state_dict()), optimizer=opt.state_dict(),
-                              scheduler=sched.state_dict(), scaler=scaler.state_dict(), epoch=epoch + 1, best=best,
-                              history=history, rng=rng_state(), config=cfg, torch_version=str(torch.__version__),
-                              **(dict(ema=dict(model=clean_state_dict(ema.model.state_dict()), updates=ema.updates))
-                                 if ema is not None else {})))
-            # checkpoints first, then the metrics that describe them: metrics.csv never shows an epoch that no
-            # checkpoint holds
-            atomic_save(state, os.path.join(out, "last.pt"))
-            if is_best:
-                atomic_save(state, os.path.join(out, "best.pt"))
-            write_metrics(history, out)
-            extra = f" val_acc {row['val_acc']:.4f}" if "val_acc" in row else ""
-            extra += f" (EMA; trained weights {row['test_acc_raw']:.4f})" if ema is not None else ""
-            print(f"epoch {epoch + 1:3d}/{cfg['epochs']}  loss {train_loss:.4f}  train_acc {train_acc:.4f}  "
-                  f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}{extra}  {seen / train_time:,.0f} img/s  "
-                  f"{train_time:.1f}s", flush=True)
-        if world > 1:
-            torch.distributed.barrier()  # the epoch ends for everyone once its checkpoint is on disk
-        if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch:
-            if main:
-                print(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
-            break
-    if main and not args.no_plot and history:
-        plot_curves(history, os.path.join(out, "curves.png"), f"{cfg['model']} on {cfg['dataset']}")
-    return history
+
+def _evaluate_epoch(run, trained) -> dict:
+    """The epoch's row of metrics: its training metrics and the test (and validation) loss and accuracy. With --ema
+    the averaged weights are the run's result: the test/val columns are theirs (the trained weights' test accuracy
+    besides, as test_acc_raw)."""
+    cfg, classes, reduce = run.cfg, run.cfg["num_classes"], run.world > 1
+    judged = run.ema.model if run.ema is not None else run.run_model
+    test_loss, test_acc, _ = evaluate_split(judged, run.test_loader, run.device, cfg["amp"], classes, reduce=reduce)
+    row = {k: trained[k] for k in ("epoch", "lr", "train_loss", "train_acc")}  # the columns in their usual order
+    row.update(test_loss=test_loss, test_acc=test_acc, epoch_time_s=trained["epoch_time_s"],
+               images_per_s=trained["images_per_s"])
+    if run.ema is not None:
+        row["test_acc_raw"] = evaluate_split(run.run_model, run.test_loader, run.device, cfg["amp"], classes,
+                                             reduce=reduce)[1]
+    if run.val_loader is not None:
+        row["val_loss"], row["val_acc"], _ = evaluate_split(judged, run.val_loader, run.device, cfg["amp"], classes,
+                                                            reduce=reduce)
+    return row
+
+
+def _save_epoch(run, row):
+    """The epoch in the history; on the main process last.pt (and best.pt), then the metrics that describe them."""
+    run.history.append(row)
+    score = row.get("val_acc", row["test_acc"])
+    is_best = score > run.best
+    run.best = max(run.best, score)
+    if not run.main:
+        return
+    ema = run.ema
+    state = seal(dict(model=clean_state_dict(run.model.state_dict()), optimizer=run.opt.state_dict(),
+                      scheduler=run.sched.state_dict(), scaler=run.scaler.state_dict(), epoch=row["epoch"],
+                      best=run.best, history=run.history, rng=rng_state(), config=run.cfg,
+                      torch_version=str(torch.__version__),
+                      **(dict(ema=dict(model=clean_state_dict(ema.model.state_dict()), updates=ema.updates))
+                         if ema is not None else {})))
+    # checkpoints first, then the metrics that describe them: metrics.csv never shows an epoch that no checkpoint
+    # holds
+    atomic_save(state, os.path.join(run.out, "last.pt"))
+    if is_best:
+        atomic_save(state, os.path.join(run.out, "best.pt"))
+    write_metrics(run.history, run.out)
+    extra = f" val_acc {row['val_acc']:.4f}" if "val_acc" in row else ""
+    extra += f" (EMA; trained weights {row['test_acc_raw']:.4f})" if ema is not None else ""
+    print(f"epoch {row['epoch']:3d}/{run.cfg['epochs']}  loss {row['train_loss']:.4f}  train_acc "
+          f"{row['train_acc']:.4f}  test_loss {row['test_loss']:.4f}  test_acc {row['test_acc']:.4f}{extra}  "
+          f"{row['images_per_s']:,.0f} img/s  {row['epoch_time_s']:.1f}s", flush=True)
 
 
 DIVERGENCE_CHECK_STEPS = 20
