@@ -91,9 +91,8 @@ def test_idx_family_datasets_load_through_torchvision(mnist_root, tmp_path, name
     folder = {"fashionmnist": "FashionMNIST", "kmnist": "KMNIST"}[name]
     raw = tmp_path / folder / "raw"
     raw.mkdir(parents=True)
-    for f in os.listdir(os.path.join(mnist_root, "MNIST", "raw")):
-        if not f.endswith(".gz"):
-            os.symlink(os.path.join(mnist_root, "MNIST", "raw", f), raw / f)
+    for f in os.listdir(os.path.join(mnist_root, "MNIST", "raw")):  # whichever forms the root holds (.gz or not)
+        os.symlink(os.path.join(mnist_root, "MNIST", "raw", f), raw / f)
     d = load_splits(name, str(tmp_path), subset=100)
     assert d["train"].images.shape == (100, 1, 28, 28) and len(d["classes"]) == 10
 
