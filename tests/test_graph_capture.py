@@ -40,7 +40,7 @@ def test_a_tensor_made_from_host_data_inside_a_capture_is_refused():
         capture(lambda: (torch.tensor([1.0, 2.0]) * 2,))
 
 
-def test_a_copy_from_cpu_to_a_cuda_capture_device_is_refused():
+def test_copies_between_the_host_and_a_cuda_capture_device_are_refused():
     aten = torch.ops.aten
     with FakeTensorMode(allow_non_fake_inputs=True):
         host, dev = torch.ones(3), torch.empty(3, device="cuda")
@@ -49,6 +49,10 @@ def test_a_copy_from_cpu_to_a_cuda_capture_device_is_refused():
         rec._refuse(aten.copy_.default, (dev, host), {})
     with pytest.raises(CaptureError, match="CPU tensor"):
         rec._refuse(aten._to_copy.default, (host,), dict(device=torch.device("cuda")))
+    with pytest.raises(CaptureError, match="host"):  # .cpu() of a device tensor: a sync
+        rec._refuse(aten._to_copy.default, (dev,), dict(device=torch.device("cpu")))
+    with pytest.raises(CaptureError, match="host"):
+        rec._refuse(aten.copy_.default, (host, dev), {})
     rec._refuse(aten.copy_.default, (dev, dev), {})  # device to device: fine
     _Recorder("cpu")._refuse(aten.copy_.default, (host, host), {})
 
