@@ -17,6 +17,9 @@ GPU, and it is built to fail where a real capture would fail or silently go wron
   host-to-device copy on a GPU), copies from a CPU tensor to a CUDA capture device, random numbers (a replay
   would repeat the capture's draws), and what library code declares forbidden (``capture_state.forbid_in_capture``:
   semaphores, folded and packed weights); writing an inference tensor outside inference mode fails as in PyTorch;
+* **one level deep**: the dispatch mode sees each custom op as one operator and is not active inside its
+  implementation, so a launcher's own host code is held to these rules by ``forbid_in_capture`` and the choice
+  notes, not by the mode (the launchers read shapes, strides and storage sizes, never values);
 * **host choices are compared**: the ``capture_state.note_choice`` notes (TF32, 64-bit indexing, tile configs,
   split counts, the semaphore buffer) made while capturing must be made again, equal, by each replay; a replay
   under changed conditions raises, since a real graph would run the captured choice without a word.
