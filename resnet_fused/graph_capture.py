@@ -12,8 +12,8 @@ GPU, and it is built to fail where a real capture would fail or silently go wron
   gradient buffers) is restored afterwards, and floating-point tensors made in the capture hold NaN until a replay
   writes them;
 * **what a capture refuses is refused** (CaptureError, which GraphRunner turns into its eager fallback): reading a
-  value on the host (``.item()``, ``bool()``, ``.tolist()``, ``.numpy()``, printing, ``nonzero`` and other ops
-  whose output depends on the data), tensors made from host data (``torch.tensor``, ``from_numpy``: a pageable
+  value on the host (``.item()``, ``bool()``, ``.tolist()``, ``.numpy()``, printing, ``.cpu()`` of a CUDA tensor,
+  ``nonzero`` and other ops whose output depends on the data), tensors made from host data (``torch.tensor``, ``from_numpy``: a pageable
   host-to-device copy on a GPU), copies from a CPU tensor to a CUDA capture device, random numbers (a replay
   would repeat the capture's draws), and what library code declares forbidden (``capture_state.forbid_in_capture``:
   semaphores, folded and packed weights); writing an inference tensor outside inference mode fails as in PyTorch;
@@ -144,6 +144,9 @@ class _Recorder(TorchDispatchMode):
             dst = args[0].device if func is _aten.copy_.default else kwargs.get("device", src.device)
             if src.device.type == "cpu" and torch.device(dst).type == "cuda":
                 raise CaptureError(f"a copy from a CPU tensor to {dst} ({name}) inside a CUDA-graph capture")
+            if src.device.type == "cuda" and torch.device(dst).type == "cpu":
+                raise CaptureError(f"a copy from {src.device} to the host ({name}: .cpu(), .to('cpu')) reads a "
+                                   f"tensor's values on the host (a device sync) inside a CUDA-graph capture")
 
     def _save(self, t):
         key = _storage(t)

@@ -341,8 +341,9 @@ def _sm_limits(device):
     if device.type != "cuda":
         return SM90
     p = torch.cuda.get_device_properties(device)
-    return dict(regs=p.regs_per_multiprocessor, smem=p.shared_memory_per_multiprocessor,
-                threads=p.max_threads_per_multi_processor, blocks=SM90["blocks"])
+    return dict(regs=getattr(p, "regs_per_multiprocessor", SM90["regs"]),
+                smem=getattr(p, "shared_memory_per_multiprocessor", SM90["smem"]),
+                threads=getattr(p, "max_threads_per_multi_processor", SM90["threads"]), blocks=SM90["blocks"])
 
 
 def programs(n, device, kernel=None):

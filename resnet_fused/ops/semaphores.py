@@ -23,13 +23,17 @@ import torch
 from ..capture_state import forbid_in_capture, note_choice
 
 MIN_COUNTERS = 1024
+# A model's pool starts this large (256 KB): its graphs' backward launches ask for counters too, but the warm-up's
+# backward runs outside the pool (in the user's loss.backward()), so only the forward sizes it before a capture.
+# 65,536 tiles is more than any ResNet's launches use (torchvision's ResNet-152 weight gradient: ~2,300).
+POOL_COUNTERS = 1 << 16
 _EAGER = {}  # (device, stream) -> buffer
 _local = threading.local()
 
 
-def _zeros(n, device):
+def _zeros(n, device, least=MIN_COUNTERS):
     forbid_in_capture("allocating last_to_finish semaphores")
-    return torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device)
+    return torch.zeros(max(n, least), dtype=torch.int32, device=device)
 
 
 class SemaphorePool:
@@ -42,7 +46,7 @@ class SemaphorePool:
     def get(self, device, n):
         buf = self._buffers.get(device)
         if buf is None or buf.numel() < n:
-            new = _zeros(n, device)
+            new = _zeros(n, device, POOL_COUNTERS)
             if buf is not None:
                 self._kept.append(buf)
             buf = self._buffers[device] = new
