@@ -13,8 +13,9 @@ GPU, and it is built to fail where a real capture would fail or silently go wron
   writes them;
 * **what a capture refuses is refused** (CaptureError, which GraphRunner turns into its eager fallback): reading a
   value on the host (``.item()``, ``bool()``, ``.tolist()``, ``.numpy()``, printing, ``.cpu()`` of a CUDA tensor,
-  ``nonzero`` and other ops whose output depends on the data), tensors made from host data (``torch.tensor``, ``from_numpy``: a pageable
-  host-to-device copy on a GPU), copies from a CPU tensor to a CUDA capture device, random numbers (a replay
+  ``nonzero`` and other ops whose output depends on the data), tensors made from host data (``torch.tensor``,
+  ``from_numpy``: a pageable host-to-device copy on a GPU), copies from a CPU tensor to a CUDA capture device,
+  random numbers (a replay
   would repeat the capture's draws), and what library code declares forbidden (``capture_state.forbid_in_capture``:
   semaphores, folded and packed weights); writing an inference tensor outside inference mode fails as in PyTorch;
 * **one level deep**: the dispatch mode sees each custom op as one operator and is not active inside its
@@ -46,7 +47,6 @@ class CudaCapture:
     """torch.cuda.CUDAGraph capture into one private memory pool shared by every graph of the model."""
 
     device_types = ("cuda",)
-    retain_graph = False  # the backward graph is captured once; replays reuse its kernels, not autograd's graph
 
     def __init__(self):
         self._pool = None
@@ -175,7 +175,6 @@ class EmulatedCapture:
     an exception makes the next capture raise it."""
 
     device_types = ("cpu", "cuda")
-    retain_graph = False  # a replay re-runs recorded operators, not autograd: as on a GPU
 
     def __init__(self):
         self.captures = 0

@@ -23,9 +23,14 @@ A fused ResNet-20 step is a few hundred small kernels; launched one by one from 
 * **no double capture**: under ``torch.compile`` tracing or inside a user's own CUDA graph capture the model runs
   as without graphs (the outer graph captures the kernels).
 
-The capture itself is an object (``CudaCapture`` on a GPU): ``EmulatedCapture`` stands in for it on CPU so that
-the keying, warm-up, invalidation and gradient plumbing above are tested without a GPU. Off with
-``FusedResNet(cuda_graphs=False)`` or ``RESNET_FUSED_CUDA_GRAPHS=0``.
+* **what a capture bakes in is in the key or kept**: the input's memory format, inference mode and TF32 are part of
+  the key; packed weights are made before a capture (``Backend.prepare``), and the ``last_to_finish`` counters
+  come from the model's own pool, sized and zeroed in the warm-up (ops/semaphores.py).
+
+The capture itself is an object (resnet_fused.graph_capture: ``CudaCapture`` on a GPU): the strict
+``EmulatedCapture`` stands in for it on CPU, replaying the recorded operators as a graph would and refusing what a
+capture refuses, so that the keying, warm-up, invalidation and gradient plumbing above are tested without a GPU.
+Off with ``FusedResNet(cuda_graphs=False)`` or ``RESNET_FUSED_CUDA_GRAPHS=0``.
 """
 from __future__ import annotations
 
@@ -302,11 +307,10 @@ class GraphRunner:
             sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
         entry.flat = {dt: torch.zeros(n, dtype=dt, device=x.device) for dt, n in sizes.items()}
         views = [_slot_view(entry.flat[dt], off, shape, stride) for dt, off, shape, stride in entry.slots]
-        retain = self.capturer.retain_graph
 
         def backward():
             grads = torch.autograd.grad(entry.fwd.live[0], entry.inputs, entry.static_grad_out,
-                                        retain_graph=retain, allow_unused=True)
+                                        retain_graph=False, allow_unused=True)  # captured once, replayed
             with torch.no_grad():
                 for v, g in zip(views, grads):
                     v.zero_() if g is None else v.copy_(g)
