@@ -15,9 +15,9 @@ GPU, and it is built to fail where a real capture would fail or silently go wron
   value on the host (``.item()``, ``bool()``, ``.tolist()``, ``.numpy()``, printing, ``.cpu()`` of a CUDA tensor,
   ``nonzero`` and other ops whose output depends on the data), tensors made from host data (``torch.tensor``,
   ``from_numpy``: a pageable host-to-device copy on a GPU), copies from a CPU tensor to a CUDA capture device,
-  random numbers (a replay
-  would repeat the capture's draws), and what library code declares forbidden (``capture_state.forbid_in_capture``:
-  semaphores, folded and packed weights); writing an inference tensor outside inference mode fails as in PyTorch;
+  random numbers (a replay would repeat the capture's draws), and what library code declares forbidden
+  (``capture_state.forbid_in_capture``: semaphores, folded and packed weights); writing an inference tensor
+  outside inference mode fails as in PyTorch;
 * **one level deep**: the dispatch mode sees each custom op as one operator and is not active inside its
   implementation, so a launcher's own host code is held to these rules by ``forbid_in_capture`` and the choice
   notes, not by the mode (the launchers read shapes, strides and storage sizes, never values);
