@@ -16,7 +16,6 @@ training mode, cumulative average: "precise BN").
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -29,6 +28,7 @@ from resnet_fused.checkpoint import load_checkpoint, load_model_state  # noqa: E
 from resnet_fused.data import (DeviceLoader, elastic_field, elastic_warp, load_splits, rotate_zoom,  # noqa: E402
                                rotate_zoom_theta)
 from resnet_fused.train import evaluate_split, make_model  # noqa: E402
+from common import write_json  # noqa: E402
 
 
 def pixel_stats(x):
@@ -94,8 +94,7 @@ def main(argv=None):
     data = load_splits("mnist", args.data_root, device=device)
     result = stats(data) if args.what == "stats" else nets(data, args.checkpoint, device)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(result, args.json)
 
 
 if __name__ == "__main__":

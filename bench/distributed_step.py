@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import socket
 import statistics
@@ -35,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from resnet_fused import build_model  # noqa: E402
+from common import write_json  # noqa: E402
 
 
 def _sync(dev):
@@ -142,8 +142,7 @@ def main(argv=None):
     print(f"  sync-BN collectives in the step   {res['sync_bn_comm_ms']:+.2f} ms "
           f"(one BatchNorm all_gather alone: {micro['bn_allgather_ms']:.3f} ms)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(res, args.json)
     return res
 
 

@@ -14,7 +14,6 @@ its three inputs twice (two passes) and is still charged once.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
+from common import write_json  # noqa: E402
 
 IDENTITY = 1
 
@@ -138,8 +138,7 @@ def main(argv=None):
                   git_commit=os.environ.get("RESNET_FUSED_GIT_COMMIT"), calls=args.calls, repeats=args.repeats,
                   rows=rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(result, args.json)
         print(f"# wrote {args.json}")
     return result
 

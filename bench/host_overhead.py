@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
-import json
 import os
 import pstats
 import statistics
@@ -42,6 +41,7 @@ import importlib  # noqa: E402
 import pkgutil  # noqa: E402
 
 import resnet_fused.ops  # noqa: E402
+from common import write_json  # noqa: E402
 
 
 class _NoLaunch:
@@ -232,8 +232,7 @@ def main(argv=None):
     for k, v in inner.most_common(8):
         print(f"  inside the custom ops: {v:4d} x {k}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(res, args.json)
     if args.profile:
         pr = cProfile.Profile()
         pr.enable()

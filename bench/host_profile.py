@@ -18,10 +18,10 @@ exercise the tool without a GPU (no device times there).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
+from common import write_json  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -198,8 +198,7 @@ def main(argv=None):
               f"{fmt(r.get('frac_peak_flops') and 100 * r['frac_peak_flops'], '5.1f'):>6s} "
               f"{fmt(r.get('frac_peak_bw') and 100 * r['frac_peak_bw'], '4.1f'):>5s}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(out, args.json)
     return out
 
 

@@ -48,6 +48,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 from resnet_fused import backends as fused_backends  # noqa: E402
 from resnet_fused import build_model  # noqa: E402
 from resnet_fused.ops import launch  # noqa: E402
+
+from common import git_commit  # noqa: E402
 from resnet_fused.ops.resnet_infer import ctas_per_sm  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -256,18 +258,13 @@ def main(argv=None):
                batch=args.batch, workloads=["/".join(w[1:]) for w in workloads], launch_choices=launch,
                index64=args.index64, heads=[list(h) for h in heads],
                kernels=rows, totals=tot,
-               git_commit=os.environ.get("RESNET_FUSED_GIT_COMMIT") or _git_commit())
+               git_commit=git_commit(short=True)[0] or "unknown")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     if disagree:
         raise SystemExit(1)
     return res
-
-
-def _git_commit():
-    r = _run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--short", "HEAD"])
-    return r.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from recipe_runs import mean_spread  # noqa: E402
 from time_to_accuracy import parity  # noqa: E402
+from common import write_json  # noqa: E402
 
 
 def load_run(path):
@@ -110,8 +111,7 @@ def main(argv=None):
     print(f"final test accuracy over {f['n']} seed(s): fused {f['mean']:.2f}% ({f['min']:.2f}-{f['max']:.2f}), "
           f"reference {r['mean']:.2f}% ({r['min']:.2f}-{r['max']:.2f})")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1)
+        write_json(out, args.json)
     return out
 
 

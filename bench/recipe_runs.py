@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+from common import write_json  # noqa: E402
 
 
 def load_run(path):
@@ -89,8 +90,7 @@ def main(argv=None):
             line += "; NOTE: its runs have different lengths (one has not finished?)"
         print(line)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1)
+        write_json(out, args.json)
     return out
 
 

@@ -33,9 +33,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -46,6 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from resnet_fused import build_model  # noqa: E402
+
+from common import environment, quantile, sync, time_windows, write_json  # noqa: E402,F401 - re-exported
 
 IMPLS = ["eager", "eager-channels-last", "eager-graph", "compile", "compile-max-autotune-no-cudagraphs",
          "compile-max-autotune", "compile-reduce-overhead", "fused-triton", "fused-triton-no-cudagraphs",
@@ -69,37 +69,6 @@ CUDAGRAPH_COMPILE = ("compile-max-autotune", "compile-reduce-overhead")
 
 
 # ---- measurement helpers ----------------------------------------------------------------------------------
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def time_windows(fn, dev, iters, repeats):
-    """Seconds per call for each of ``repeats`` windows of ``iters`` calls."""
-    out = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) / 1e3 / iters)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            out.append((time.perf_counter() - t0) / iters)
-    return out
-
-
-def quantile(xs, q):
-    xs = sorted(xs)
-    i = min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))
-    return xs[i]
-
 
 def measure_peaks(dev):
     """Peak matmul FLOP/s per dtype and copy bandwidth (bytes read + written per second), measured here."""
@@ -445,27 +414,6 @@ def bench_isolated(group, dev, args):
 
 # ---- the run ------------------------------------------------------------------------------------------------
 
-def environment(dev):
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    if not commit or len(commit) != 40:  # no .git here (a copied tree): the caller may name the commit
-        commit, dirty = os.environ.get("RESNET_FUSED_GIT_COMMIT"), None
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    return dict(device=str(dev), device_name=name, torch=torch.__version__, triton=triton_version,
-                cuda=torch.version.cuda, python=platform.python_version(), git_commit=commit, git_dirty=dirty,
-                cpu_threads=torch.get_num_threads(), date=datetime.datetime.now().isoformat(timespec="seconds"))
-
-
 def defaults(dev):
     if dev.type == "cuda":
         return dict(models="resnet20,resnet56,resnet18", batch_sizes="128,512,2048", modes="train,inference",
@@ -557,13 +505,6 @@ def plot(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close("all")
-
-
-def write_json(result, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

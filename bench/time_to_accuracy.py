@@ -34,7 +34,7 @@ from resnet_fused.train import (DEFAULTS, RECIPES, autocast_ctx, evaluate_split,
                                 make_optimizer, make_train_loader)
 
 sys.path.insert(0, HERE)
-from throughput import environment, write_json  # noqa: E402
+from common import environment, sync, write_json  # noqa: E402
 
 IMPLS = {  # name -> (build_model impl, torch.compile it)
     "fused": ("fused", False),
@@ -42,11 +42,6 @@ IMPLS = {  # name -> (build_model impl, torch.compile it)
     "reference-compile": ("reference", True),
     "fused-compile": ("fused", True),
 }
-
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def recipe_config(args):
