@@ -8,7 +8,7 @@ the code under a capture, and both are checked here rather than trusted:
   folded or packed weights) is made before the capture, never inside it (a real capture records the zeroing
   kernel instead of running it, and puts the memory in the graph's private pool). Such code calls
   ``forbid_in_capture(what)``, which raises while either capture (``CudaCapture`` or the strict CPU stand-in,
-  resnet_fused.graphs) is active on this thread;
+  resnet_fused.graph_capture) is active on this thread;
 * **host choices are declared**: a launcher that decides something from host state calls
   ``note_choice(kind, value)``. The emulated capture records the notes made while it captures and compares them
   with those made when it replays: a replay under changed choices (TF32 flipped after capture, another semaphore

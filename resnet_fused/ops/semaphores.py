@@ -7,8 +7,8 @@ run concurrently. Two owners:
 * **eager launches**: one buffer per (device, stream), made on first use by a real zero-fill kernel on that stream
   (launches on one stream run one after another);
 * **a model's CUDA graphs** (resnet_fused.graphs): one ``SemaphorePool`` per model, entered with ``use_pool`` for
-  its warm-up, its captures and its replays. It grows only in the eager warm-up, before any capture needs it, so a
-  capture never allocates (and never records a zeroing it does not run); graphs of one model replay one step at a
+  its warm-up, its captures and its replays. Its buffer (POOL_COUNTERS at least) is made in the eager warm-up,
+  before any capture needs it, so a capture never allocates (and never records a zeroing it does not run); graphs of one model replay one step at a
   time, and no two models share counters. A buffer a graph was captured with is kept while the pool lives.
 
 Allocating inside a capture raises (capture_state.forbid_in_capture): the counters would start uninitialised.
