@@ -3,13 +3,14 @@ device, git commit) and an atomic JSON write."""
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import subprocess
 import time
 
 import torch
+
+from resnet_fused.reporting import write_json  # noqa: F401 - re-exported
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -72,11 +73,3 @@ def environment(dev):
     return dict(device=str(dev), device_name=name, torch=torch.__version__, triton=triton_version,
                 cuda=torch.version.cuda, python=platform.python_version(), git_commit=commit, git_dirty=dirty,
                 cpu_threads=torch.get_num_threads(), date=datetime.datetime.now().isoformat(timespec="seconds"))
-
-
-def write_json(result, path):
-    """``result`` as indented JSON at ``path``, atomically (a temp file renamed over it)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)

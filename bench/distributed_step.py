@@ -22,7 +22,6 @@ import datetime
 import os
 import socket
 import statistics
-import sys
 import time
 
 import torch
@@ -30,8 +29,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 from resnet_fused import build_model  # noqa: E402
 from common import write_json  # noqa: E402

@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 from common import write_json  # noqa: E402

@@ -22,7 +22,6 @@ import cProfile
 import os
 import pstats
 import statistics
-import sys
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # the kernels are not run at all
@@ -30,8 +29,6 @@ os.environ.pop("TRITON_INTERPRET", None)  # the kernels are not run at all
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 import triton  # noqa: E402
 

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from common import write_json  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 
 def _flops(name, a):
@@ -167,7 +164,6 @@ def main(argv=None):
         sync()
     device_us, peaks = None, None
     if dev.type == "cuda":
-        sys.path.insert(0, HERE)
         from throughput import measure_peaks
         measured = measure_peaks(dev)
         peaks = dict(flops=measured["bf16" if bf16 else "fp32"], bandwidth=measured["bandwidth"])

@@ -31,7 +31,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -42,8 +41,6 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 from resnet_fused import backends as fused_backends  # noqa: E402
 from resnet_fused import build_model  # noqa: E402

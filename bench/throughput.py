@@ -40,28 +40,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from resnet_fused import build_model
+from resnet_fused.reporting import BASELINES, FUSED_BACKEND, IMPLS, summarize  # noqa: F401 - re-exported
+
+from common import environment, quantile, sync, time_windows, write_json  # noqa: F401 - re-exported
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
-from resnet_fused import build_model  # noqa: E402
-
-from common import environment, quantile, sync, time_windows, write_json  # noqa: E402,F401 - re-exported
-
-IMPLS = ["eager", "eager-channels-last", "eager-graph", "compile", "compile-max-autotune-no-cudagraphs",
-         "compile-max-autotune", "compile-reduce-overhead", "fused-triton", "fused-triton-no-cudagraphs",
-         "fused-triton-graph", "fused-triton-per-element-graph", "fused-triton-net", "fused-cuda",
-         "fused-cuda-no-cudagraphs", "fused-cuda-graph", "fused-cpu"]
-# the fused rows: FusedResNet with this backend, used as the README shows (its own CUDA graphs on); "-no-cudagraphs":
-# FusedResNet(cuda_graphs=False); "-graph": the whole step (optimizer included) captured by hand in one CUDA graph;
-# "fused-triton-net": inference as one launch for the whole network (model.whole_network_inference, own graphs on);
-# "fused-triton-per-element-graph": fused-triton-graph with the implicit GEMM's per-tap gathers off (the A/B of
-# implicit_gemm.TAP_BLOCKS)
-FUSED_BACKEND = {"fused-triton": "triton", "fused-triton-no-cudagraphs": "triton", "fused-triton-graph": "triton",
-                 "fused-triton-per-element-graph": "triton", "fused-triton-net": "triton",
-                 "fused-cuda": "cuda", "fused-cuda-no-cudagraphs": "cuda", "fused-cuda-graph": "cuda",
-                 "fused-cpu": "cpu"}
-# PyTorch as a user can run it at its best: every fused row is compared with the best of these in the same run
-BASELINES = [i for i in IMPLS if i not in FUSED_BACKEND]
 COMPILE_MODES = {"compile": "default", "compile-max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs",
                  "compile-max-autotune": "max-autotune", "compile-reduce-overhead": "reduce-overhead"}
 # compile modes that replay CUDA graphs: a new step must be marked so the previous outputs may be overwritten
@@ -271,60 +256,6 @@ def finish_one(row, prep, times, dev, args):
                 step_ms_p80=quantile(times, 0.8) * 1e3, images_per_s=bs / med, setup_s=prep["setup_s"],
                 peak_mem_mb=peak_mem / 2 ** 20 if peak_mem is not None else None, launches_per_step=launches,
                 gflop_per_step=flops / 1e9, mb_per_step=nbytes / 1e6)
-
-
-def summarize(result):
-    """The run-level figures, recomputed from the rows (after every row and at the end):
-
-    - roofline: the peaks are the best rates this machine was seen to reach in this run, by the start-up matmul /
-      copy or by any row (a Winograd convolution does fewer multiplies than the direct-convolution FLOP count, so
-      its effective rate can pass the matmul's); so fraction_of_roofline <= 1 by construction.
-    - best baseline of each (model, mode, precision, batch): the fastest of BASELINES (PyTorch at its best), and
-      every row's ratio to it (speedup_vs_best_baseline), beside the ratio to that group's eager row.
-    """
-    rows, peaks = result["rows"], result["peaks"]
-    ok = [r for r in rows if r["status"] == "ok"]
-    eff = dict(peaks)
-    for r in ok:
-        sec = r["step_ms"] / 1e3
-        eff[r["precision"]] = max(eff[r["precision"]], r["gflop_per_step"] * 1e9 / sec)
-        eff["bandwidth"] = max(eff["bandwidth"], r["mb_per_step"] * 1e6 / sec)
-    result["roofline_peaks"] = eff
-    best, eager = {}, {}
-    for r in ok:
-        key = (r["model"], r["mode"], r["precision"], r["batch"])
-        bound = max(r["gflop_per_step"] * 1e9 / eff[r["precision"]], r["mb_per_step"] * 1e6 / eff["bandwidth"])
-        r["roofline_ms"] = bound * 1e3
-        r["fraction_of_roofline"] = bound / (r["step_ms"] / 1e3)
-        if r["impl"] in BASELINES and r["images_per_s"] > best.get(key, {}).get("images_per_s", 0):
-            best[key] = r
-        if r["impl"] == "eager":
-            eager[key] = r
-    for r in ok:
-        key = (r["model"], r["mode"], r["precision"], r["batch"])
-        b, e = best.get(key), eager.get(key)
-        r["best_baseline"] = b["impl"] if b else None
-        r["speedup_vs_best_baseline"] = r["images_per_s"] / b["images_per_s"] if b else None
-        r["speedup_vs_eager"] = r["images_per_s"] / e["images_per_s"] if e else None
-    result["best_baselines"] = [dict(model=k[0], mode=k[1], precision=k[2], batch=k[3], impl=b["impl"],
-                                     images_per_s=b["images_per_s"],
-                                     fused={r["impl"]: r["speedup_vs_best_baseline"] for r in ok
-                                            if r["impl"] in FUSED_BACKEND
-                                            and (r["model"], r["mode"], r["precision"], r["batch"]) == k})
-                                for k, b in sorted(best.items())]
-    # and over both precisions: a user at their best also picks the precision
-    overall = {}
-    for k, b in best.items():
-        k2 = (k[0], k[1], k[3])
-        if b["images_per_s"] > overall.get(k2, {}).get("images_per_s", 0):
-            overall[k2] = b
-    result["best_baselines_any_precision"] = [
-        dict(model=k[0], mode=k[1], batch=k[2], impl=b["impl"], precision=b["precision"],
-             images_per_s=b["images_per_s"],
-             fused={f"{r['impl']}@{r['precision']}": r["images_per_s"] / b["images_per_s"] for r in ok
-                    if r["impl"] in FUSED_BACKEND and (r["model"], r["mode"], r["batch"]) == k})
-        for k, b in sorted(overall.items())]
-    return result
 
 
 def bench_one(name, mode, prec, impl, bs, dev, args):

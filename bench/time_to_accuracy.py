@@ -18,22 +18,20 @@ import copy
 import datetime
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 from resnet_fused import build_model  # noqa: E402
 from resnet_fused.data import DeviceLoader, load_splits  # noqa: E402
 from resnet_fused.ema import WeightEMA  # noqa: E402
+from resnet_fused.reporting import parity  # noqa: E402,F401 - re-exported
 from resnet_fused.train import (DEFAULTS, RECIPES, autocast_ctx, evaluate_split, lr_factor,  # noqa: E402
                                 make_optimizer, make_train_loader)
 
-sys.path.insert(0, HERE)
 from common import environment, sync, write_json  # noqa: E402
 
 IMPLS = {  # name -> (build_model impl, torch.compile it)
@@ -143,21 +141,6 @@ def summarize(results):
             row[f"reached_{key}"] = sum(v is not None for v in got)
             row[f"seconds_to_{key}"] = statistics.median(got) if all(v is not None for v in got) else None
         rows.append(row)
-    return rows
-
-
-def parity(results, a="fused", b="reference"):
-    """Per seed that both ran: the largest relative difference of the per-epoch training loss and the final test
-    accuracy difference (a - b, points), the issue's whole-run parity measures."""
-    rows = []
-    for ra in (r for r in results if r["impl"] == a):
-        rb = next((r for r in results if r["impl"] == b and r["seed"] == ra["seed"]), None)
-        if rb is None:
-            continue
-        rel = [abs(x["train_loss"] - y["train_loss"]) / abs(y["train_loss"])
-               for x, y in zip(ra["history"], rb["history"])]
-        rows.append(dict(seed=ra["seed"], max_rel_train_loss_diff=max(rel),
-                         final_acc_diff_points=100 * (ra["final_test_acc"] - rb["final_test_acc"])))
     return rows
 
 

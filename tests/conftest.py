@@ -27,7 +27,7 @@ fast_interpreter()
 
 
 def compile_only():
-    """RESNET_FUSED_COMPILE_ONLY=1 (bench/precompile.py --tests): every Triton launch compiles its kernel into the
+    """RESNET_FUSED_COMPILE_ONLY=1 (scripts/precompile.py --tests): every Triton launch compiles its kernel into the
     cache for this GPU and runs nothing, so that a device check's test stages find their kernels compiled. The
     tests' values are then meaningless and their results are ignored. Under the interpreter (dry runs) a launch
     does nothing at all."""

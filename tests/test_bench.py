@@ -6,8 +6,6 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-
 pytestmark = pytest.mark.slow
 
 
@@ -155,7 +153,7 @@ def test_host_overhead_tool(tmp_path):
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/RESULTS.md"])
 def test_readme_speed_tables_are_rendered_from_the_committed_json(doc):
-    """The README's and docs/RESULTS.md's throughput and accuracy tables are bench/render_tables.py's output for
+    """The README's and docs/RESULTS.md's throughput and accuracy tables are scripts/render_tables.py's output for
     the JSON each block names."""
     import render_tables
     text = open(os.path.join(os.path.dirname(__file__), "..", doc)).read()
@@ -219,9 +217,9 @@ def test_kernel_report_compiles_the_workloads_kernels_for_sm90(tmp_path):
 
 
 def test_recipe_runs_summarizes_groups_of_runs(tmp_path):
-    """bench/recipe_runs.py: per run the last epoch's test accuracy (EMA's where the run had it) and the trained
+    """resnet_fused/experiments/recipe_runs.py: per run the last epoch's test accuracy (EMA's where the run had it) and the trained
     weights' beside it; per group mean/min/max and the difference of means from the first group."""
-    import recipe_runs
+    from resnet_fused.experiments import recipe_runs
 
     def run(name, accs, raw=None, times=None):
         d = tmp_path / name
@@ -261,9 +259,9 @@ def test_recipe_runs_summarizes_groups_of_runs(tmp_path):
 
 
 def test_recipe_parity_compares_train_runs(tmp_path):
-    """bench/recipe_parity.py: per-epoch relative training-loss difference and final accuracy difference of two
+    """resnet_fused/experiments/recipe_parity.py: per-epoch relative training-loss difference and final accuracy difference of two
     train.py runs (metrics.json), the 1% / 0.05-point verdicts, unfinished runs compared over common epochs."""
-    import recipe_parity
+    from resnet_fused.experiments import recipe_parity
 
     def run(name, losses, accs):
         d = tmp_path / name
@@ -331,7 +329,7 @@ def test_host_profile_kernel_work_accounting(dev):
 def test_augment_check_stats_and_precise_bn(mnist_root):
     """The pixel statistics over the augmentations (one resample blurs less than two), and precise BN: the running
     statistics reset and replaced by the exact average over one pass."""
-    import augment_check
+    from resnet_fused.experiments import augment_check
     from resnet_fused.data import DeviceLoader, Split, load_splits
     d = load_splits("mnist", mnist_root, subset=200)
     s = augment_check.stats(d, n=200)

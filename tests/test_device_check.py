@@ -1,4 +1,4 @@
-"""bench/device_check.sh's schedule, dry-run on the CPU (tiny workloads, Triton interpreter): every stage runs in
+"""scripts/device_check.sh's schedule, dry-run on the CPU (tiny workloads, Triton interpreter): every stage runs in
 priority order and writes what it should; a short deadline cuts or skips stages but the run still ends on time
 with its summary. No timing assertions on the workloads themselves."""
 import json
@@ -20,7 +20,7 @@ def dry_run(out, mnist_root, deadline):
     env = dict(os.environ, DEVICE_CHECK_DRY_RUN="1", DEVICE_CHECK_DEADLINE_S=str(deadline), PYTHON=sys.executable,
                RESNET_FUSED_DATA=mnist_root, TRITON_CACHE_DIR=str(out.parent / "triton-cache"))
     t0 = time.monotonic()
-    subprocess.run(["bash", os.path.join(ROOT, "bench", "device_check.sh"), str(out)], env=env, timeout=deadline + 60,
+    subprocess.run(["bash", os.path.join(ROOT, "scripts", "device_check.sh"), str(out)], env=env, timeout=deadline + 60,
                    check=True, capture_output=True, text=True)
     return time.monotonic() - t0, json.loads((out / "summary.json").read_text())
 
@@ -55,7 +55,7 @@ def test_a_short_deadline_cuts_stages_but_the_summary_comes_on_time(tmp_path, mn
 
 def test_stage_limits_that_add_up_to_more_than_the_budget_are_refused(tmp_path):
     env = dict(os.environ, DEVICE_CHECK_DRY_RUN="1", PYTHON=sys.executable, TESTS_LIMIT="400")
-    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "device_check.sh"), str(tmp_path / "out")], env=env,
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "device_check.sh"), str(tmp_path / "out")], env=env,
                        timeout=60, capture_output=True, text=True)
     assert r.returncode == 2 and "add up to" in r.stdout and "420" in r.stdout
     assert not (tmp_path / "out" / "summary.json").exists()

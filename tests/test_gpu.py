@@ -233,7 +233,7 @@ def test_one_step_error_against_float64_is_within_twice_pytorch(cuda, mnist_root
 def test_50_step_losses_stay_in_the_band_of_the_perturbed_reference(cuda, mnist_root, backend):
     """ResNet-20, 50 SGD steps on MNIST (fp32): per-step losses inside the band that the reference itself spans
     when its initial weights are perturbed by 1e-6 (tests/parity.py). A per-step 1e-3 tolerance is below this
-    recipe's own chaos floor (bench/lockstep.py: the perturbed reference leaves it by step 9): this band is not."""
+    recipe's own chaos floor (resnet_fused/experiments/lockstep.py: the perturbed reference leaves it by step 9): this band is not."""
     from parity import assert_inside_band, loss_band, losses
     from resnet_fused import ext
     if backend == "cuda" and not ext.has_cuda():

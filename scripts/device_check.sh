@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-call GPU check (v3): bash bench/device_check.sh OUTDIR
+# The one-call GPU check (v3): bash scripts/device_check.sh OUTDIR
 #
 # Stages in order, each given min(its own limit, the time left before the deadline less a reserve for the summary);
 # a stage with too little time left is recorded as skipped, never started. The stages' own limits add up to at most
@@ -8,7 +8,7 @@
 # reserve and bash's own start; the caller's timeout should allow ~20 s more.
 #   build        the C++/CUDA extension (pip install -e ., sm_90 only), first and alone: nothing imports _C while it
 #                builds; if it fails, everything else runs from the source tree (the extension's tests skip)
-#   precompile   bench/precompile.py: the Triton kernels of the headline workloads and of the test stages' own
+#   precompile   scripts/precompile.py: the Triton kernels of the headline workloads and of the test stages' own
 #                specialisations (tests/test_ops.py and tests/test_gpu.py run compile-only, in shards) compiled in
 #                parallel processes into one TRITON_CACHE_DIR that every later stage reads -> precompile.json
 #   op-tests     tests/test_ops.py on CUDA (every op against PyTorch autograd, every shipped config, opcheck)
@@ -28,7 +28,7 @@
 # 300 s: tests/test_device_check.py runs it in CI. RESNET_FUSED_GIT_COMMIT=<sha>: the device copy has no .git.
 # Data: $RESNET_FUSED_DATA, else .data (carried by the caller; MNIST/raw/*.gz is enough).
 set -u
-OUT=${1:?usage: bash bench/device_check.sh OUTDIR}
+OUT=${1:?usage: bash scripts/device_check.sh OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 1
@@ -42,6 +42,8 @@ LOG="$OUT/device_check.log"
 : > "$LOG"
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1 RESNET_FUSED_BUILD_CUDA=${RESNET_FUSED_BUILD_CUDA:-auto}
+# every stage imports resnet_fused from this tree, whether the build stage installed it or not
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-12}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$(mktemp -d)/triton-cache}
 if [ "$DRY" = 1 ]; then export TRITON_INTERPRET=1; else export TRITON_INTERPRET=0; fi
@@ -117,7 +119,7 @@ fi
 
 # build first and alone: the later stages import the extension it installs
 stage build "${BUILD[@]}" || echo "build failed: the rest runs from the source tree" >> "$LOG"
-stage precompile $PY bench/precompile.py "${PRECOMPILE[@]}" --json "$OUT/precompile.json"
+stage precompile $PY scripts/precompile.py "${PRECOMPILE[@]}" --json "$OUT/precompile.json"
 stage op-tests $PYTEST --junitxml="$OUT/junit-ops.xml" "${OP_TESTS[@]}"
 stage gpu-tests $PYTEST --junitxml="$OUT/junit.xml" "${GPU_TESTS[@]}"
 stage throughput $PY bench/throughput.py "${THROUGHPUT[@]}" --json "$OUT/throughput.json" --png "" --no-progress

@@ -1,6 +1,6 @@
 """Compile the Triton kernels of the headline workloads ahead of time, in parallel processes, into one cache.
 
-    TRITON_CACHE_DIR=/tmp/tc python bench/precompile.py --jobs 8
+    TRITON_CACHE_DIR=/tmp/tc python scripts/precompile.py --jobs 8
 
 A fresh GPU machine spends most of a device check compiling Triton kernels, one variant after another, inside
 whichever stage first launches them. Here every workload the next stages run (FusedResNet ResNet-20, batch 512,
@@ -22,7 +22,6 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 
 def workloads(args):

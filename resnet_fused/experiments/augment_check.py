@@ -1,8 +1,8 @@
 """What an augmentation does to the digits and to a trained net: the numbers behind results/recipes/README.md's
 elastic-distortion and precise-BatchNorm entries.
 
-    python bench/augment_check.py stats [--json out.json]
-    python bench/augment_check.py nets CHECKPOINT [CHECKPOINT ...] [--json out.json]
+    python -m resnet_fused.experiments.augment_check stats [--json out.json]
+    python -m resnet_fused.experiments.augment_check nets CHECKPOINT [CHECKPOINT ...] [--json out.json]
 
 ``stats``: pixel statistics (std, share of pixels above 200 and above 10, on the 0-255 scale) of 2,000 training
 digits plain and under each augmentation the loader has, the rotation/zoom and the elastic field resampled once
@@ -18,17 +18,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from resnet_fused.checkpoint import load_checkpoint, load_model_state  # noqa: E402
-from resnet_fused.data import (DeviceLoader, elastic_field, elastic_warp, load_splits, rotate_zoom,  # noqa: E402
+from ..checkpoint import load_checkpoint, load_model_state
+from ..data import (DeviceLoader, elastic_field, elastic_warp, load_splits, rotate_zoom,
                                rotate_zoom_theta)
-from resnet_fused.train import evaluate_split, make_model  # noqa: E402
-from common import write_json  # noqa: E402
+from ..reporting import write_json
+from ..train import evaluate_split, make_model
 
 
 def pixel_stats(x):

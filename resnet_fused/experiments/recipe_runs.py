@@ -1,7 +1,7 @@
 """Final test accuracy of ``python -m resnet_fused.train`` runs, grouped (a recipe over seeds, or one choice of a
 recipe left out), as mean and spread; the README's recipe rows and the per-choice measurements come from it.
 
-    python bench/recipe_runs.py --group best=results/best/seed0-fused,results/best/seed1-fused \
+    python -m resnet_fused.experiments.recipe_runs --group best=results/best/seed0-fused,results/best/seed1-fused \
         [--group "best, no EMA"=...] [--json out.json]
 
 Each ``--group LABEL=DIR[,DIR...]`` names run directories (their metrics.json, written after every epoch). Per run:
@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-from common import write_json  # noqa: E402
+
+from ..reporting import mean_spread, write_json
 
 
 def load_run(path):
@@ -26,11 +26,6 @@ def load_run(path):
     if not history:
         raise ValueError(f"{path}: metrics.json has no finished epoch")
     return history
-
-
-def mean_spread(values):
-    """{mean, min, max, n} of a list of numbers."""
-    return dict(mean=statistics.fmean(values), min=min(values), max=max(values), n=len(values))
 
 
 def summarize_run(path, history):

@@ -1,7 +1,7 @@
 """Whole-run parity of FusedResNet and the reference from ``python -m resnet_fused.train`` runs (issue: per-epoch
 training loss within 1%, final test accuracy within 0.05 points, same recipe and seed).
 
-    python bench/recipe_parity.py --pair 0:results/parity-default/seed0-fused:results/parity-default/seed0-reference \
+    python -m resnet_fused.experiments.recipe_parity --pair 0:results/parity-default/seed0-fused:results/parity-default/seed0-reference \
         [--pair 1:...:...] [--json out.json]
 
 Each ``--pair SEED:FUSED_DIR:REFERENCE_DIR[:CONTROL_DIR]`` names the run directories (their metrics.json, written
@@ -19,13 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from recipe_runs import mean_spread  # noqa: E402
-from time_to_accuracy import parity  # noqa: E402
-from common import write_json  # noqa: E402
+from ..reporting import mean_spread, parity, write_json
 
 
 def load_run(path):

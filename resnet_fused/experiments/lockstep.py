@@ -1,7 +1,7 @@
 """Is a fused-vs-reference training difference a bug or chaos? Two measurements, CPU or GPU.
 
-    python bench/lockstep.py --seed 1 --steps 470 --json out.json     # lockstep run (the fast recipe's batches)
-    python bench/lockstep.py --seed 1 --fp64-check                    # one step's error against float64
+    python -m resnet_fused.experiments.lockstep --seed 1 --steps 470 --json out.json     # lockstep run (the fast recipe's batches)
+    python -m resnet_fused.experiments.lockstep --seed 1 --fp64-check                    # one step's error against float64
 
 Lockstep: FusedResNet, the reference and the reference with its initial weights perturbed by a relative 1e-6
 (--eps) start from the same weights and train on the same batches with train.py's recipe pieces; every step logs
@@ -17,19 +17,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-
-from resnet_fused import build_model  # noqa: E402
-from resnet_fused.data import load_splits  # noqa: E402
-from resnet_fused.train import DEFAULTS, RECIPES, lr_factor, make_optimizer, make_train_loader  # noqa: E402
+from .. import build_model
+from ..data import load_splits
+from ..train import DEFAULTS, RECIPES, lr_factor, make_optimizer, make_train_loader
 
 
 def rel_dist(a, b):

@@ -1,17 +1,17 @@
 """The README's and docs/RESULTS.md's tables, rendered from the committed JSON so the text cannot drift from it.
 
-    python bench/render_tables.py bench/results/throughput-....json     # markdown on stdout
-    python bench/render_tables.py --readme README.md --readme docs/RESULTS.md          # rewrite every block
-    python bench/render_tables.py --readme README.md --readme docs/RESULTS.md --check  # exit 1 if one is stale
+    python scripts/render_tables.py bench/results/throughput-....json     # markdown on stdout
+    python scripts/render_tables.py --readme README.md --readme docs/RESULTS.md          # rewrite every block
+    python scripts/render_tables.py --readme README.md --readme docs/RESULTS.md --check  # exit 1 if one is stale
 
 Accuracy blocks, ``<!-- accuracy-table: PATH[,PATH] -->`` ... ``<!-- end accuracy-table -->``, list the groups of
-runs in bench/recipe_runs.py / bench/recipe_parity.py JSON files (seeds, mean and spread of the final accuracy).
+runs in resnet_fused.experiments.recipe_runs / recipe_parity JSON files (seeds, mean and spread of the final accuracy).
 
 A block in the README is the lines between ``<!-- throughput-table: PATH -->`` and ``<!-- end throughput-table
 -->``; PATH is a JSON written by bench/throughput.py (relative to the repository root). Each table names its JSON,
 its commit and its machine; a row is one (model, mode, precision, batch) with images/s per implementation, the
 best baseline (the fastest PyTorch row: eager, channels_last, CUDA graph, torch.compile modes) and each fused row's
-ratio to it. The run-level figures are recomputed from the rows (throughput.summarize), so older JSON files render
+ratio to it. The run-level figures are recomputed from the rows (resnet_fused.reporting.summarize), so older JSON files render
 the same way.
 """
 from __future__ import annotations
@@ -22,11 +22,9 @@ import os
 import re
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+from resnet_fused.reporting import BASELINES, IMPLS, summarize
 
-from throughput import BASELINES, IMPLS, summarize  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BLOCK = re.compile(r"(<!-- throughput-table: (\S+) -->\n)(.*?)(<!-- end throughput-table -->)", re.S)
 ACCURACY = re.compile(r"(<!-- accuracy-table: (\S+) -->\n)(.*?)(<!-- end accuracy-table -->)", re.S)
@@ -80,7 +78,7 @@ def render(path: str) -> str:
 
 
 def _groups(path):
-    """(label, {mean, min, max, n}) of each group in a bench/recipe_runs.py or bench/recipe_parity.py JSON."""
+    """(label, {mean, min, max, n}) of each group in a recipe_runs or recipe_parity JSON."""
     with open(os.path.join(ROOT, path)) as f:
         d = json.load(f)
     if "groups" in d:  # recipe_runs: final test accuracy of the weights each run reports
@@ -111,7 +109,7 @@ def update_readme(readme: str, check: bool) -> int:
     new = rendered(text)
     if check:
         if new != text:
-            print(f"{readme}: a rendered table is out of date: run python bench/render_tables.py --readme {readme}")
+            print(f"{readme}: a rendered table is out of date: run python scripts/render_tables.py --readme {readme}")
             return 1
         return 0
     if new != text:
