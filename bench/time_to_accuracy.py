@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import os
 import statistics
@@ -29,7 +30,8 @@ from resnet_fused import build_model  # noqa: E402
 from resnet_fused.data import DeviceLoader, load_splits  # noqa: E402
 from resnet_fused.ema import WeightEMA  # noqa: E402
 from resnet_fused.reporting import parity  # noqa: E402,F401 - re-exported
-from resnet_fused.train import (DEFAULTS, RECIPES, autocast_ctx, evaluate_split, lr_factor,  # noqa: E402
+from resnet_fused.run_config import RECIPES, recipe  # noqa: E402
+from resnet_fused.train import (autocast_ctx, evaluate_split, lr_factor,  # noqa: E402
                                 make_optimizer, make_train_loader)
 
 from common import environment, sync, write_json  # noqa: E402
@@ -43,26 +45,22 @@ IMPLS = {  # name -> (build_model impl, torch.compile it)
 
 
 def recipe_config(args):
-    """train.py's recipe (DEFAULTS < RECIPES[--recipe] < the flags given here)."""
-    cfg = dict(DEFAULTS) | RECIPES[args.recipe]
-    for k in ("epochs", "batch_size", "lr", "amp", "model"):
-        if getattr(args, k) is not None:
-            cfg[k] = getattr(args, k)
-    cfg["channels_last"] = args.channels_last
-    return cfg
+    """train.py's recipe (RECIPES[--recipe] with the flags given here)."""
+    return recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
+                  model=args.model, channels_last=args.channels_last)
 
 
 def run_one(name, seed, data, cfg, dev, targets):
     impl, compiled = IMPLS[name]
-    cfg = dict(cfg, seed=seed, channels_last=cfg["channels_last"] or impl == "fused")
+    cfg = dataclasses.replace(cfg, seed=seed, channels_last=cfg.channels_last or impl == "fused")
     torch.manual_seed(seed)
-    model = build_model(cfg["model"], impl=impl).to(dev)
-    if cfg["channels_last"]:
+    model = build_model(cfg.model, impl=impl).to(dev)
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train = make_train_loader(data, cfg, cfg["batch_size"])
-    test = DeviceLoader(data["test"], 2000, data["mean"], data["std"], channels_last=cfg["channels_last"])
+    train = make_train_loader(data, cfg, cfg.batch_size)
+    test = DeviceLoader(data["test"], 2000, data["mean"], data["std"], channels_last=cfg.channels_last)
     steps = len(train)
-    amp, smoothing = cfg["amp"], cfg["label_smoothing"]
+    amp, smoothing = cfg.amp, cfg.label_smoothing
 
     def make(m):
         opt = make_optimizer(m, cfg)
@@ -94,9 +92,9 @@ def run_one(name, seed, data, cfg, dev, targets):
 
     run = torch.compile(model) if compiled else model
     opt, sched = make(model)
-    ema = WeightEMA(model, cfg["ema"]) if cfg["ema"] > 0 else None
+    ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
     clock, eval_s, history, reached = 0.0, 0.0, [], {}
-    for epoch in range(cfg["epochs"]):
+    for epoch in range(cfg.epochs):
         model.train()
         train.set_epoch(epoch)
         sync(dev)
@@ -112,7 +110,7 @@ def run_one(name, seed, data, cfg, dev, targets):
         _, acc, _ = evaluate_split(ema.model if ema is not None else run, test, dev, amp)
         sync(dev)
         eval_s += time.perf_counter() - t
-        images = (epoch + 1) * steps * cfg["batch_size"]
+        images = (epoch + 1) * steps * cfg.batch_size
         history.append(dict(epoch=epoch + 1, images=images, train_seconds=clock, train_loss=loss_sum.item() / steps,
                             test_acc=acc))
         print(f"  {name:17s} seed {seed} epoch {epoch + 1}: {clock:8.2f} s  test acc {100 * acc:.2f}%", flush=True)
@@ -171,14 +169,14 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True
     data = load_splits("mnist", args.data_root, subset=args.subset or None, device=dev)
     env = environment(dev)
-    print(f"# {env['device_name']} | torch {env['torch']} | recipe {args.recipe}: {cfg['model']}, "
-          f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, {cfg['schedule']} lr {cfg['lr']}, amp {cfg['amp']}, "
+    print(f"# {env['device_name']} | torch {env['torch']} | recipe {args.recipe}: {cfg.model}, "
+          f"{cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.schedule} lr {cfg.lr}, amp {cfg.amp}, "
           f"seeds {seeds}")
     tag = "".join(c if c.isalnum() else "-" for c in env["device_name"].lower()).strip("-")[:40]
     path = args.json or os.path.join(HERE, "results", f"time-to-accuracy-{datetime.date.today()}-{tag}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     results = []
-    out = dict(environment=env, settings=dict(vars(args), recipe_config=cfg), results=results, complete=False)
+    out = dict(environment=env, settings=dict(vars(args), recipe_config=cfg.as_dict()), results=results, complete=False)
     for seed in seeds:  # seeds outermost: the implementations of one seed run side by side
         for name in args.impls.split(","):
             results.append(run_one(name, seed, data, cfg, dev, targets))

@@ -3,7 +3,7 @@
 The whole dataset lives on the device (see resnet_fused.data); the defaults (ResNet-20, SGD momentum 0.9, lr 0.1
 with cosine decay after a one-epoch warm-up, weight decay 5e-4, batch 128, +-2 px translations, 15 epochs) reach
 about 99.6% MNIST test accuracy without tuning; ``--recipe fast`` (2 epochs) and ``--recipe best`` are named sets
-of other defaults (RECIPES below). Each epoch writes metrics.csv / metrics.json and the checkpoints
+of other defaults (resnet_fused.run_config.RECIPES). Each epoch writes metrics.csv / metrics.json and the checkpoints
 last.pt / best.pt (atomically) to --out; --resume continues exactly where a run stopped.
 
 Distributed: ``torchrun --nproc_per_node=N -m resnet_fused.train ...`` (NCCL on GPUs, gloo on CPUs) wraps the model
@@ -34,26 +34,8 @@ from .checkpoint import (UserError, atomic_save, atomic_write_bytes, atomic_writ
                          clean_stale_temp_files, clean_state_dict, load_checkpoint, load_model_state, run_cli, seal)
 from .data import DATASETS, DeviceLoader, load_splits
 from .ema import WeightEMA
+from .run_config import DEFAULTS, RECIPE_KEYS, RECIPES, RunConfig  # noqa: F401 - DEFAULTS re-exported
 from .zoo import MODEL_NAMES, build_model, parse_model_name
-
-DEFAULTS = dict(model="resnet20", impl="fused", dataset="mnist", epochs=15, batch_size=128, lr=0.1,
-                momentum=0.9, wd=5e-4, schedule="cosine", warmup_epochs=1.0, label_smoothing=0.0, amp="off",
-                max_shift=2, rotate=0.0, scale=0.0, elastic=0.0, erase=0.0, ema=0.0, val_size=0, subset=0, seed=0,
-                shortcut=None, sync_bn=False, init_noise=0.0)
-# Flags that define the run: on --resume they come from the checkpoint unless given again (and must then agree).
-RECIPE_KEYS = tuple(DEFAULTS)
-# --recipe NAME: values over DEFAULTS (flags given on the command line override them). How each was chosen, with
-# the measurements: docs/RESULTS.md "Accuracy" and results/recipes/.
-RECIPES = dict(
-    default={},
-    # the fewest images to 99.5% MNIST test accuracy: 3 of 3 seeds in 2 epochs (docs/RESULTS.md "Accuracy"; lr 0.4
-    # at batch 256 spiked near the one-cycle peak, in the reference as in the fused runs: results/recipes/README.md)
-    fast=dict(epochs=2, batch_size=128, schedule="onecycle", lr=0.2, label_smoothing=0.1),
-    # the best single-model accuracy: small rotations/zooms on top of the shifts, label smoothing, weight EMA,
-    # a longer schedule, ResNet-32 (99.77% over 3 seeds against ResNet-20's 99.73%: results/best-resnet32/)
-    best=dict(model="resnet32", epochs=40, rotate=10.0, scale=0.1, label_smoothing=0.1, ema=0.999),
-)
-
 
 def build_parser():
     # each default is written once, in brackets in its help (the values of the recipe come from DEFAULTS, or from
@@ -129,14 +111,14 @@ def pick_device(name):
 
 def lr_factor(step, steps_per_epoch, cfg):
     """Multiplier of the peak lr at optimizer step ``step`` (0-based) for the schedule in cfg."""
-    total = max(1, cfg["epochs"] * steps_per_epoch)
-    warm = int(cfg["warmup_epochs"] * steps_per_epoch) if cfg["schedule"] != "onecycle" else 0
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(cfg.warmup_epochs * steps_per_epoch) if cfg.schedule != "onecycle" else 0
     if step < warm:
         return (step + 1) / warm
-    if cfg["schedule"] == "multistep":
+    if cfg.schedule == "multistep":
         e = step / steps_per_epoch
-        return 0.1 ** sum(e >= m * cfg["epochs"] for m in (0.5, 0.75))
-    if cfg["schedule"] == "cosine":
+        return 0.1 ** sum(e >= m * cfg.epochs for m in (0.5, 0.75))
+    if cfg.schedule == "cosine":
         t = (step - warm) / max(1, total - warm)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
     # onecycle: linear up for 30% to the peak, then cosine down to 1/1000 of the starting value (start = peak/25)
@@ -241,9 +223,11 @@ def write_metrics(history, out):
 # ---- the run --------------------------------------------------------------------------------------------------
 
 def resolve_config(args):
-    """The run's recipe: flags over (on --resume) the checkpoint's config over DEFAULTS."""
+    """(RunConfig, checkpoint or None, its path or None): flags over (on --resume) the checkpoint's settings over
+    the recipe's."""
     ckpt, path = None, None
-    recipe = args.recipe or "default"
+    name = args.recipe or "default"
+    base = RECIPES[name]
     if args.resume:
         path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
         ckpt = load_checkpoint(path)
@@ -251,83 +235,55 @@ def resolve_config(args):
         if args.recipe is not None and args.recipe != had:
             raise UserError(f"--recipe {args.recipe} does not match the checkpoint {path!r} ({had}); resume with "
                             f"the same recipe or start a new --out")
-        recipe = had
-        base = dict(DEFAULTS) | RECIPES.get(recipe, {})
-        base.update({k: v for k, v in ckpt["config"].items() if k in RECIPE_KEYS})
+        base = RunConfig.from_saved({k: v for k, v in ckpt["config"].items() if k in RECIPE_KEYS},
+                                    dataclasses.replace(RECIPES.get(had, DEFAULTS), recipe=had))
         for k in ("model", "dataset", "shortcut", "batch_size", "seed", "subset", "val_size"):
             given = getattr(args, k, None)
-            if given is not None and given != base[k]:
+            if given is not None and given != getattr(base, k):
                 raise UserError(f"--{k.replace('_', '-')} {given} does not match the checkpoint {path!r} "
-                                f"({base[k]}); resume with the same {k.replace('_', ' ')} or start a new --out")
-    else:
-        base = dict(DEFAULTS) | RECIPES[recipe]
-    cfg = {k: (getattr(args, k) if getattr(args, k, None) is not None else base[k]) for k in RECIPE_KEYS}
-    cfg["recipe"] = recipe
-    cfg["channels_last"] = bool(args.channels_last or (ckpt and ckpt["config"].get("channels_last")))
-    cfg["compile"] = bool(args.compile)
+                                f"({getattr(base, k)}); resume with the same {k.replace('_', ' ')} or start a new "
+                                f"--out")
+    given = {k: getattr(args, k) for k in RECIPE_KEYS if getattr(args, k, None) is not None}
+    cfg = dataclasses.replace(base, **given, compile=bool(args.compile),
+                              channels_last=bool(args.channels_last or (ckpt and ckpt["config"].get("channels_last"))))
     try:
-        parse_model_name(cfg["model"])
+        parse_model_name(cfg.model)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if cfg["dataset"].lower().replace("_", "-") not in DATASETS and cfg["dataset"].lower() not in (
+    if cfg.dataset.lower().replace("_", "-") not in DATASETS and cfg.dataset.lower() not in (
             "fashion-mnist", "emnist"):
-        raise UserError(f"unknown dataset {cfg['dataset']!r}; choose from {', '.join(DATASETS)}")
-    validate_config(cfg)
+        raise UserError(f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
+    cfg.validate()
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
         raise UserError(f"--stop-after-epoch must be at least 1, got {args.stop_after_epoch}")
     return cfg, ckpt, path if args.resume else None
 
 
-# flag -> (lowest, highest, whether the lowest itself is allowed); None = unbounded
-_RANGES = dict(epochs=(1, None, True), batch_size=(1, None, True), lr=(0.0, None, False), momentum=(0.0, None, True),
-               wd=(0.0, None, True), warmup_epochs=(0.0, None, True), label_smoothing=(0.0, 1.0, True),
-               max_shift=(0, None, True), rotate=(0.0, 180.0, True), scale=(0.0, None, True),
-               erase=(0.0, 1.0, True), elastic=(0.0, None, True),
-               ema=(0.0, None, True), val_size=(0, None, True), subset=(0, None, True), seed=(0, 2**31 - 1, True),
-               init_noise=(0.0, 1.0, True))
-
-
-def validate_config(cfg):
-    """Every recipe value in range and finite, checked before anything is loaded or written (UserError)."""
-    for k, (lo, hi, lo_ok) in _RANGES.items():
-        v, flag = cfg[k], "--" + k.replace("_", "-")
-        if isinstance(v, float) and not math.isfinite(v):
-            raise UserError(f"{flag} must be a finite number, got {v}")
-        if (v < lo if lo_ok else v <= lo) or (hi is not None and v > hi):
-            where = (f"at least {lo}" if lo_ok else f"greater than {lo}") + (f" and at most {hi}" if hi else "")
-            raise UserError(f"{flag} must be {where}, got {v}")
-    if cfg["momentum"] >= 1.0:
-        raise UserError(f"--momentum must be below 1 (SGD diverges at 1 and above), got {cfg['momentum']}")
-    if cfg["scale"] >= 1.0:
-        raise UserError(f"--scale must be below 1 (a zoom of 1 - scale must stay positive), got {cfg['scale']}")
-    if cfg["ema"] >= 1.0:
-        raise UserError(f"--ema must be below 1 (0 = off; 0.999 averages over about 1000 steps), got {cfg['ema']}")
-    if cfg["warmup_epochs"] > cfg["epochs"]:
-        raise UserError(f"--warmup-epochs {cfg['warmup_epochs']} is longer than the run (--epochs {cfg['epochs']})")
-
-
 def validate_data(cfg, data, n_train_all):
     """The flags that depend on the dataset's size (checked after loading, before anything is written)."""
     h, w = data["train"].images.shape[-2:]
-    if cfg["max_shift"] >= min(h, w):
-        raise UserError(f"--max-shift {cfg['max_shift']} must be smaller than the {h}x{w} images")
-    if cfg["subset"] > n_train_all:
-        raise UserError(f"--subset {cfg['subset']} is more than the {n_train_all} training images of "
-                        f"{cfg['dataset']} (0 = all)")
+    if cfg.max_shift >= min(h, w):
+        raise UserError(f"--max-shift {cfg.max_shift} must be smaller than the {h}x{w} images")
+    if cfg.subset > n_train_all:
+        raise UserError(f"--subset {cfg.subset} is more than the {n_train_all} training images of "
+                        f"{cfg.dataset} (0 = all)")
 
 
 def make_model(cfg, in_channels, num_classes, device):
+    """The run's model (a RunConfig, or a checkpoint's saved settings) on ``device``, in its memory format."""
+    if isinstance(cfg, dict):
+        cfg = RunConfig.from_saved(cfg)
     kwargs = dict(in_channels=in_channels, num_classes=num_classes)
-    if cfg.get("shortcut"):
-        kwargs["shortcut"] = cfg["shortcut"]
+    if cfg.shortcut:
+        kwargs["shortcut"] = cfg.shortcut
     try:
-        model = build_model(cfg["model"], impl=cfg["impl"], **kwargs)
+        model = build_model(cfg.model, impl=cfg.impl, **kwargs)
     except (ValueError, NotImplementedError, RuntimeError) as e:
         raise UserError(str(e).splitlines()[0]) from None
-    if cfg.get("init_noise"):
-        perturb_weights(model, cfg["init_noise"], cfg["seed"])
+    if cfg.init_noise:
+        perturb_weights(model, cfg.init_noise, cfg.seed)
     model = model.to(device)
-    if cfg["channels_last"]:
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -345,8 +301,8 @@ def make_optimizer(model, cfg):
     """SGD (Nesterov momentum) of the recipe; no weight decay on BatchNorm parameters and biases."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD([dict(params=decay, weight_decay=cfg["wd"]), dict(params=no_decay, weight_decay=0.0)],
-                           lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["momentum"] > 0)
+    return torch.optim.SGD([dict(params=decay, weight_decay=cfg.wd), dict(params=no_decay, weight_decay=0.0)],
+                           lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
 def make_train_loader(data, cfg, global_batch, shard=(0, 1)):
@@ -354,10 +310,10 @@ def make_train_loader(data, cfg, global_batch, shard=(0, 1)):
     least two batches, and always in a distributed run)."""
     world = shard[1]
     return DeviceLoader(data["train"], global_batch, data["mean"], data["std"], shuffle=True,
-                        max_shift=cfg["max_shift"], rotate=cfg["rotate"], scale=cfg["scale"], erase=cfg["erase"],
-                        elastic=cfg["elastic"], seed=cfg["seed"],
+                        max_shift=cfg.max_shift, rotate=cfg.rotate, scale=cfg.scale, erase=cfg.erase,
+                        elastic=cfg.elastic, seed=cfg.seed,
                         drop_last=world > 1 or len(data["train"]) >= 2 * global_batch,
-                        channels_last=cfg["channels_last"], shard=shard)
+                        channels_last=cfg.channels_last, shard=shard)
 
 
 # the files a run writes in --out (their stale temp files are cleaned at start)
@@ -436,11 +392,14 @@ class _Run:
     """What the steps of one training run share: the settings, the model and its optimizer, the loaders, and where
     the run stands (epoch, history, best score)."""
     args: argparse.Namespace
-    cfg: dict
+    cfg: RunConfig
     denv: object
     device: torch.device
     model: torch.nn.Module
     out: str
+    # what the data and the model add to the settings (channels, classes, normalization, architecture): saved in
+    # the checkpoint's config beside cfg, for evaluate.py and a resumed run
+    facts: dict = dataclasses.field(default_factory=dict)
     opt: torch.optim.Optimizer = None
     sched: object = None
     scaler: object = None
@@ -461,6 +420,14 @@ class _Run:
     def world(self):
         return self.denv.world_size
 
+    @property
+    def global_batch(self):
+        return self.cfg.batch_size * self.world
+
+    def saved_config(self) -> dict:
+        """The checkpoint's ``config``: the settings, the data's facts, the number of processes."""
+        return dict(self.cfg.as_dict(), **self.facts, world_size=self.world, global_batch=self.global_batch)
+
 
 def _train(args, cfg, ckpt, resume_path, denv, device):
     """Set up, restore, then per epoch: train, evaluate, save (each step a function below)."""
@@ -469,9 +436,9 @@ def _train(args, cfg, ckpt, resume_path, denv, device):
         return run.history
     _wrap_model(run)
     if run.main and run.world > 1:
-        print(f"distributed: {run.world} processes ({torch.distributed.get_backend()}), batch {cfg['batch_size']} "
-              f"per process, global batch {cfg['global_batch']}{', sync-BN' if cfg['sync_bn'] else ''}", flush=True)
-    for epoch in range(run.start_epoch, cfg["epochs"]):
+        print(f"distributed: {run.world} processes ({torch.distributed.get_backend()}), batch {cfg.batch_size} "
+              f"per process, global batch {run.global_batch}{', sync-BN' if cfg.sync_bn else ''}", flush=True)
+    for epoch in range(run.start_epoch, cfg.epochs):
         row = _evaluate_epoch(run, _train_epoch(run, epoch))
         _save_epoch(run, row)
         if run.world > 1:
@@ -481,7 +448,7 @@ def _train(args, cfg, ckpt, resume_path, denv, device):
                 print(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
             break
     if run.main and not args.no_plot and run.history:
-        plot_curves(run.history, os.path.join(run.out, "curves.png"), f"{cfg['model']} on {cfg['dataset']}")
+        plot_curves(run.history, os.path.join(run.out, "curves.png"), f"{cfg.model} on {cfg.dataset}")
     return run.history
 
 
@@ -489,15 +456,15 @@ def _load_data(args, cfg, denv, device):
     """The dataset's splits on the device, checked against the settings and the number of processes."""
     world = denv.world_size
     try:
-        data = load_splits(cfg["dataset"], args.data_root, args.download and denv.is_main, val_size=cfg["val_size"],
-                           subset=cfg["subset"] or None, seed=cfg["seed"], device=device)
+        data = load_splits(cfg.dataset, args.data_root, args.download and denv.is_main, val_size=cfg.val_size,
+                           subset=cfg.subset or None, seed=cfg.seed, device=device)
     except ValueError as e:  # --val-size out of range for this dataset
         raise UserError(str(e)) from None
     validate_data(cfg, data, data["n_train_all"])
-    global_batch = cfg["batch_size"] * world
+    global_batch = cfg.batch_size * world
     if world > 1:  # every rank needs data (a rank without any would leave the others waiting in a collective)
         needs = (("training", data["train"], global_batch,
-                  f"one global batch (--batch-size {cfg['batch_size']} x {world} processes)"),
+                  f"one global batch (--batch-size {cfg.batch_size} x {world} processes)"),
                  ("test", data["test"], world, f"one per process ({world})"),
                  ("validation", data["val"], world, f"one per process ({world})"))
         for name, split, need, what in needs:
@@ -510,8 +477,8 @@ def _load_data(args, cfg, denv, device):
 def _build_model(cfg, data, denv, device):
     """The model for the data's channels and classes, with synchronized BatchNorm where asked."""
     model = make_model(cfg, data["train"].images.shape[1], len(data["classes"]), device)
-    if cfg["sync_bn"]:
-        if cfg["impl"] == "fused":
+    if cfg.sync_bn:
+        if cfg.impl == "fused":
             model.sync_bn = True
         elif device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -523,28 +490,27 @@ def _build_model(cfg, data, denv, device):
 
 def _set_up(args, cfg, denv, device):
     """Data, model, output folder, optimizer, schedule, loaders and EMA of a new run (nothing restored yet)."""
-    seed_all(cfg["seed"])
+    seed_all(cfg.seed)
     data = _load_data(args, cfg, denv, device)
     model = _build_model(cfg, data, denv, device)
     world = denv.world_size
-    cfg.update(in_channels=data["train"].images.shape[1], num_classes=len(data["classes"]), mean=data["mean"],
-               std=data["std"], arch=model.config() if hasattr(model, "config") else None, world_size=world,
-               global_batch=cfg["batch_size"] * world)
+    facts = dict(in_channels=data["train"].images.shape[1], num_classes=len(data["classes"]), mean=data["mean"],
+                 std=data["std"], arch=model.config() if hasattr(model, "config") else None)
     out = args.out
     if denv.is_main:
         out = check_writable_dir(args.out)  # the first thing written: every check above has passed
         clean_stale_temp_files(out, RUN_FILES)
-    run = _Run(args, cfg, denv, device, model, out)
+    run = _Run(args, cfg, denv, device, model, out, facts)
     run.opt = make_optimizer(model, cfg)
-    loader_kw = dict(mean=data["mean"], std=data["std"], channels_last=cfg["channels_last"])
-    run.train_loader = make_train_loader(data, cfg, cfg["global_batch"], shard=(denv.rank, world))
+    loader_kw = dict(mean=data["mean"], std=data["std"], channels_last=cfg.channels_last)
+    run.train_loader = make_train_loader(data, cfg, run.global_batch, shard=(denv.rank, world))
     run.test_loader = DeviceLoader(shard_split(data["test"], denv), 1000, **loader_kw)
     if data["val"] is not None:
         run.val_loader = DeviceLoader(shard_split(data["val"], denv), 1000, **loader_kw)
     steps = len(run.train_loader)
     run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda s: lr_factor(s, steps, cfg))
-    run.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
-    run.ema = WeightEMA(model, cfg["ema"]) if cfg["ema"] > 0 else None
+    run.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    run.ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
     return run
 
 
@@ -554,7 +520,7 @@ def _restore(run, ckpt, resume_path) -> bool:
     load_model_state(run.model, ckpt["model"], where)
     if run.ema is not None:
         if "ema" not in ckpt:
-            raise UserError(f"{where} has no weight EMA but this run asks for --ema {cfg['ema']}: resume with its "
+            raise UserError(f"{where} has no weight EMA but this run asks for --ema {cfg.ema}: resume with its "
                             f"own settings or start a new --out")
         load_model_state(run.ema.model, ckpt["ema"]["model"], f"{where} (EMA)")
         run.ema.updates = int(ckpt["ema"]["updates"])
@@ -572,10 +538,10 @@ def _restore(run, ckpt, resume_path) -> bool:
     before = ckpt["config"].get("world_size", 1)
     if before != run.world and run.main:
         print(f"resuming a run of {before} process(es) with {run.world}: the global batch is now "
-              f"{cfg['global_batch']}")
-    if run.start_epoch >= cfg["epochs"]:
+              f"{run.global_batch}")
+    if run.start_epoch >= cfg.epochs:
         if run.main:
-            print(f"checkpoint is already at epoch {run.start_epoch} of {cfg['epochs']}: nothing to do (raise "
+            print(f"checkpoint is already at epoch {run.start_epoch} of {cfg.epochs}: nothing to do (raise "
                   f"--epochs to train further)")
         return False
     return True
@@ -591,7 +557,7 @@ def _wrap_model(run):
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         run.run_model = torch.nn.parallel.DistributedDataParallel(
             run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    if run.cfg["compile"]:
+    if run.cfg.compile:
         run.run_model = torch.compile(run.run_model)
 
 
@@ -611,12 +577,12 @@ def _train_epoch(run, epoch) -> dict:
     correct = torch.zeros((), device=device, dtype=torch.float64)
     first_bad = torch.full((), -1, device=device, dtype=torch.int64)  # first step with a non-finite loss
     seen = 0
-    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not progress, leave=False,
+    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False,
                dynamic_ncols=True)
     for i, (x, y) in enumerate(bar):
-        with autocast_ctx(device, cfg["amp"]):
+        with autocast_ctx(device, cfg.amp):
             logits = run.run_model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), i, first_bad)
         if (i + 1) % check_every == 0 or i == steps - 1:
             check_divergence(first_bad, epoch, steps, cfg, run.denv)
@@ -647,17 +613,17 @@ def _evaluate_epoch(run, trained) -> dict:
     """The epoch's row of metrics: its training metrics and the test (and validation) loss and accuracy. With --ema
     the averaged weights are the run's result: the test/val columns are theirs (the trained weights' test accuracy
     besides, as test_acc_raw)."""
-    cfg, classes, reduce = run.cfg, run.cfg["num_classes"], run.world > 1
+    cfg, classes, reduce = run.cfg, run.facts["num_classes"], run.world > 1
     judged = run.ema.model if run.ema is not None else run.run_model
-    test_loss, test_acc, _ = evaluate_split(judged, run.test_loader, run.device, cfg["amp"], classes, reduce=reduce)
+    test_loss, test_acc, _ = evaluate_split(judged, run.test_loader, run.device, cfg.amp, classes, reduce=reduce)
     row = {k: trained[k] for k in ("epoch", "lr", "train_loss", "train_acc")}  # the columns in their usual order
     row.update(test_loss=test_loss, test_acc=test_acc, epoch_time_s=trained["epoch_time_s"],
                images_per_s=trained["images_per_s"])
     if run.ema is not None:
-        row["test_acc_raw"] = evaluate_split(run.run_model, run.test_loader, run.device, cfg["amp"], classes,
+        row["test_acc_raw"] = evaluate_split(run.run_model, run.test_loader, run.device, cfg.amp, classes,
                                              reduce=reduce)[1]
     if run.val_loader is not None:
-        row["val_loss"], row["val_acc"], _ = evaluate_split(judged, run.val_loader, run.device, cfg["amp"], classes,
+        row["val_loss"], row["val_acc"], _ = evaluate_split(judged, run.val_loader, run.device, cfg.amp, classes,
                                                             reduce=reduce)
     return row
 
@@ -673,7 +639,7 @@ def _save_epoch(run, row):
     ema = run.ema
     state = seal(dict(model=clean_state_dict(run.model.state_dict()), optimizer=run.opt.state_dict(),
                       scheduler=run.sched.state_dict(), scaler=run.scaler.state_dict(), epoch=row["epoch"],
-                      best=run.best, history=run.history, rng=rng_state(), config=run.cfg,
+                      best=run.best, history=run.history, rng=rng_state(), config=run.saved_config(),
                       torch_version=str(torch.__version__),
                       **(dict(ema=dict(model=clean_state_dict(ema.model.state_dict()), updates=ema.updates))
                          if ema is not None else {})))
@@ -685,7 +651,7 @@ def _save_epoch(run, row):
     write_metrics(run.history, run.out)
     extra = f" val_acc {row['val_acc']:.4f}" if "val_acc" in row else ""
     extra += f" (EMA; trained weights {row['test_acc_raw']:.4f})" if ema is not None else ""
-    print(f"epoch {row['epoch']:3d}/{run.cfg['epochs']}  loss {row['train_loss']:.4f}  train_acc "
+    print(f"epoch {row['epoch']:3d}/{run.cfg.epochs}  loss {row['train_loss']:.4f}  train_acc "
           f"{row['train_acc']:.4f}  test_loss {row['test_loss']:.4f}  test_acc {row['test_acc']:.4f}{extra}  "
           f"{row['images_per_s']:,.0f} img/s  {row['epoch_time_s']:.1f}s", flush=True)
 
@@ -705,7 +671,7 @@ def check_divergence(first_bad, epoch, steps, cfg, denv=None):
     if bad >= 0:
         raise UserError(f"training diverged: non-finite loss at epoch {epoch + 1}, step {bad + 1} of {steps} "
                         f"(global step {epoch * steps + bad + 1}); nothing of this epoch was saved. Lower --lr "
-                        f"(now {cfg['lr']}) or check the data")
+                        f"(now {cfg.lr}) or check the data")
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """The benchmark code paths in a tiny CPU configuration; their JSON is validated. No timing assertions."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -166,6 +167,52 @@ def test_readme_speed_tables_are_rendered_from_the_committed_json(doc):
     if doc == "README.md":
         assert render_tables.ACCURACY.findall(text), "the README has no accuracy table"
         assert len(text.splitlines()) <= 250, "the README is for a newcomer: at most 250 lines (details in docs/)"
+
+
+DOCS = ["README.md", "docs/RESULTS.md", "docs/GUIDE.md", "docs/ARCHITECTURE.md", "bench/results/README.md",
+        "results/recipes/README.md"]
+# a path the docs name as a file of this repository: results, scripts, code (not command lines: they name outputs)
+CITED = re.compile(r"`((?:bench/|\.\./)*(?:results|docs|scripts|bench|resnet_fused|tests|csrc)/[\w./*{},-]*\w)`"
+                   r"|\]\(([\w./-]+\.(?:png|md|json|csv))\)")
+
+
+def _cited_paths(doc):
+    root = os.path.join(os.path.dirname(__file__), "..")
+    text = open(os.path.join(root, doc)).read()
+    for m in CITED.finditer(text):
+        path = m.group(1) or os.path.normpath(os.path.join(os.path.dirname(doc), m.group(2)))
+        if m.group(2) is None and doc.startswith("bench/results/") and path.startswith("../"):
+            path = os.path.normpath(os.path.join("bench/results", path))
+        if "N-" in path or "DIR" in path or "..." in path or "seed/" in path or path.endswith("seed"):
+            continue  # a placeholder in a description of a command
+        yield path
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_the_docs_cite_only_files_that_are_in_the_tree(doc):
+    """Every result file, figure, script or module the docs name exists (results pruned to what the docs cite must
+    not leave a dangling reference); bench/results/README.md's table lists every file in bench/results/ and its
+    superseded runs are out of the tree."""
+    import glob
+    root = os.path.join(os.path.dirname(__file__), "..")
+    missing = []
+    for path in _cited_paths(doc):
+        pattern = re.sub(r"\{[^}]*\}", "*", path)
+        if not glob.glob(os.path.join(root, pattern)):
+            missing.append(path)
+    assert not missing, f"{doc} names files that are not in the tree: {missing}"
+    if doc == "bench/results/README.md":
+        text = open(os.path.join(root, doc)).read()
+        current, history = text.split("## Superseded runs")
+        history = history.split("\n## ")[0]
+        cell = lambda line: re.findall(r"`([^`]+)`", line.split("|")[1])  # noqa: E731
+        listed = {name for line in current.splitlines() if line.startswith("| `") for name in cell(line)}
+        here = {f for f in os.listdir(os.path.join(root, "bench", "results")) if f != "README.md"}
+        unlisted = [f for f in here if f not in listed]
+        assert not unlisted, f"bench/results files the README does not describe: {sorted(unlisted)}"
+        gone = [n for line in history.splitlines() if line.startswith("| `") for n in cell(line)[:1]
+                if os.path.exists(os.path.join(root, "bench", "results", n))]
+        assert not gone, f"superseded runs still in the tree: {gone}"
 
 
 def test_render_tables_shows_best_baseline_and_fused_ratio(tmp_path):

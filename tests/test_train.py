@@ -1,4 +1,5 @@
 """The training and evaluation CLIs: a short run learns, resume is exact, bad input is one clear line."""
+import dataclasses
 import os
 
 import pytest
@@ -56,18 +57,20 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(mnist_root, tmp_pa
 
 
 def test_recipes_set_defaults_that_flags_override(mnist_root, tmp_path, capsys):
+    from resnet_fused.run_config import FIELDS
     from resnet_fused.train import DEFAULTS, RECIPES, build_parser, resolve_config
-    for name, values in RECIPES.items():
+    for name, rec in RECIPES.items():
+        values = {k: getattr(rec, k) for k in FIELDS if getattr(rec, k) != getattr(DEFAULTS, k) and k != "recipe"}
         cfg = resolve_config(build_parser().parse_args(["--recipe", name]))[0]
-        assert cfg["recipe"] == name and {k: cfg[k] for k in values} == values
-        assert all(cfg[k] == v for k, v in DEFAULTS.items() if k not in values)
+        assert cfg.recipe == name and {k: getattr(cfg, k) for k in values} == values
+        assert all(getattr(cfg, k) == getattr(DEFAULTS, k) for k in FIELDS if k not in values and k != "recipe")
     cfg = resolve_config(build_parser().parse_args(["--recipe", "fast", "--epochs", "3", "--lr", "0.05"]))[0]
-    assert (cfg["epochs"], cfg["lr"], cfg["schedule"]) == (3, 0.05, RECIPES["fast"]["schedule"])
+    assert (cfg.epochs, cfg.lr, cfg.schedule) == (3, 0.05, RECIPES["fast"].schedule)
     # a recipe's net is a default too: --model replaces it, the rest of the recipe stays
     cfg = resolve_config(build_parser().parse_args(["--recipe", "best", "--model", "resnet20"]))[0]
-    assert RECIPES["best"]["model"] != "resnet20"
-    assert cfg["model"] == "resnet20" and cfg["epochs"] == RECIPES["best"]["epochs"]
-    assert resolve_config(build_parser().parse_args([]))[0]["recipe"] == "default"
+    assert RECIPES["best"].model != "resnet20"
+    assert cfg.model == "resnet20" and cfg.epochs == RECIPES["best"].epochs
+    assert resolve_config(build_parser().parse_args([]))[0].recipe == "default"
     # the recipe's augmentations reach the training loader
     from resnet_fused.data import Split
     cfg = resolve_config(build_parser().parse_args(["--recipe", "best", "--erase", "0.3", "--max-shift", "3",
@@ -76,7 +79,7 @@ def test_recipes_set_defaults_that_flags_override(mnist_root, tmp_path, capsys):
                 mean=0.1, std=0.3)
     loader = train.make_train_loader(data, cfg, 100)
     assert (loader.rotate, loader.scale, loader.erase, loader.elastic, loader.max_shift, loader.seed) == (
-        RECIPES["best"]["rotate"], RECIPES["best"]["scale"], 0.3, 8.0, 3, cfg["seed"])
+        RECIPES["best"].rotate, RECIPES["best"].scale, 0.3, 8.0, 3, cfg.seed)
     # a recipe's run resumes with its own recipe: another one is refused, none given keeps it
     out = tmp_path / "run"
     run_train(base_args(mnist_root, out, "--model", "resnet8", "--recipe", "fast", "--epochs", "2", "--subset",
@@ -213,16 +216,36 @@ def test_evaluate_several_checkpoints_as_an_ensemble(mnist_root, tmp_path, capsy
     assert "given twice" in cli_error(capsys, evaluate.main, [paths[0], same, *common])
 
 
+def test_run_config_is_frozen_validated_and_reads_saved_settings():
+    """RunConfig: recipes are dataclasses.replace of the defaults; a run's settings cannot change under it; a
+    checkpoint's saved config (with the data's facts, and from before a field existed) reads back."""
+    from resnet_fused.checkpoint import UserError
+    from resnet_fused.run_config import DEFAULTS, RECIPES, RunConfig, recipe
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DEFAULTS.lr = 1.0
+    assert RECIPES["fast"] == dataclasses.replace(DEFAULTS, recipe="fast", epochs=2, schedule="onecycle", lr=0.2,
+                                                  label_smoothing=0.1)
+    assert recipe("fast", lr=None, seed=3) == dataclasses.replace(RECIPES["fast"], seed=3)
+    saved = dict(RECIPES["best"].as_dict(), in_channels=1, num_classes=10, mean=0.13, std=0.31, world_size=2)
+    del saved["erase"], saved["init_noise"]  # a checkpoint written before these flags existed
+    assert RunConfig.from_saved(saved) == RECIPES["best"]
+    for bad, msg in ((dict(momentum=1.0), "--momentum must be below 1 "), (dict(lr=0.0), "--lr must be greater"),
+                     (dict(warmup_epochs=20.0), "--warmup-epochs 20.0 is longer"),
+                     (dict(lr=float("nan")), "--lr must be a finite number")):
+        with pytest.raises(UserError, match=msg):
+            dataclasses.replace(DEFAULTS, **bad).validate()
+
+
 def test_init_noise_perturbs_the_initial_weights_and_nothing_else(capsys, tmp_path):
     """The parity runs' control (--init-noise): weights move by about eps relative, the global RNG (hence data
     order and augmentations) is untouched, and a bad value is a one-line error."""
     from resnet_fused.train import DEFAULTS, make_model
-    cfg = dict(DEFAULTS, model="resnet8", impl="reference", channels_last=False)
+    cfg = dataclasses.replace(DEFAULTS, model="resnet8", impl="reference", channels_last=False)
     torch.manual_seed(0)
     a = make_model(cfg, 1, 10, torch.device("cpu"))
     after_a = torch.get_rng_state()
     torch.manual_seed(0)
-    b = make_model(dict(cfg, init_noise=1e-6), 1, 10, torch.device("cpu"))
+    b = make_model(dataclasses.replace(cfg, init_noise=1e-6), 1, 10, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), after_a)
     moved = 0
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):

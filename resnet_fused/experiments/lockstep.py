@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from .. import build_model
 from ..data import load_splits
-from ..train import DEFAULTS, RECIPES, lr_factor, make_optimizer, make_train_loader
+from ..run_config import RECIPES, recipe
+from ..train import lr_factor, make_optimizer, make_train_loader
 
 
 def rel_dist(a, b):
@@ -35,8 +36,8 @@ def rel_dist(a, b):
 
 def models(cfg, seed, dev, eps):
     torch.manual_seed(seed)
-    fused = build_model(cfg["model"], impl="fused").to(dev).to(memory_format=torch.channels_last)
-    ref = build_model(cfg["model"], impl="reference").to(dev).to(memory_format=torch.channels_last)
+    fused = build_model(cfg.model, impl="fused").to(dev).to(memory_format=torch.channels_last)
+    ref = build_model(cfg.model, impl="reference").to(dev).to(memory_format=torch.channels_last)
     ref.load_state_dict(fused.state_dict())
     pert = copy.deepcopy(ref)
     g = torch.Generator().manual_seed(1234)
@@ -49,18 +50,18 @@ def models(cfg, seed, dev, eps):
 def lockstep(cfg, data, dev, seed, steps_max, eps, path):
     fused, ref, pert = models(cfg, seed, dev, eps)
     runs = dict(fused=fused, reference=ref, perturbed=pert)
-    train = make_train_loader(data, cfg, cfg["batch_size"])
+    train = make_train_loader(data, cfg, cfg.batch_size)
     steps = len(train)
     opts = {k: make_optimizer(m, cfg) for k, m in runs.items()}
     scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, steps, cfg)) for k, o in opts.items()}
     log, i, t0 = [], 0, time.perf_counter()
-    for epoch in range(cfg["epochs"]):
+    for epoch in range(cfg.epochs):
         train.set_epoch(epoch)
         for x, y in train:
             row = dict(step=i)
             for k, m in runs.items():
                 m.train()
-                loss = F.cross_entropy(m(x).float(), y, label_smoothing=cfg["label_smoothing"])
+                loss = F.cross_entropy(m(x).float(), y, label_smoothing=cfg.label_smoothing)
                 opts[k].zero_grad(set_to_none=True)
                 loss.backward()
                 opts[k].step()
@@ -93,7 +94,7 @@ def fp64_check(cfg, data, dev, seed):
         m.train()
         m.zero_grad()
         out = m(inp)
-        F.cross_entropy(out.double(), y, label_smoothing=cfg["label_smoothing"]).backward()
+        F.cross_entropy(out.double(), y, label_smoothing=cfg.label_smoothing).backward()
         return out.double(), [p.grad.double() for p in m.parameters()]
 
     o64, g64 = grads(r64, x.double())
@@ -124,11 +125,7 @@ def main(argv=None):
     p.add_argument("--data-root", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    cfg = dict(DEFAULTS) | RECIPES[args.recipe]
-    for k in ("lr", "batch_size"):
-        if getattr(args, k) is not None:
-            cfg[k] = getattr(args, k)
-    cfg = dict(cfg, seed=args.seed, channels_last=True)
+    cfg = recipe(args.recipe, lr=args.lr, batch_size=args.batch_size, seed=args.seed, channels_last=True)
     dev = torch.device(args.device)
     data = load_splits("mnist", args.data_root, device=dev)
     if args.fp64_check:

@@ -60,10 +60,9 @@ def conv_bn_stats_proj_forward(h, weight, in_scale, in_shift, x, proj_weight, pr
         raise ValueError(f"conv_bn_stats_proj: the conv of {tuple(h.shape)} by {tuple(weight.shape)} and the "
                          f"projection of {tuple(x.shape)} by {tuple(proj_weight.shape)} (stride {proj_stride}) "
                          f"must give outputs of one shape")
-    (y, ys), (mean, var, mean_s, var_s) = conv_launch(h, weight, kh, kw, 1, kh // 2, (oh, ow), pro=1, pa=in_scale,
-                                                      pb=in_shift, x2=x, w2=proj_weight, stride2=proj_stride,
-                                                      dual_out=True, stats=1, out_dtype=h.dtype)
-    return y, mean, var, ys, mean_s, var_s
+    (y, ys), st = conv_launch(h, weight, kh, kw, 1, kh // 2, (oh, ow), pro=1, pa=in_scale, pb=in_shift, x2=x,
+                              w2=proj_weight, stride2=proj_stride, dual_out=True, stats=1, out_dtype=h.dtype)
+    return y, st.mean, st.var, ys, st.mean_proj, st.var_proj
 
 
 def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale, in_shift, y, mean, stride,
@@ -84,11 +83,11 @@ def conv_bn_stats_backward_impl(grad_y, grad_mean, grad_var, x, weight, in_scale
     c1, c2, *bn_grads = co.outputs()
     if need_x:
         stats = 2 if in_scale is not None else 0
-        gx, sums = conv_launch(grad_y, weight, kh, kw, stride, padding, (x.shape[2], x.shape[3]), transposed=True,
+        gx, grads = conv_launch(grad_y, weight, kh, kw, stride, padding, (x.shape[2], x.shape[3]), transposed=True,
                                pro=2, a2=y, pa=c1, pb=c2, stats=stats, ex=x, es=in_scale, et=in_shift,
                                out_dtype=x.dtype)
         if stats:
-            gs, gt = sums
+            gs, gt = grads.d_scale, grads.d_shift
     # what was not asked for: empty, distinct tensors (op outputs may not alias)
     gx, gw, gs, gt = (torch.empty(0, **f32) if g is None else g for g in (gx, gw, gs, gt))
     return (gx, gw, gs, gt, *bn_grads)

@@ -416,6 +416,32 @@ from ..capture_state import note_choice  # noqa: E402
 from .launch import (cdiv, device_guard, dot_precision, empty_nhwc, gpu_target, index64, next_pow2,  # noqa: E402
                      nhwc_strides, sm_count)
 from .semaphores import semaphores  # noqa: E402
+from typing import NamedTuple  # noqa: E402
+
+
+# What conv_kernel's four fp32 [N] result pointers (s0..s3) hold, by mode: conv_launch returns one of these.
+class Moments(NamedTuple):          # STATS 1: the output's BatchNorm statistics
+    mean: torch.Tensor
+    var: torch.Tensor               # biased
+
+
+class AffineMoments(NamedTuple):    # STATS 1 with AFFINE: and BatchNorm's folded scale and shift
+    mean: torch.Tensor
+    var: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+class DualMoments(NamedTuple):      # STATS 1 with DUAL 2: the conv's and the projection's statistics
+    mean: torch.Tensor
+    var: torch.Tensor
+    mean_proj: torch.Tensor
+    var_proj: torch.Tensor
+
+
+class PrologueGrads(NamedTuple):    # STATS 2: the gradients of the input prologue relu(x*scale+shift)
+    d_scale: torch.Tensor
+    d_shift: torch.Tensor
 
 # (BLOCK_M, BLOCK_N cap, BLOCK_K, num_warps, num_stages) candidates; conv_config picks one per shape. Tests run
 # every entry (tests/test_ops.py) so that no shipped config goes unexercised.
@@ -480,10 +506,10 @@ def conv_launch(src, w, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0
     gradient (src = the output gradient, N = C_in).
 
     Returns (out [NB, N, DH, DW] channels_last, the finished statistics: fp32 [N] tensors, or None without
-    ``stats``): stats=1 (mean, var), with ``affine=(bn_weight, bn_bias, eps)`` (mean, var, scale, shift); stats=2
-    (dL/dscale, dL/dshift) of the prologue es/et. With x2 the 1x1 projection GEMM (x2, w2 [N, C_x2, 1, 1], stride2)
+    ``stats``): stats=1 ``Moments``, with ``affine=(bn_weight, bn_bias, eps)`` ``AffineMoments``; stats=2
+    ``PrologueGrads`` of the prologue es/et. With x2 the 1x1 projection GEMM (x2, w2 [N, C_x2, 1, 1], stride2)
     is added into the same tile (eval), or with ``dual_out`` written as a second output: then out is a pair and
-    stats=1 gives (mean, var, mean_s, var_s) (conv, projection).
+    stats=1 gives ``DualMoments`` (conv, projection).
     """
     nb, c_src, sh, sw = src.shape
     dh, dw = dest_hw
@@ -540,7 +566,15 @@ def conv_launch(src, w, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
             INDEX64=index64(*(t for t in (out, out2, part, src, a2, w, w2, res, x2_, ex_) if t is not None)),
             TAPS=taps, TAPS2=taps2, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return ((out, out2) if dual_out else out), (res_stats if stats else None)
+    return ((out, out2) if dual_out else out), _named_stats(stats, affine is not None, dual_out, res_stats)
+
+
+def _named_stats(stats, affine, dual, results):
+    if not stats:
+        return None
+    if stats == 2:
+        return PrologueGrads(*results[:2])
+    return (AffineMoments if affine else DualMoments if dual else Moments)(*results)
 
 
 
