@@ -394,3 +394,16 @@ def test_augment_check_stats_and_precise_bn(mnist_root):
     torch.testing.assert_close(bn.running_mean, x.mean().reshape(1), rtol=1e-6, atol=1e-6)
     batch_vars = torch.stack([b.var() for b, _ in loader])  # unbiased per batch, averaged over the pass
     torch.testing.assert_close(bn.running_var, batch_vars.mean().reshape(1), rtol=1e-6, atol=1e-6)
+
+
+def test_lockstep_logs_the_three_runs_from_the_recipe(mnist_root, tmp_path):
+    """resnet_fused.experiments.lockstep: FusedResNet, the reference and the perturbed reference start from the
+    same weights (their first losses agree to rounding) and train with the recipe's settings, recorded in the log."""
+    from resnet_fused.experiments import lockstep
+    out = tmp_path / "ls.json"
+    lockstep.main(["--steps", "2", "--lr", "0.05", "--data-root", mnist_root, "--json", str(out)])
+    d = json.loads(out.read_text())
+    assert d["recipe_config"]["recipe"] == "fast" and d["recipe_config"]["lr"] == 0.05 and len(d["log"]) == 2
+    first = d["log"][0]
+    assert first["fused"] == pytest.approx(first["reference"], rel=1e-4)
+    assert first["perturbed"] == pytest.approx(first["reference"], rel=1e-4)

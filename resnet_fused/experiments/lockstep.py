@@ -79,7 +79,7 @@ def lockstep(cfg, data, dev, seed, steps_max, eps, path):
             break
     if path:
         with open(path, "w") as f:
-            json.dump(dict(seed=seed, eps=eps, recipe_config=cfg, log=log), f, indent=0)
+            json.dump(dict(seed=seed, eps=eps, recipe_config=cfg.as_dict(), log=log), f, indent=0)
     return log
 
 
