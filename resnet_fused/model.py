@@ -65,6 +65,14 @@ class FusedResNet(ResNet):
         _copy_bn_settings(model, fused)
         return fused.train(model.training)
 
+    @staticmethod
+    def from_torchvision(model, backend: str | None = None):
+        """A torchvision ResNet (resnet18 ... wide_resnet101_2, or a variant of one) run through the fused
+        backends: a FusedTorchvisionResNet with a copy of its modules and its state_dict keys
+        (resnet_fused.torchvision_resnet)."""
+        from .torchvision_resnet import from_torchvision
+        return from_torchvision(model, backend)
+
     def to_reference(self) -> ResNet:
         ref = ResNet(**self.config())
         p = next(self.parameters())

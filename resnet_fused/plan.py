@@ -173,7 +173,8 @@ class FoldCache:
     module's ``invalidate_caches()``) after them. Derived caches (e.g. Winograd transforms) hang off the folded
     plan: ``derived(name, fn)`` computes fn(folded) once per folded plan."""
 
-    def __init__(self):
+    def __init__(self, fold_fn=None):
+        self._fold = fold_fn or fold  # the plan's folding (torchvision_resnet.fold_chain for its ChainPlan)
         self._key = self._folded = None
         self._derived = {}
         self.generation = 0  # bumped at every (re)fold: what a CUDA graph of the folded plan was captured from
@@ -190,11 +191,11 @@ class FoldCache:
 
     def get(self, module, plan: NetworkPlan, dtype) -> FoldedPlan:
         if torch.compiler.is_compiling():  # traced: folded inside the graph, nothing cached
-            return fold(plan, dtype)
+            return self._fold(plan, dtype)
         key = self._cache_key(module, dtype)
         if key != self._key:
             forbid_in_capture("folding BatchNorm into the convolution weights")
-            self._folded, self._key, self._derived = fold(plan, dtype), key, {}
+            self._folded, self._key, self._derived = self._fold(plan, dtype), key, {}
             self.generation += 1
         return self._folded
 

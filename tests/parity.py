@@ -29,29 +29,47 @@ def _step(model, x, y):
     return out.detach()
 
 
-def one_step_errors(ref, x, y, backend, **fused_kwargs):
+def one_step_errors(ref, x, y, backend, convert=None, both_layouts=False, **fused_kwargs):
     """{name: (FusedResNet's error, PyTorch fp32's error, the float64 value's largest magnitude)} against float64
     after one training step from the fp32 reference ``ref``'s state: the logits, every parameter's gradient, every
-    floating-point buffer."""
+    floating-point buffer. ``convert(ref, backend)``: how the fused model is made (default
+    FusedResNet.from_reference; FusedResNet.from_torchvision for a torchvision ResNet).
+
+    ``both_layouts``: PyTorch's fp32 error is the larger of its NCHW and its channels_last run's. A max-pool window
+    whose two largest values are within rounding of each other (or a ReLU input within rounding of 0) routes the
+    gradient by the rounding: for torchvision's ResNet-18 at 224x224, batch 2, PyTorch's channels_last step is 2e4x
+    further from float64 than its NCHW step in one gradient (measured): PyTorch's own two layouts bracket what
+    fp32 can promise there."""
     ref64 = copy.deepcopy(ref).double()
-    fused = FusedResNet.from_reference(ref, backend=backend, **fused_kwargs)
-    ref32 = copy.deepcopy(ref)
-    outs = {name: _step(m, x, y) for name, m in (("64", ref64), ("fused", fused), ("32", ref32))}
-    def errors(f, p, want):
-        return _max_err(f, want), _max_err(p, want), want.abs().max().item()
-    errs = {"logits": errors(outs["fused"], outs["32"], outs["64"])}
-    for (name, p64), pf, p32 in zip(ref64.named_parameters(), fused.parameters(), ref32.parameters()):
-        errs[f"grad {name}"] = errors(pf.grad, p32.grad, p64.grad)
-    for (name, b64), bf, b32 in zip(ref64.named_buffers(), fused.buffers(), ref32.buffers()):
+    fused = (convert or (lambda r, b: FusedResNet.from_reference(r, backend=b, **fused_kwargs)))(ref, backend)
+    refs32 = [copy.deepcopy(ref)] + ([copy.deepcopy(ref).to(memory_format=torch.channels_last)] if both_layouts
+                                     else [])
+    want, got = _step(ref64, x, y), _step(fused, x, y)
+    outs32 = [_step(m, x.contiguous(memory_format=torch.channels_last) if i else x, y) for i, m in enumerate(refs32)]
+
+    def errors(f, ps, w):
+        return _max_err(f, w), max(_max_err(p, w) for p in ps), w.abs().max().item()
+    errs = {"logits": errors(got, outs32, want)}
+    for (name, p64), pf, *p32 in zip(ref64.named_parameters(), fused.parameters(), *(m.parameters() for m in refs32)):
+        errs[f"grad {name}"] = errors(pf.grad, [p.grad for p in p32], p64.grad)
+    for (name, b64), bf, *b32 in zip(ref64.named_buffers(), fused.buffers(), *(m.buffers() for m in refs32)):
         if b64.is_floating_point():
             errs[name] = errors(bf, b32, b64)
     return errs
 
 
-def assert_within_twice_pytorch(errs, ulps=4, eps=torch.finfo(torch.float32).eps):
+def assert_within_twice_pytorch(errs, ulps=4, eps=torch.finfo(torch.float32).eps, flipped=None):
     """Each of FusedResNet's errors <= 2x PyTorch fp32's + ``ulps`` fp32 roundings of the quantity's magnitude
-    (PyTorch may get a value to within one rounding by luck)."""
-    bad = {k: v for k, v in errs.items() if v[0] > 2 * v[1] + ulps * eps * v[2]}
+    (PyTorch may get a value to within one rounding by luck).
+
+    ``flipped``: a relative error of PyTorch's own above which a quantity counts as decided by a rounding (a ReLU
+    input or a max-pool tie within rounding of its threshold: with ~1e6 such decisions per step in a deep network,
+    some flip); those quantities need only stay within 10% of float64 (a wrong kernel is off by O(1)), or within
+    twice PyTorch's error where even that is larger."""
+    def ok(v):
+        within = v[0] <= 2 * v[1] + ulps * eps * v[2]
+        return within or (flipped is not None and v[1] > flipped * v[2] and v[0] <= 0.1 * v[2])
+    bad = {k: v for k, v in errs.items() if not ok(v)}
     assert not bad, "FusedResNet's error above twice PyTorch fp32's (fused, pytorch): " + \
         ", ".join(f"{k}: {v[0]:.3g} vs {v[1]:.3g}" for k, v in bad.items())
 

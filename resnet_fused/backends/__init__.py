@@ -59,14 +59,16 @@ def _extension(device_type: str):
     return EXTENSION[device_type]
 
 
-def resolve(name: str, x: torch.Tensor) -> Backend:
+def resolve(name: str, x: torch.Tensor, chain: bool = False) -> Backend:
     """The backend object that runs ``x`` for the backend name; "auto": Triton on CUDA tensors (the CUDA extension
     if Triton is missing, plain PyTorch if both are), the C++ CPU operators on CPU tensors (plain PyTorch without
-    the extension). Raises, naming what is missing, when a named backend cannot run this input."""
+    the extension). Raises, naming what is missing, when a named backend cannot run this input. ``chain``: the
+    model is a torchvision ResNet (torchvision_resnet.ChainPlan), which the Triton backend does not run."""
     if name == "auto":
         if x.device.type == "cuda":
             from .triton import TRITON_IMPORT_ERROR
-            name = "triton" if TRITON_IMPORT_ERROR is None else "cuda" if ext.has_cuda() else None
+            name = ("triton" if TRITON_IMPORT_ERROR is None and not chain else "cuda" if ext.has_cuda()
+                    else None)
         else:
             name = "cpu" if ext.available() else None
         if name is None:

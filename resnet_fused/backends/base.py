@@ -49,7 +49,8 @@ class ReferenceBackend(Backend):
         if sync is not None:
             raise RuntimeError("sync_bn needs a fused backend ('triton', 'cuda' or 'cpu'); the plain-PyTorch "
                                "fallback runs here because no fused backend can run this input")
-        return ResNet.features(model, x)
+        own = getattr(model, "reference_features", None)  # a torchvision ResNet's own composition
+        return own(x) if own is not None else ResNet.features(model, x)
 
 
 REFERENCE = ReferenceBackend()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import ext
 from ..capture_state import capturing
 from ..plan import ShortcutMode, to_channels_last
+from ..torchvision_resnet import ChainPlan
 from .base import Backend, compute_dtype
 
 # oneDNN convolutions with bias, residual add and ReLU fused as post-ops: the primitives torch.compile's CPU backend
@@ -81,6 +82,8 @@ class ExtensionBackend(Backend):
 
     def features(self, model, x, sync=None):
         x = to_channels_last(x)
+        if isinstance(model.plan, ChainPlan):  # a torchvision ResNet
+            return self.chain_train_features(model, x, sync) if model.training else self.chain_eval_features(model, x)
         if model.training:
             return self.train_features(model, x, sync)
         return torch.cat([self.eval_features(model, c) for c in self._eval_slices(model, x)])
@@ -163,9 +166,11 @@ class ExtensionBackend(Backend):
         slices = -(-x.shape[0] // rows)
         return x.split(-(-x.shape[0] // slices))  # equal slices (256 images: 8 x 32, not 8 x 31 + 8)
 
-    def eval_features(self, model, x):
-        dtype = compute_dtype(x)
-        folded = model.folded(dtype)
+    @staticmethod
+    def _eval_conv(model, folded, x, dtype):
+        """(conv, base): conv(a, folded_conv, mode, add, ...) = relu(conv(a) + bias + shortcut) by the fastest
+        path that keeps PyTorch's numbers (Winograd, oneDNN post-ops, or ATen + the C++ add/ReLU); base(a, w, b,
+        stride, pad) the plain convolution of the same path (option B's projection)."""
         # the fast path's NaN check reads x on the host: not under torch.compile or a (CPU-emulated) graph capture
         onednn = (_HAS_ONEDNN_POST_OPS and x.device.type == "cpu" and dtype == torch.float32
                   and not torch.compiler.is_compiling() and not capturing() and folded.all_finite
@@ -185,6 +190,12 @@ class ExtensionBackend(Backend):
                     res_stride=res_stride, pad_front=pad_front, relu=True)
             return base(a, fc.weight, bias, fc.stride, fc.padding, relu=True, add=add)
 
+        return conv, base
+
+    def eval_features(self, model, x):
+        dtype = compute_dtype(x)
+        folded = model.folded(dtype)
+        conv, base = self._eval_conv(model, folded, x, dtype)
         a = conv(x.to(dtype), folded.stem)
         for b in folded.blocks:
             h = conv(a, b.conv1)
@@ -194,6 +205,47 @@ class ExtensionBackend(Backend):
                 a = conv(h, b.conv2)
             else:
                 a = conv(h, b.conv2, b.mode, add=a, res_stride=b.stride, pad_front=b.pad_front)
+        return a
+
+
+    # ---- torchvision ResNets (torchvision_resnet.ChainPlan) --------------------------------------------------------
+
+    def chain_train_features(self, model, x, sync=None):
+        """Training: per convolution ATen's conv and the batch statistics; BN + ReLU (+ the shortcut after a
+        block's last convolution) one C++ operator each."""
+        plan = model.plan
+        y, st = self._conv_stats(x, plan.stem, sync)
+        a = self._bn_add_relu(y, st, sync=sync)
+        if plan.maxpool is not None:
+            a = plan.maxpool(a)
+        for b in plan.blocks:
+            h = a
+            for cb in b.convs[:-1]:
+                y, st = self._conv_stats(h, cb, sync)
+                h = self._bn_add_relu(y, st, sync=sync)
+            y, st = self._conv_stats(h, b.convs[-1], sync)
+            if b.proj is not None:
+                r, rst = self._conv_stats(a, b.proj, sync)
+                a = self._bn_add_relu(y, st, ShortcutMode.PROJ_B, r, rst, res_stride=b.proj.stride, sync=sync)
+            else:
+                a = self._bn_add_relu(y, st, ShortcutMode.IDENTITY, a, sync=sync)
+        return a
+
+    def chain_eval_features(self, model, x):
+        """Inference on the folded chain plan: every convolution with its bias, ReLU and (a block's last) the
+        shortcut in one primitive; the projection a second convolution whose output is that shortcut."""
+        dtype = compute_dtype(x)
+        folded = model.folded(dtype)
+        conv, base = self._eval_conv(model, folded, x, dtype)
+        a = conv(x.to(dtype), folded.stem)
+        if folded.maxpool is not None:
+            a = folded.maxpool(a)
+        for b in folded.blocks:
+            h = a
+            for fc in b.convs[:-1]:
+                h = conv(h, fc)
+            add = a if b.proj_weight is None else base(a, b.proj_weight, None, b.proj_stride, 0)
+            a = conv(h, b.convs[-1], ShortcutMode.IDENTITY, add=add)
         return a
 
 

@@ -1,0 +1,181 @@
+"""torchvision's ResNets as a drop-in (resnet_fused.torchvision_resnet): against torchvision's own modules with
+random weights and statistics (no download), one training step (logits, every gradient, the running statistics:
+FusedResNet's error against float64 at most twice PyTorch fp32's) and inference; the state_dict both ways; the
+refusals."""
+import copy
+
+import pytest
+import torch
+
+from resnet_fused import FusedResNet, ext, load_weights
+from resnet_fused.checkpoint import UserError
+
+from parity import assert_within_twice_pytorch, one_step_errors
+
+torchvision = pytest.importorskip("torchvision")
+pytestmark = pytest.mark.skipif(not ext.available(), reason="the C++ extension is not built")
+
+
+def _last_bns(model):
+    """The BatchNorm ending each block's residual branch (bn2 of a BasicBlock, bn3 of a Bottleneck)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    return {id(getattr(m, "bn3" if isinstance(m, Bottleneck) else "bn2")) for m in model.modules()
+            if isinstance(m, (BasicBlock, Bottleneck))}
+
+
+def _randomize_bn(model, seed=0):
+    """BatchNorm weights, biases and running statistics away from their init (folding must matter). The
+    residual branches' last BatchNorm weights are small (0.1-0.3), as in a trained network: at 1 they double the
+    activations' scale at every block, and after 50 layers one rounding decides the logits' softmax (PyTorch's
+    own NCHW and channels_last steps then differ by 1e3x in some gradients)."""
+    g = torch.Generator().manual_seed(seed)
+    last = _last_bns(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                lo, span = (0.1, 0.2) if id(m) in last else (0.5, 1.0)
+                m.weight.copy_(lo + span * torch.rand(n, generator=g))
+                m.bias.copy_(0.4 * torch.rand(n, generator=g) - 0.2)
+                m.running_mean.copy_(0.4 * torch.rand(n, generator=g) - 0.2)
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
+    return model
+
+
+def tv(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    return _randomize_bn(getattr(torchvision.models, name)(weights=None, **kw), seed)
+
+
+def cifar_variant(name, in_channels=1, num_classes=10):
+    """What CIFAR/MNIST users do with a torchvision ResNet: a 3x3 stride-1 stem, no max-pool."""
+    m = tv(name, num_classes=num_classes)
+    m.conv1 = torch.nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    m.maxpool = torch.nn.Identity()
+    return m
+
+
+# PyTorch's own relative error above which a gradient counts as decided by a rounding (see
+# parity.assert_within_twice_pytorch): 1e-4 is ~1,000 fp32 roundings. Where it applies, measured: ResNet-152 at
+# 64x64, layer3.12-13's bn3 (PyTorch 1.2e-3-2.5e-3, FusedResNet 3e-2-6e-2); the 1-channel ResNet-50 variant's
+# layer2.1.bn3.bias (PyTorch 6.7e-3, FusedResNet 2.2e-2).
+FLIPPED = 1e-4
+
+
+def _step_errors(ref, x, classes=10):
+    y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(1))
+    return one_step_errors(ref.train(), x, y, "cpu", convert=FusedResNet.from_torchvision, both_layouts=True)
+
+
+@pytest.mark.parametrize("name,size,batch", [("resnet18", 224, 2), ("resnet18", 64, 1), ("resnet50", 64, 2),
+                                             ("resnet50", 96, 1), ("resnet34", 64, 2), ("wide_resnet50_2", 64, 1),
+                                             ("resnet101", 64, 2), ("resnet152", 64, 2)])
+def test_one_training_step_matches_torchvision(name, size, batch):
+    """Logits, every parameter's gradient and every running statistic after one step: FusedResNet's error
+    against float64 at most twice torchvision's fp32 (plus 4 roundings). The last stage's BatchNorm sees at least
+    4 values per channel (2x2 at 64x64): with 1 or 2 (32x32 inputs) a rounding decides its normalised outputs'
+    signs and fp32 promises nothing (PyTorch's own layouts then differ by 1e4x)."""
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
+    assert_within_twice_pytorch(flipped=FLIPPED, errs=_step_errors(tv(name, num_classes=10), x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_zero_init_residual_and_a_cifar_stem_train_like_torchvision(name):
+    ref = tv(name, num_classes=10, zero_init_residual=True)
+    with torch.no_grad():  # zero_init_residual's zeros, then the statistics randomised: the last BN weights stay 0
+        for m in ref.modules():
+            last = getattr(m, "bn3", None) if hasattr(m, "bn3") else getattr(m, "bn2", None)
+            if last is not None and isinstance(m, (torchvision.models.resnet.BasicBlock,
+                                                   torchvision.models.resnet.Bottleneck)):
+                assert torch.count_nonzero(last.weight) > 0  # randomised by tv(): zero it again
+                last.weight.zero_()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    assert_within_twice_pytorch(flipped=FLIPPED, errs=_step_errors(ref, x))
+    x1 = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    assert_within_twice_pytorch(flipped=FLIPPED, errs=_step_errors(cifar_variant(name), x1))
+
+
+@pytest.mark.parametrize("name,size,batch", [("resnet18", 224, 1), ("resnet18", 64, 3), ("resnet50", 64, 1),
+                                             ("resnet50", 32, 5), ("wide_resnet50_2", 32, 1), ("resnet34", 33, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_matches_torchvision(name, size, batch, channels_last):
+    """Eval mode: BatchNorm folded, Winograd / oneDNN with post-ops; the logits within fp32 rounding of
+    torchvision's (relative 1e-4 of the logits' scale), in either memory format of the input."""
+    ref = tv(name, num_classes=10).eval()
+    fused = FusedResNet.from_torchvision(ref).eval()
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(5))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want, got = ref(x), fused(x)
+    assert fused.resolve_backend(x) == "cpu"
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+
+
+def test_inference_propagates_nan_and_matches_after_an_optimizer_step():
+    ref = tv("resnet18", num_classes=10).eval()
+    fused = FusedResNet.from_torchvision(ref).eval()
+    x = torch.randn(2, 3, 32, 32)
+    x[1, 0, 3, 3] = float("nan")
+    with torch.no_grad():
+        out = fused(x)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+    with torch.no_grad():  # a changed weight is seen (the folded cache follows the parameters' versions)
+        for m in (ref, fused):
+            m.layer2[0].conv1.weight.mul_(1.5)
+        torch.testing.assert_close(fused(x[:1]), ref(x[:1]), rtol=0, atol=1e-4 * ref(x[:1]).abs().max().item())
+
+
+def test_state_dict_is_torchvisions_both_ways_and_load_weights_reads_it():
+    ref = tv("resnet50", num_classes=7)
+    fused = FusedResNet.from_torchvision(ref)
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    other = tv("resnet50", seed=1, num_classes=7)
+    fused.load_state_dict(other.state_dict(), strict=True)
+    back = torchvision.models.resnet50(weights=None, num_classes=7)
+    back.load_state_dict(fused.state_dict(), strict=True)
+    for (k, a), b in zip(other.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    from resnet_fused.torchvision_resnet import torchvision_model
+    built = load_weights(torchvision_model("resnet50", num_classes=7), other.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(built.eval()(x), other.eval()(x), rtol=0, atol=1e-4)
+    with pytest.raises(UserError, match="layer"):
+        load_weights(torchvision_model("resnet18", num_classes=7), other.state_dict())
+    assert ref.training and fused.training and next(ref.parameters()) is not next(fused.parameters())
+
+
+def test_eval_mode_gradients_and_backend_choice():
+    ref = tv("resnet18", num_classes=10).eval()
+    fused = FusedResNet.from_torchvision(ref).eval()
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref(x).sum().backward()
+    fused(x2).sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad)
+    with pytest.raises(ValueError, match="triton"):
+        FusedResNet.from_torchvision(ref, backend="triton")
+    with pytest.raises(ValueError, match="expects an \\(N, 3, H, W\\)"):
+        fused(torch.randn(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: torchvision.models.resnext50_32x4d(weights=None), "groups=32: ResNeXt"),
+    (lambda: torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True]), "dilat"),
+])
+def test_what_the_fused_backends_do_not_take_is_refused_by_name(build, match):
+    with pytest.raises(ValueError, match=match):
+        FusedResNet.from_torchvision(build())
+
+
+def test_the_conversion_copies_and_keeps_mode_device_dtype():
+    ref = tv("resnet18", num_classes=10).eval().double()
+    fused = FusedResNet.from_torchvision(ref)
+    assert not fused.training and next(fused.parameters()).dtype == torch.float64
+    with torch.no_grad():
+        fused.fc.weight.zero_()
+    assert torch.count_nonzero(ref.fc.weight) > 0
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        copy.deepcopy(fused)(x)
