@@ -44,6 +44,7 @@ from resnet_fused import build_model
 from resnet_fused.reporting import BASELINES, FUSED_BACKEND, IMPLS, summarize  # noqa: F401 - re-exported
 
 from common import environment, quantile, sync, time_windows, write_json  # noqa: F401 - re-exported
+import engines
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -116,8 +117,10 @@ def count_launches(fn, dev, steps=3):
 
 # ---- one configuration ------------------------------------------------------------------------------------
 
-def skip_reason(impl, dev, mode=None):
+def skip_reason(impl, dev, mode=None, prec="fp32"):
     backend = FUSED_BACKEND.get(impl)
+    if impl in engines.ENGINES:
+        return engines.skip_reason(impl, dev, mode, prec)
     if impl == "fused-triton-net" and mode == "train":
         return "the whole-network kernel is inference only"
     if backend == "triton" and dev.type != "cuda":
@@ -136,6 +139,12 @@ def skip_reason(impl, dev, mode=None):
     if impl in CUDAGRAPH_COMPILE and dev.type != "cuda":
         return f"{COMPILE_MODES[impl]} is CUDA graphs on a GPU"
     return None
+
+
+def model_input(name, args):
+    """(channels, side) of a model's input: --channels/--size, except torchvision's (tv-NAME): 3 channels and
+    --tv-size."""
+    return (3, args.tv_size) if name.startswith("tv-") else (args.channels, args.size)
 
 
 TAP_BLOCKS_DEFAULT = os.environ.get("RESNET_FUSED_TAP_BLOCKS", "1") != "0"
@@ -165,7 +174,9 @@ def build_step(model, impl, mode, prec, dev, xs, ys):
     state = {"i": 0}
     t0 = time.perf_counter()
     run = model
-    if impl.startswith("compile"):
+    if impl in engines.ENGINES:
+        run = engines.make(impl, model, xs[0])
+    elif impl.startswith("compile"):
         run = torch.compile(model, mode=COMPILE_MODES[impl])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if mode == "train" else None
     model.train(mode == "train")
@@ -215,11 +226,11 @@ def build_step(model, impl, mode, prec, dev, xs, ys):
 def prepare_one(name, mode, prec, impl, bs, dev, args):
     """(row, prepared): the row's identity and, when it can run, its step callable and setup time."""
     row = dict(model=name, mode=mode, precision=prec, impl=impl, batch=bs)
-    reason = skip_reason(impl, dev, mode)
+    reason = skip_reason(impl, dev, mode, prec)
     if reason:
         return dict(row, status="skipped", reason=reason), None
     cl = prec == "bf16" or impl in FUSED_BACKEND or impl == "eager-channels-last"
-    in_ch, hw = args.channels, args.size
+    in_ch, hw = model_input(name, args)
     try:
         model = make_model(name, impl, in_ch, dev, cl)
         g = torch.Generator(device="cpu").manual_seed(bs)
@@ -248,7 +259,8 @@ def finish_one(row, prep, times, dev, args):
     except Exception as e:
         return error_row(row, e)
     med = statistics.median(times)
-    prec, in_ch, hw, bs = row["precision"], args.channels, args.size, row["batch"]
+    prec, bs = row["precision"], row["batch"]
+    in_ch, hw = model_input(row["model"], args)
     esize = 2 if prec == "bf16" else 4
     flops, nbytes = work_model(build_model(row["model"], in_channels=in_ch), (bs, in_ch, hw, hw),
                                row["mode"] == "train", esize)
@@ -366,6 +378,7 @@ def build_parser():
     p.add_argument("--batch-sizes", help="128,512,2048 on a GPU; 64,256 on a CPU")
     p.add_argument("--size", type=int, default=28, help="image side (28 = MNIST; 32 with --channels 3)")
     p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--tv-size", type=int, default=224, help="image side of the torchvision models (tv-resnet18 ...)")
     p.add_argument("--iters", type=int, help="steps per timed window")
     p.add_argument("--repeats", type=int, help="timed windows (median and 20/80th percentiles over them)")
     p.add_argument("--device", default=None)
@@ -480,7 +493,7 @@ def main(argv=None):
     rows = []
     interleave = args.interleave if args.interleave is not None else dev.type == "cpu"
     isolate = interleave and (args.isolate if args.isolate is not None else dev.type == "cpu")
-    result = dict(environment=env, peaks=peaks, settings=dict(size=args.size, channels=args.channels,
+    result = dict(environment=env, peaks=peaks, settings=dict(size=args.size, channels=args.channels, tv_size=args.tv_size,
                                                               iters=args.iters, repeats=args.repeats,
                                                               interleave=interleave, isolate=isolate,
                                                               cudnn_benchmark=torch.backends.cudnn.benchmark

@@ -11,7 +11,8 @@ from .checkpoint import atomic_write_text
 IMPLS = ["eager", "eager-channels-last", "eager-graph", "compile", "compile-max-autotune-no-cudagraphs",
          "compile-max-autotune", "compile-reduce-overhead", "fused-triton", "fused-triton-no-cudagraphs",
          "fused-triton-graph", "fused-triton-per-element-graph", "fused-triton-net", "fused-cuda",
-         "fused-cuda-no-cudagraphs", "fused-cuda-graph", "fused-cpu"]
+         "fused-cuda-no-cudagraphs", "fused-cuda-graph", "fused-cpu", "compile-freezing", "onnxruntime", "openvino"]
+# (the last three: CPU inference engines, bench/engines.py)
 # the fused rows: FusedResNet with this backend, used as the README shows (its own CUDA graphs on); "-no-cudagraphs":
 # FusedResNet(cuda_graphs=False); "-graph": the whole step (optimizer included) captured by hand in one CUDA graph;
 # "fused-triton-net": inference as one launch for the whole network (model.whole_network_inference, own graphs on);

@@ -228,10 +228,17 @@ def from_torchvision(model: nn.Module, backend: str | None = None) -> FusedTorch
     return FusedTorchvisionResNet(copy.deepcopy(model), backend=backend).train(model.training)
 
 
-def torchvision_model(name: str, backend: str | None = None, **kwargs) -> FusedTorchvisionResNet:
-    """``torchvision.models.NAME(weights=None, **kwargs)`` run fused (e.g. num_classes, zero_init_residual); load
-    weights with load_state_dict or resnet_fused.load_weights."""
+def torchvision_model(name: str, fused: bool = True, backend: str | None = None, in_channels: int = 3,
+                      **kwargs) -> nn.Module:
+    """``torchvision.models.NAME(weights=None, **kwargs)`` (e.g. num_classes, zero_init_residual), run fused unless
+    ``fused=False``; ``in_channels`` other than 3: the stem's convolution takes that many. Load weights with
+    load_state_dict or resnet_fused.load_weights."""
     import torchvision
     if name not in TORCHVISION_MODELS:
         raise ValueError(f"unknown torchvision ResNet {name!r}; choose from {', '.join(TORCHVISION_MODELS)}")
-    return FusedTorchvisionResNet(getattr(torchvision.models, name)(weights=None, **kwargs), backend=backend)
+    model = getattr(torchvision.models, name)(weights=None, **kwargs)
+    if in_channels != 3:
+        c = model.conv1
+        model.conv1 = nn.Conv2d(in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return FusedTorchvisionResNet(model, backend=backend) if fused else model

@@ -45,7 +45,17 @@ def parse_model_name(name: str) -> dict:
 
 
 def build_model(name: str, impl: str = "reference", **kwargs) -> nn.Module:
-    """A model by name; ``impl="fused"`` gives the FusedResNet with the same state_dict keys."""
+    """A model by name; ``impl="fused"`` gives the FusedResNet with the same state_dict keys. ``tv-NAME``: the
+    torchvision ResNet NAME (resnet18 ... wide_resnet101_2; torchvision's module with impl="reference", a
+    FusedTorchvisionResNet with impl="fused"; ``cuda_graphs`` does not apply to them)."""
+    if str(name).startswith("tv-"):
+        from .torchvision_resnet import torchvision_model
+        if impl not in ("reference", "fused"):
+            raise ValueError(f"unknown impl {impl!r}; choose 'reference' or 'fused'")
+        kwargs.pop("cuda_graphs", None)
+        if impl == "reference":
+            kwargs.pop("backend", None)
+        return torchvision_model(name[3:], fused=impl == "fused", **kwargs)
     args = parse_model_name(name)
     args.update(kwargs)
     if impl == "reference":

@@ -67,14 +67,15 @@ def _step_errors(ref, x, classes=10):
     return one_step_errors(ref.train(), x, y, "cpu", convert=FusedResNet.from_torchvision, both_layouts=True)
 
 
-@pytest.mark.parametrize("name,size,batch", [("resnet18", 224, 2), ("resnet18", 64, 1), ("resnet50", 64, 2),
-                                             ("resnet50", 96, 1), ("resnet34", 64, 2), ("wide_resnet50_2", 64, 1),
+@pytest.mark.parametrize("name,size,batch", [("resnet18", 224, 2), ("resnet18", 96, 1), ("resnet50", 64, 2),
+                                             ("resnet50", 96, 1), ("resnet34", 64, 2), ("wide_resnet50_2", 64, 2),
                                              ("resnet101", 64, 2), ("resnet152", 64, 2)])
 def test_one_training_step_matches_torchvision(name, size, batch):
     """Logits, every parameter's gradient and every running statistic after one step: FusedResNet's error
     against float64 at most twice torchvision's fp32 (plus 4 roundings). The last stage's BatchNorm sees at least
-    4 values per channel (2x2 at 64x64): with 1 or 2 (32x32 inputs) a rounding decides its normalised outputs'
-    signs and fp32 promises nothing (PyTorch's own layouts then differ by 1e4x)."""
+    8 values per channel (batch 2 at 64x64, batch 1 at 96x96): with 1 or 2 (32x32 inputs) a rounding decides its
+    normalised outputs' signs and fp32 promises nothing (PyTorch's own layouts then differ by 1e4x); with 4 a
+    gradient can still move by more than 10% (ResNet-152, batch 1 at 64x64: measured)."""
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
     assert_within_twice_pytorch(flipped=FLIPPED, errs=_step_errors(tv(name, num_classes=10), x))
 
