@@ -145,25 +145,32 @@ def _fold(cb: ConvBN, dtype):
     return w, _acc(bn.bias) - _acc(bn.running_mean) * s
 
 
-def fold(plan: NetworkPlan, dtype) -> FoldedPlan:
-    def conv(cb, extra_bias=None):
-        w, b = _fold(cb, dtype)
-        return FoldedConv(w, b if extra_bias is None else b + extra_bias, cb.stride, cb.padding, cb.conv)
+def fold_conv(cb: ConvBN, dtype, extra_bias=None) -> FoldedConv:
+    """One convolution with its BatchNorm folded in (``extra_bias``: a shortcut's folded shift added to the bias)."""
+    w, b = _fold(cb, dtype)
+    return FoldedConv(w, b if extra_bias is None else b + extra_bias, cb.stride, cb.padding, cb.conv)
 
+
+def all_finite(tensors) -> Optional[bool]:
+    """Whether every folded tensor is finite: one host read per fold (a cache miss), not one per tensor; None when
+    traced (it would be a data-dependent branch)."""
+    if torch.compiler.is_compiling():
+        return None
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def fold(plan: NetworkPlan, dtype) -> FoldedPlan:
     blocks = []
     for b in plan.blocks:
         proj_w = proj_b = None
         if b.proj is not None:
             proj_w, proj_b = _fold(b.proj, dtype)
-        blocks.append(FoldedBlock(conv(b.conv1), conv(b.conv2, proj_b), b.mode, b.stride, b.pad_front, proj_w))
-    stem = conv(plan.stem)
+        blocks.append(FoldedBlock(fold_conv(b.conv1, dtype), fold_conv(b.conv2, dtype, proj_b), b.mode, b.stride,
+                                  b.pad_front, proj_w))
+    stem = fold_conv(plan.stem, dtype)
     tensors = [t for c in [stem] + [c for b in blocks for c in (b.conv1, b.conv2)] for t in (c.weight, c.bias)]
     tensors += [b.proj_weight for b in blocks if b.proj_weight is not None]
-    # one host read per fold (a cache miss), not one per tensor
-    finite = None
-    if not torch.compiler.is_compiling():
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-    return FoldedPlan(stem, tuple(blocks), finite)
+    return FoldedPlan(stem, tuple(blocks), all_finite(tensors))
 
 
 class FoldCache:

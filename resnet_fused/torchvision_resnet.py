@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import backends
-from .plan import ConvBN, FoldCache, FoldedConv, _fold
+from .plan import ConvBN, FoldCache, FoldedConv, _fold, all_finite, fold_conv
 
 __all__ = ["ChainBlock", "ChainPlan", "FusedTorchvisionResNet", "from_torchvision", "build_chain_plan",
            "TORCHVISION_MODELS", "torchvision_model"]
@@ -133,24 +133,17 @@ def build_chain_plan(model) -> ChainPlan:
 def fold_chain(plan: ChainPlan, dtype) -> FoldedChainPlan:
     """Every BatchNorm folded into its convolution (plan.fold's rules); the projection's shift into the block's
     last bias."""
-    def conv(cb, extra_bias=None):
-        w, b = _fold(cb, dtype)
-        return FoldedConv(w, b if extra_bias is None else b + extra_bias, cb.stride, cb.padding, cb.conv)
-
     blocks = []
     for b in plan.blocks:
         proj_w = proj_b = None
         if b.proj is not None:
             proj_w, proj_b = _fold(b.proj, dtype)
-        convs = tuple(conv(c) for c in b.convs[:-1]) + (conv(b.convs[-1], proj_b),)
+        convs = tuple(fold_conv(c, dtype) for c in b.convs[:-1]) + (fold_conv(b.convs[-1], dtype, proj_b),)
         blocks.append(FoldedChainBlock(convs, proj_w, b.proj.stride if b.proj is not None else 1))
-    stem = conv(plan.stem)
+    stem = fold_conv(plan.stem, dtype)
     tensors = [t for c in [stem] + [c for b in blocks for c in b.convs] for t in (c.weight, c.bias)]
     tensors += [b.proj_weight for b in blocks if b.proj_weight is not None]
-    finite = None
-    if not torch.compiler.is_compiling():
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-    return FoldedChainPlan(stem, plan.maxpool, tuple(blocks), finite)
+    return FoldedChainPlan(stem, plan.maxpool, tuple(blocks), all_finite(tensors))
 
 
 _CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")

@@ -407,3 +407,36 @@ def test_lockstep_logs_the_three_runs_from_the_recipe(mnist_root, tmp_path):
     first = d["log"][0]
     assert first["fused"] == pytest.approx(first["reference"], rel=1e-4)
     assert first["perturbed"] == pytest.approx(first["reference"], rel=1e-4)
+
+
+def test_cpu_inference_engines_compute_the_models_logits_and_are_rows(tmp_path):
+    """bench/engines.py: each engine that is installed returns the reference model's logits (it is a baseline of
+    the same computation); as throughput rows they are inference-only, and a missing package is a skipped row that
+    says what to install. The torchvision models run as tv-NAME rows at --tv-size."""
+    import importlib.util
+
+    import engines
+    import throughput
+    from resnet_fused import build_model
+    model = build_model("resnet8").eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        want = model(x)
+        for impl in engines.ENGINES:
+            if engines.skip_reason(impl, torch.device("cpu"), "inference", "fp32") is None:
+                got = engines.make(impl, model, x)(x)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=impl)
+    out = tmp_path / "tp.json"
+    throughput.main(["--device", "cpu", "--models", "resnet8,tv-resnet18", "--tv-size", "32", "--batch-sizes", "2",
+                     "--modes", "train,inference", "--impls", "eager,onnxruntime,openvino,fused-cpu",
+                     "--iters", "1", "--repeats", "2", "--no-isolate", "--json", str(out), "--png", "",
+                     "--no-progress"])
+    rows = {(r["model"], r["mode"], r["impl"]): r for r in json.loads(out.read_text())["rows"]}
+    for model_name in ("resnet8", "tv-resnet18"):
+        assert rows[(model_name, "inference", "fused-cpu")]["status"] == "ok"
+        assert rows[(model_name, "train", "fused-cpu")]["status"] == "ok"
+        for impl in ("onnxruntime", "openvino"):
+            assert rows[(model_name, "train", impl)]["reason"] == "an inference engine (no training)"
+            row = rows[(model_name, "inference", impl)]
+            installed = importlib.util.find_spec(impl) is not None
+            assert row["status"] == "ok" if installed else row["reason"] == f"pip install {impl}"
