@@ -70,6 +70,12 @@ def environment(dev):
     except ImportError:
         triton_version = None
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    return dict(device=str(dev), device_name=name, torch=torch.__version__, triton=triton_version,
+    engines = {}
+    for pkg in ("onnxruntime", "openvino"):
+        try:
+            engines[pkg] = __import__(pkg).__version__
+        except ImportError:
+            engines[pkg] = None
+    return dict(device=str(dev), device_name=name, torch=torch.__version__, triton=triton_version, **engines,
                 cuda=torch.version.cuda, python=platform.python_version(), git_commit=commit, git_dirty=dirty,
                 cpu_threads=torch.get_num_threads(), date=datetime.datetime.now().isoformat(timespec="seconds"))

@@ -365,7 +365,8 @@ def defaults(dev):
                           "fused-triton-no-cudagraphs,fused-triton-graph,fused-cuda,fused-cuda-graph", iters=20,
                     repeats=7)
     return dict(models="resnet20", batch_sizes="64,256", modes="train,inference", precisions="fp32",
-                impls="eager,eager-channels-last,fused-cpu,fused-triton,compile", iters=2, repeats=3)
+                impls="eager,eager-channels-last,fused-cpu,fused-triton,compile,compile-freezing,onnxruntime,openvino",
+                iters=2, repeats=3)
 
 
 def build_parser():
