@@ -180,3 +180,23 @@ def test_the_conversion_copies_and_keeps_mode_device_dtype():
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         copy.deepcopy(fused)(x)
+
+
+def test_torch_compile_fullgraph_matches_torchvision_in_eval_and_training():
+    """torch.compile(fullgraph=True) of the converted model: no graph break (the fused operators are custom ops
+    with fakes), the logits and (training) every gradient as torchvision's."""
+    ref = tv("resnet18", num_classes=10)
+    fused = FusedResNet.from_torchvision(ref)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    ref.eval(), fused.eval()
+    with torch.no_grad():
+        want = ref(x)
+        torch.testing.assert_close(compiled(x), want, rtol=0, atol=1e-4 * want.abs().max().item())
+    ref.train(), fused.train()
+    want, got = ref(x), compiled(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+    want.square().sum().backward()
+    got.square().sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-3 * p.grad.abs().max().item(), msg=name)
