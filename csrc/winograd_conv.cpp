@@ -1,20 +1,28 @@
 // conv3x3_winograd: the 3x3 / stride 1 / padding 1 convolutions of FusedResNet's CPU inference path, by Winograd's
-// minimal filtering F(2x2, 3x3), with the folded BatchNorm's bias, the shortcut and the ReLU in the output transform.
+// minimal filtering F(m x m, 3x3), m = 2 or 4, with the folded BatchNorm's bias, the shortcut and the ReLU in the
+// output transform.
 //
-// For each 2x2 output tile (input patch d: 4x4 pixels at rows 2*th-1 .. 2*th+2, zero outside the image) and each
-// output channel k:
-//     Y[k] = A^T [ sum_c U[k, c] (.) V[c] ] A,    V[c] = B^T d[c] B,    U[k, c] = G w[k, c] G^T  (4x4 each)
+// For each m x m output tile (input patch d: (m+2)^2 pixels from row m*th-1, zero outside the image) and each output
+// channel k:
+//     Y[k] = A^T [ sum_c U[k, c] (.) V[c] ] A,    V[c] = B^T d[c] B,    U[k, c] = G w[k, c] G^T  ((m+2)^2 each)
+// F(2x2, 3x3), points 0, 1, -1, inf:
 //     B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1],
 //     A^T = [1 1 1 0; 0 1 -1 -1]
-// so each of the 16 positions of the 4x4 transformed tile is one GEMM over channels, M[p] = V[p] (tiles x C) @
-// U[p] (C x K): 16 * C * K multiply-adds per 4 outputs instead of the direct method's 36 * C * K (2.25x fewer).
+// F(4x4, 3x3), points 0, 1, -1, 2, -2, inf (Lavin & Gray 2016):
+//     B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1],
+//     G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1],
+//     A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+// so each of the P = (m+2)^2 positions of the transformed tile is one GEMM over channels, M[p] = V[p] (tiles x C) @
+// U[p] (C x K): P * C * K multiply-adds per m^2 outputs instead of the direct method's 9 * m^2 * C * K (2.25x fewer
+// for m = 2, 4x for m = 4; m = 4's rounding errors are ~4x larger, still within the tests' fp32 tolerances).
 // out = relu?(Y + bias + shortcut), shortcut = 0 | r (identity) | r[n, k - pad_front, h*s, w*s] (option A, the
 // zero-padded subsample read by index math). U is made once per weight (resnet_fused.ext.winograd_weight, cached
-// with the folded weights); all arithmetic is fp32 (U is computed in fp64 then rounded).
+// with the folded weights; its first dimension, 16 or 36, says m); all arithmetic is fp32 (U is computed in fp64
+// then rounded).
 //
 // Layout: x, r and out are NHWC (channels_last) fp32; C and K multiples of 8 (one AVX2 vector of channels).
-// Work: blocks of T tiles (T sized so V and M of a block stay in L1/L2) handed out to at::parallel_for's threads;
-// per block: input transform -> V[16][T][C], 16 GEMMs with a 6-tile x 16-channel register tile -> M[16][T][K],
+// Work: blocks of T tiles (T sized so V and M of a block stay in L2) handed out to at::parallel_for's threads;
+// per block: input transform -> V[P][T][C], P GEMMs with a 6-tile x 16-channel register tile -> M[P][T][K],
 // output transform + epilogue straight into out. Kernels are compiled for AVX2 + FMA (function target attributes);
 // the operator refuses CPUs without them, and FusedResNet calls it only where conv3x3_winograd_supported() is true.
 #include <ATen/ATen.h>
@@ -28,6 +36,7 @@
 
 #include "checks.h"
 #include "layout.h"
+#include "output_cache.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -39,12 +48,16 @@ namespace {
 
 #ifdef RESNET_FUSED_WINOGRAD
 #define RF_AVX2 __attribute__((target("avx2,fma")))
+#define RF_UNROLL _Pragma("GCC unroll 8")
 
 constexpr int64_t kTileRows = 6;  // tiles per register tile of the GEMM micro-kernel
+// V and M of a block (tiles x positions x channels) sized to stay in L2 between the three steps: 192 KB measured
+// best of 48/96/192/384 KB for both tile sizes on the 2-core Zen 4 machine (batch 32, 16-64 channels)
+constexpr int64_t kBlockBytes = 192 * 1024;
 
 struct Geometry {
   int64_t n, h, w, c, k;   // x: (n, h, w, c) NHWC; out: (n, h, w, k)
-  int64_t th, tw, tiles;   // 2x2 output tiles per column / row, and in all
+  int64_t th, tw, tiles;   // output tiles per column / row, and in all
   int64_t block;           // tiles per block (a multiple of kTileRows)
 };
 
@@ -65,54 +78,100 @@ struct TileCursor {
   }
 };
 
-// V[p][i][:] = (B^T d B)[p] for 8 channels of one tile, d[a][b] the patch's pixel rows (zero outside the image).
-RF_AVX2 inline void transform_patch(__m256 d[4][4], float* v, int64_t pos_stride) {
-  __m256 u[4][4];
-  for (int b = 0; b < 4; ++b) {  // B^T d
-    u[0][b] = _mm256_sub_ps(d[0][b], d[2][b]);
-    u[1][b] = _mm256_add_ps(d[1][b], d[2][b]);
-    u[2][b] = _mm256_sub_ps(d[2][b], d[1][b]);
-    u[3][b] = _mm256_sub_ps(d[1][b], d[3][b]);
+// The 1-D transforms of F(m, 3) on 8 channels at a time: input r = B^T d (Alpha values), output o = A^T m (M values).
+// Applied to columns then rows they give the 2-D transforms B^T d B and A^T m A.
+template <int M>
+struct Transform;
+
+template <>
+struct Transform<2> {  // F(2, 3): points 0, 1, -1, inf
+  static constexpr int kAlpha = 4;
+  RF_AVX2 static inline void input(const __m256* d, __m256* r) {
+    r[0] = _mm256_sub_ps(d[0], d[2]);
+    r[1] = _mm256_add_ps(d[1], d[2]);
+    r[2] = _mm256_sub_ps(d[2], d[1]);
+    r[3] = _mm256_sub_ps(d[1], d[3]);
   }
-  for (int a = 0; a < 4; ++a) {  // (B^T d) B
-    float* va = v + a * 4 * pos_stride;
-    _mm256_storeu_ps(va, _mm256_sub_ps(u[a][0], u[a][2]));
-    _mm256_storeu_ps(va + pos_stride, _mm256_add_ps(u[a][1], u[a][2]));
-    _mm256_storeu_ps(va + 2 * pos_stride, _mm256_sub_ps(u[a][2], u[a][1]));
-    _mm256_storeu_ps(va + 3 * pos_stride, _mm256_sub_ps(u[a][1], u[a][3]));
+  RF_AVX2 static inline void output(const __m256* m, __m256* o) {
+    o[0] = _mm256_add_ps(_mm256_add_ps(m[0], m[1]), m[2]);
+    o[1] = _mm256_sub_ps(_mm256_sub_ps(m[1], m[2]), m[3]);
+  }
+};
+
+template <>
+struct Transform<4> {  // F(4, 3): points 0, 1, -1, 2, -2, inf
+  static constexpr int kAlpha = 6;
+  RF_AVX2 static inline void input(const __m256* d, __m256* r) {
+    const __m256 four = _mm256_set1_ps(4.f), mfive = _mm256_set1_ps(-5.f), two = _mm256_set1_ps(2.f);
+    const __m256 s12 = _mm256_add_ps(d[1], d[2]), s34 = _mm256_add_ps(d[3], d[4]);
+    const __m256 d12 = _mm256_sub_ps(d[1], d[2]), d43 = _mm256_sub_ps(d[4], d[3]);
+    const __m256 d42 = _mm256_sub_ps(d[4], d[2]), d31 = _mm256_sub_ps(d[3], d[1]);
+    r[0] = _mm256_fmadd_ps(four, d[0], _mm256_fmadd_ps(mfive, d[2], d[4]));  // 4 d0 - 5 d2 + d4
+    r[1] = _mm256_fnmadd_ps(four, s12, s34);                                // (d3 + d4) - 4 (d1 + d2)
+    r[2] = _mm256_fmadd_ps(four, d12, d43);                                 // (d4 - d3) + 4 (d1 - d2)
+    r[3] = _mm256_fmadd_ps(two, d31, d42);                                  // (d4 - d2) + 2 (d3 - d1)
+    r[4] = _mm256_fnmadd_ps(two, d31, d42);                                 // (d4 - d2) - 2 (d3 - d1)
+    r[5] = _mm256_fmadd_ps(four, d[1], _mm256_fmadd_ps(mfive, d[3], d[5])); // 4 d1 - 5 d3 + d5
+  }
+  RF_AVX2 static inline void output(const __m256* m, __m256* o) {
+    const __m256 two = _mm256_set1_ps(2.f), four = _mm256_set1_ps(4.f), eight = _mm256_set1_ps(8.f);
+    const __m256 a = _mm256_add_ps(m[1], m[2]), b = _mm256_sub_ps(m[1], m[2]);
+    const __m256 c = _mm256_add_ps(m[3], m[4]), d = _mm256_sub_ps(m[3], m[4]);
+    o[0] = _mm256_add_ps(_mm256_add_ps(m[0], a), c);                  // m0 + m1 + m2 + m3 + m4
+    o[1] = _mm256_fmadd_ps(two, d, b);                                // (m1 - m2) + 2 (m3 - m4)
+    o[2] = _mm256_fmadd_ps(four, c, a);                               // (m1 + m2) + 4 (m3 + m4)
+    o[3] = _mm256_add_ps(_mm256_fmadd_ps(eight, d, b), m[5]);         // (m1 - m2) + 8 (m3 - m4) + m5
+  }
+};
+
+// V[p][i][:] = (B^T d B)[p] for 8 channels of one tile, d[a][b] the patch's pixels (zero outside the image).
+template <int M>
+RF_AVX2 inline void transform_patch(const __m256 (&d)[Transform<M>::kAlpha][Transform<M>::kAlpha], float* v,
+                                    int64_t pos_stride) {
+  constexpr int A = Transform<M>::kAlpha;
+  __m256 u[A][A], col[A], r[A];
+  RF_UNROLL for (int b = 0; b < A; ++b) {  // B^T d, column by column
+    RF_UNROLL for (int a = 0; a < A; ++a) col[a] = d[a][b];
+    Transform<M>::input(col, r);
+    RF_UNROLL for (int a = 0; a < A; ++a) u[a][b] = r[a];
+  }
+  RF_UNROLL for (int a = 0; a < A; ++a) {  // (B^T d) B, row by row
+    Transform<M>::input(u[a], r);
+    RF_UNROLL for (int b = 0; b < A; ++b) _mm256_storeu_ps(v + (a * A + b) * pos_stride, r[b]);
   }
 }
 
 // V[p][i][:] = (B^T d B)[p] for the tiles t0 .. t0+nt-1 of a block (i = t - t0).
+template <int M>
 RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int64_t nt, float* V) {
+  constexpr int A = Transform<M>::kAlpha;
   const int64_t C = g.c, T = g.block, row = g.w * C;
   const __m256 zero = _mm256_setzero_ps();
   TileCursor cur(g, t0);
   for (int64_t i = 0; i < nt; ++i, cur.next(g)) {
-    const int64_t ih0 = cur.th * 2 - 1, iw0 = cur.tw * 2 - 1;
+    const int64_t ih0 = cur.th * M - 1, iw0 = cur.tw * M - 1;
     float* v = V + i * C;
-    if (ih0 >= 0 && ih0 + 4 <= g.h && iw0 >= 0 && iw0 + 4 <= g.w) {  // interior: no bounds checks
+    __m256 d[A][A];
+    if (ih0 >= 0 && ih0 + A <= g.h && iw0 >= 0 && iw0 + A <= g.w) {  // interior: no bounds checks
       const float* p = x + ((cur.n * g.h + ih0) * g.w + iw0) * C;
       for (int64_t c0 = 0; c0 < C; c0 += 8) {
-        __m256 d[4][4];
-        for (int a = 0; a < 4; ++a)
-          for (int b = 0; b < 4; ++b) d[a][b] = _mm256_loadu_ps(p + a * row + b * C + c0);
-        transform_patch(d, v + c0, T * C);
+        RF_UNROLL for (int a = 0; a < A; ++a)
+          RF_UNROLL for (int b = 0; b < A; ++b) d[a][b] = _mm256_loadu_ps(p + a * row + b * C + c0);
+        transform_patch<M>(d, v + c0, T * C);
       }
       continue;
     }
-    const float* px[4][4];
-    for (int a = 0; a < 4; ++a) {
-      for (int b = 0; b < 4; ++b) {
+    const float* px[A][A];
+    for (int a = 0; a < A; ++a) {
+      for (int b = 0; b < A; ++b) {
         const int64_t ih = ih0 + a, iw = iw0 + b;
         px[a][b] = (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w) ? x + ((cur.n * g.h + ih) * g.w + iw) * C : nullptr;
       }
     }
     for (int64_t c0 = 0; c0 < C; c0 += 8) {
-      __m256 d[4][4];
-      for (int a = 0; a < 4; ++a)
-        for (int b = 0; b < 4; ++b) d[a][b] = px[a][b] ? _mm256_loadu_ps(px[a][b] + c0) : zero;
-      transform_patch(d, v + c0, T * C);
+      RF_UNROLL for (int a = 0; a < A; ++a)
+        RF_UNROLL for (int b = 0; b < A; ++b) d[a][b] = px[a][b] ? _mm256_loadu_ps(px[a][b] + c0) : zero;
+      transform_patch<M>(d, v + c0, T * C);
     }
   }
 }
@@ -168,29 +227,29 @@ RF_AVX2 inline __m256 load_shortcut(const Shortcut& s, int64_t n, int64_t oh, in
 }
 
 // out[tile] = relu?(A^T M A + bias + shortcut) for the tiles t0 .. t0+nt-1 of a block.
-template <int64_t Mode, bool Relu>
-RF_AVX2 void output_transform(const float* M, const Geometry& g, int64_t t0, int64_t nt, const float* bias,
+template <int M, int64_t Mode, bool Relu>
+RF_AVX2 void output_transform(const float* Mt, const Geometry& g, int64_t t0, int64_t nt, const float* bias,
                               const Shortcut& s, float* out) {
+  constexpr int A = Transform<M>::kAlpha;
   const int64_t K = g.k, T = g.block;
   const __m256 zero = _mm256_setzero_ps();
   TileCursor cur(g, t0);
   for (int64_t i = 0; i < nt; ++i, cur.next(g)) {
-    const int64_t oh0 = cur.th * 2, ow0 = cur.tw * 2, n = cur.n;
-    const int rows = oh0 + 1 < g.h ? 2 : 1, cols = ow0 + 1 < g.w ? 2 : 1;
+    const int64_t oh0 = cur.th * M, ow0 = cur.tw * M, n = cur.n;
+    const int rows = static_cast<int>(std::min<int64_t>(M, g.h - oh0));
+    const int cols = static_cast<int>(std::min<int64_t>(M, g.w - ow0));
     for (int64_t k0 = 0; k0 < K; k0 += 8) {
-      __m256 m[4][4], sa[2][4];
-      for (int a = 0; a < 4; ++a)
-        for (int b = 0; b < 4; ++b) m[a][b] = _mm256_loadu_ps(M + ((a * 4 + b) * T + i) * K + k0);
-      for (int b = 0; b < 4; ++b) {  // A^T m
-        sa[0][b] = _mm256_add_ps(_mm256_add_ps(m[0][b], m[1][b]), m[2][b]);
-        sa[1][b] = _mm256_sub_ps(_mm256_sub_ps(m[1][b], m[2][b]), m[3][b]);
+      __m256 sa[M][A], col[A], o[M];
+      RF_UNROLL for (int b = 0; b < A; ++b) {  // A^T m, column by column
+        RF_UNROLL for (int a = 0; a < A; ++a) col[a] = _mm256_loadu_ps(Mt + ((a * A + b) * T + i) * K + k0);
+        Transform<M>::output(col, o);
+        RF_UNROLL for (int a = 0; a < M; ++a) sa[a][b] = o[a];
       }
       const __m256 bv = bias ? _mm256_loadu_ps(bias + k0) : zero;
       for (int a = 0; a < rows; ++a) {
         const int64_t oh = oh0 + a;
-        __m256 y[2];  // (A^T m) A
-        y[0] = _mm256_add_ps(_mm256_add_ps(sa[a][0], sa[a][1]), sa[a][2]);
-        y[1] = _mm256_sub_ps(_mm256_sub_ps(sa[a][1], sa[a][2]), sa[a][3]);
+        __m256 y[M];  // (A^T m) A, row a
+        Transform<M>::output(sa[a], y);
         for (int b = 0; b < cols; ++b) {
           const int64_t ow = ow0 + b;
           __m256 v = _mm256_add_ps(y[b], bv);
@@ -203,23 +262,24 @@ RF_AVX2 void output_transform(const float* M, const Geometry& g, int64_t t0, int
   }
 }
 
-template <int64_t Mode, bool Relu>
+template <int M, int64_t Mode, bool Relu>
 void winograd_forward(const float* x, const float* U, const float* bias, const Shortcut& s, const Geometry& g,
                       float* out) {
+  constexpr int P = Transform<M>::kAlpha * Transform<M>::kAlpha;
   const int64_t nblocks = (g.tiles + g.block - 1) / g.block;
   // blocks handed out one at a time (each writes its own tiles: the result does not depend on who computes what),
   // so a thread slowed by another process on its core does not leave the others waiting at the end
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> V(16 * g.block * g.c, 0.f), M(16 * g.block * g.k);  // zeroed: rows past nt stay finite
+    std::vector<float> V(P * g.block * g.c, 0.f), Mt(P * g.block * g.k);  // zeroed: rows past nt stay finite
     for (int64_t blk; (blk = next.fetch_add(1, std::memory_order_relaxed)) < nblocks;) {
       const int64_t t0 = blk * g.block, nt = std::min(g.block, g.tiles - t0);
-      input_transform(x, g, t0, nt, V.data());
-      for (int p = 0; p < 16; ++p)
-        gemm_position(V.data() + p * g.block * g.c, U + p * g.c * g.k, M.data() + p * g.block * g.k, g.block,
+      input_transform<M>(x, g, t0, nt, V.data());
+      for (int p = 0; p < P; ++p)
+        gemm_position(V.data() + p * g.block * g.c, U + p * g.c * g.k, Mt.data() + p * g.block * g.k, g.block,
                       g.c, g.k);
-      output_transform<Mode, Relu>(M.data(), g, t0, nt, bias, s, out);
+      output_transform<M, Mode, Relu>(Mt.data(), g, t0, nt, bias, s, out);
     }
   });
 }
@@ -228,35 +288,6 @@ bool cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_su
 #else
 bool cpu_supported() { return false; }
 #endif
-
-// Output buffers of this thread's recent calls, reused once nobody else holds them (the storage referenced only
-// from here). Batch-sliced inference allocates one ~1.6 MB activation per layer and slice; fresh allocations of
-// that size come from mmap or a just-trimmed heap, and touching them page-faults the whole buffer every time
-// (the figures: bench/results/README.md, CPU notes). Per
-// thread, so concurrent callers never share a buffer; at most kCachedOutputs buffers of at most kCachedBytes each.
-constexpr size_t kCachedOutputs = 8;
-constexpr int64_t kCachedBytes = 4 << 20;
-
-at::Tensor new_output(const at::TensorOptions& options, at::IntArrayRef sizes) {
-  thread_local std::vector<at::Tensor> cache;
-  const std::vector<int64_t> strides = c10::get_channels_last_strides_2d(sizes);
-  const auto fresh = [&](const c10::Storage& storage) {
-    return at::empty({0}, options).set_(storage, 0, sizes, strides);
-  };
-  for (size_t i = 0; i < cache.size(); ++i) {
-    if (cache[i].storage().use_count() == 1 && cache[i].sizes() == sizes && cache[i].dtype() == options.dtype()) {
-      at::Tensor keep = cache[i];  // most recently used last
-      cache.erase(cache.begin() + static_cast<int64_t>(i));
-      cache.push_back(keep);
-      return fresh(keep.storage());
-    }
-  }
-  at::Tensor out = at::empty(sizes, options.memory_format(at::MemoryFormat::ChannelsLast));
-  if (static_cast<int64_t>(out.nbytes()) > kCachedBytes) return out;
-  if (cache.size() == kCachedOutputs) cache.erase(cache.begin());
-  cache.push_back(out);
-  return fresh(out.storage());
-}
 
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight_t,
                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
@@ -269,8 +300,8 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   TORCH_CHECK(weight_t.device() == x_in.device(), "resnet_fused: conv3x3_winograd: weight_t is on ",
               weight_t.device(), " but x is on ", x_in.device());
   const int64_t n = x_in.size(0), c = x_in.size(1), h = x_in.size(2), w = x_in.size(3);
-  TORCH_CHECK(weight_t.dim() == 3 && weight_t.size(0) == 16 && weight_t.size(1) == c,
-              "resnet_fused: conv3x3_winograd: weight_t must be the (16, C_in=", c, ", C_out) transform from "
+  TORCH_CHECK(weight_t.dim() == 3 && (weight_t.size(0) == 16 || weight_t.size(0) == 36) && weight_t.size(1) == c,
+              "resnet_fused: conv3x3_winograd: weight_t must be the (16 or 36, C_in=", c, ", C_out) transform from "
               "resnet_fused.ext.winograd_weight, got shape ", weight_t.sizes());
   const int64_t k = weight_t.size(2);
   TORCH_CHECK(c % 8 == 0 && k % 8 == 0 && c > 0 && k > 0, "resnet_fused: conv3x3_winograd needs input and output "
@@ -295,25 +326,34 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
     s.r = r.data_ptr<float>();
     s.rc = r.size(1), s.rh = r.size(2), s.rw = r.size(3), s.stride = res_stride, s.pad_front = pad_front;
   }
-  Geometry g{n, h, w, c, k, (h + 1) / 2, (w + 1) / 2, 0, 0};
+  const int m = weight_t.size(0) == 36 ? 4 : 2;  // F(4x4, 3x3) or F(2x2, 3x3)
+  Geometry g{n, h, w, c, k, (h + m - 1) / m, (w + m - 1) / m, 0, 0};
   g.tiles = n * g.th * g.tw;
-  // V (16*T*C) and M (16*T*K) floats of a block in ~48 KB, so they stay in L1/L2 between the three steps
-  // (the block-size measurements: bench/results/README.md, CPU notes)
-  g.block = std::max<int64_t>(kTileRows, (48 * 1024 / (16 * 4 * (c + k))) / kTileRows * kTileRows);
+  // V (P*T*C) and M (P*T*K) floats of a block in ~kBlockBytes
+  const int64_t per_tile = weight_t.size(0) * 4 * (c + k);
+  // at least two blocks per thread where the image is small (batch 1), so that every thread has work
+  const int64_t per_thread = (g.tiles + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  g.block = std::min(kBlockBytes / per_tile, (per_thread + kTileRows - 1) / kTileRows * kTileRows);
+  g.block = std::max<int64_t>(kTileRows, g.block / kTileRows * kTileRows);
   const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
   float* po = out.data_ptr<float>();
   const float* px = x.data_ptr<float>();
   const float* pu = U.data_ptr<float>();
-  const auto run = [&](auto mode_c) {  // the shortcut mode and ReLU as template arguments of the epilogue
+  const auto run = [&](auto m_c, auto mode_c) {  // tile, shortcut mode and ReLU as template arguments
+    constexpr int kM = decltype(m_c)::value;
     constexpr int64_t kMode = decltype(mode_c)::value;
-    relu ? winograd_forward<kMode, true>(px, pu, pb, s, g, po) : winograd_forward<kMode, false>(px, pu, pb, s, g, po);
+    relu ? winograd_forward<kM, kMode, true>(px, pu, pb, s, g, po)
+         : winograd_forward<kM, kMode, false>(px, pu, pb, s, g, po);
   };
-  if (mode == kIdentity)
-    run(std::integral_constant<int64_t, kIdentity>{});
-  else if (mode == kPadA)
-    run(std::integral_constant<int64_t, kPadA>{});
-  else
-    run(std::integral_constant<int64_t, kNone>{});
+  const auto run_mode = [&](auto m_c) {
+    if (mode == kIdentity)
+      run(m_c, std::integral_constant<int64_t, kIdentity>{});
+    else if (mode == kPadA)
+      run(m_c, std::integral_constant<int64_t, kPadA>{});
+    else
+      run(m_c, std::integral_constant<int64_t, kNone>{});
+  };
+  m == 4 ? run_mode(std::integral_constant<int, 4>{}) : run_mode(std::integral_constant<int, 2>{});
 #endif
   return out;
 }

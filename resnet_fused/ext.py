@@ -2,9 +2,10 @@
 
 The operators are defined in C++ with TORCH_LIBRARY (schemas and math: csrc/*.cpp); importing ``resnet_fused._C``
 registers them as ``torch.ops.resnet_fused.{bn_stats, bn_stats_backward, bn_finalize, scale_shift_add_relu,
-scale_shift_add_relu_backward, batch_norm_add_relu, batch_norm_add_relu_backward, conv3x3_winograd}``. Here they
-get fake (meta) implementations for torch.compile and autograd formulas made of the registered backward operators
-(conv3x3_winograd is inference-only: no autograd; its filter transform is ``winograd_weight``).
+scale_shift_add_relu_backward, batch_norm_add_relu, batch_norm_add_relu_backward, conv3x3_winograd,
+conv2d_direct}``. Here they get fake (meta) implementations for torch.compile and autograd formulas made of the
+registered backward operators (conv3x3_winograd and conv2d_direct are inference-only: no autograd; their weight
+operands are ``winograd_weight`` and ``direct_weight``).
 
 The package works without the extension: ``available()`` says whether it was built, ``has_cuda()`` whether the
 build includes the CUDA kernels, and ``require(backend)`` raises an error naming what is missing.
@@ -158,13 +159,22 @@ if available():
 
     torch.library.register_autograd("resnet_fused::batch_norm_add_relu", _bnar_backward, setup_context=_bnar_setup)
 
-    # -- conv3x3_winograd: inference-only 3x3 convolution (Winograd F(2x2, 3x3)) + bias + shortcut + ReLU -----------
+    # -- conv3x3_winograd: inference-only 3x3 convolution (Winograd F(2x2 or 4x4, 3x3)) + bias + shortcut + ReLU ----
 
     @torch.library.register_fake("resnet_fused::conv3x3_winograd")
     def _(x, weight_t, bias, residual, mode, res_stride, pad_front, relu):
         n, _, h, w = x.shape
         return torch.empty((n, weight_t.shape[2], h, w), dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last)
+
+    # -- conv2d_direct: inference-only direct convolution (stems, small batches) + bias + ReLU ---------------------
+
+    @torch.library.register_fake("resnet_fused::conv2d_direct")
+    def _(x, weight_p, bias, stride, padding, relu):
+        n, _, h, w = x.shape
+        kh, kw, _, k = weight_p.shape
+        return torch.empty((n, k, (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1),
+                           dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 def winograd_supported() -> bool:
@@ -173,15 +183,30 @@ def winograd_supported() -> bool:
             and bool(torch.ops.resnet_fused.conv3x3_winograd_supported()))
 
 
-# Winograd F(2x2, 3x3) filter transform G (4x3): U = G w G^T per (output, input) channel pair
+# Winograd filter transforms G ((m + 2) x 3): U = G w G^T per (output, input) channel pair. F(2x2, 3x3) uses the
+# points 0, 1, -1, inf; F(4x4, 3x3) 0, 1, -1, 2, -2, inf (csrc/winograd_conv.cpp has the matching B^T and A^T)
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_WINOGRAD_G4 = ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+                (1 / 24, -1 / 12, 1 / 6), (0.0, 0.0, 1.0))
+WINOGRAD_TILES = {2: _WINOGRAD_G, 4: _WINOGRAD_G4}
 
 
-def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The (16, C_in, C_out) fp32 operand of conv3x3_winograd for a (C_out, C_in, 3, 3) weight: G w G^T computed
-    in fp64, position-major so that each of the 16 positions is one (C_in x C_out) GEMM operand."""
+def winograd_weight(weight: torch.Tensor, tile: int = 2) -> torch.Tensor:
+    """The ((tile + 2)^2, C_in, C_out) fp32 operand of conv3x3_winograd for a (C_out, C_in, 3, 3) weight: G w G^T
+    computed in fp64, position-major so that each position is one (C_in x C_out) GEMM operand. ``tile`` is the
+    output tile's side: 2 for F(2x2, 3x3) (16 positions), 4 for F(4x4, 3x3) (36 positions: 2.25x fewer multiplies
+    than 2x2's 4 per output, ~4x larger rounding errors: see tests/test_winograd.py)."""
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"winograd_weight expects a (C_out, C_in, 3, 3) weight, got shape {tuple(weight.shape)}")
-    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    if tile not in WINOGRAD_TILES:
+        raise ValueError(f"winograd_weight: tile must be one of {sorted(WINOGRAD_TILES)}, got {tile!r}")
+    g = torch.tensor(WINOGRAD_TILES[tile], dtype=torch.float64, device=weight.device)
     u = torch.einsum("ia,kcab,jb->ijck", g, weight.detach().to(torch.float64), g)
-    return u.reshape(16, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
+    return u.reshape(g.shape[0] ** 2, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
+
+
+def direct_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The (KH, KW, C_in, C_out) fp32 packing of a (C_out, C_in, KH, KW) weight that conv2d_direct reads."""
+    if weight.dim() != 4:
+        raise ValueError(f"direct_weight expects a (C_out, C_in, KH, KW) weight, got shape {tuple(weight.shape)}")
+    return weight.detach().permute(2, 3, 1, 0).to(torch.float32).contiguous()

@@ -102,15 +102,24 @@ def test_ext_operators_keep_nan_through_relu():
     torch.testing.assert_close(dy, yr.grad, equal_nan=True)
 
 
-def test_winograd_relu_keeps_nan():
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_relu_keeps_nan(tile):
+    """NaN in -> NaN out. F(2x2, 3x3) gives exactly PyTorch's NaN pattern here; F(4x4, 3x3)'s transforms spread a NaN
+    over (part of) the 4x4 output tiles whose input patch holds it (a superset of PyTorch's; FusedResNet runs Winograd only on
+    finite inputs and weights, so its outputs keep PyTorch's pattern)."""
     if not ext.winograd_supported():
         pytest.skip("conv3x3_winograd needs an x86-64 CPU with AVX2 and FMA")
     x = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
     x[0, 2, 3, 3] = float("nan")
     w = torch.randn(8, 8, 3, 3)
-    out = torch.ops.resnet_fused.conv3x3_winograd(x, ext.winograd_weight(w), None, None, 0, 1, 0, True)
+    out = torch.ops.resnet_fused.conv3x3_winograd(x, ext.winograd_weight(w, tile), None, None, 0, 1, 0, True)
     ref = torch.relu(torch.nn.functional.conv2d(x, w, padding=1))
-    assert ref.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+    assert ref.isnan().any()
+    if tile == 2:
+        assert torch.equal(out.isnan(), ref.isnan())
+    else:  # every NaN of PyTorch's, and more in the two 4x4 tiles per axis whose patch holds input row/col 3
+        assert out.isnan()[ref.isnan()].all() and out.isnan().sum() > ref.isnan().sum()
+    torch.testing.assert_close(out[~out.isnan()], ref[~out.isnan()], rtol=1e-4, atol=1e-4)
 
 
 def test_training_cli_stops_at_the_first_non_finite_loss(mnist_root, tmp_path, capsys):

@@ -33,10 +33,17 @@ def reference(x, w, b, r, mode, stride, pad_front, relu):
     return y.relu() if relu else y
 
 
-def assert_close_scaled(got, want):
-    """fp32 Winograd vs an fp64 direct convolution: errors scale with the output's magnitude."""
+# fp32 Winograd vs an fp64 direct convolution: errors scale with the output's magnitude. F(2x2, 3x3) is about as
+# accurate as PyTorch's fp32 direct convolution; F(4x4, 3x3)'s larger transform coefficients (up to 8 in A^T, 5 in
+# B^T) cost ~4-10x more rounding (measured: 1e-6 .. 1e-5 of the largest output at 8-256 channels, fp32 direct
+# 2e-7 .. 2e-6)
+SCALED_ATOL = {2: 2e-6, 4: 1.2e-5}
+TILES = [2, 4]
+
+
+def assert_close_scaled(got, want, tile=2):
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6 * (want.abs().max().item() + 1))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=SCALED_ATOL[tile] * (want.abs().max().item() + 1))
 
 
 # (N, C_in, C_out, H, W): batch 1, 7x7, odd sizes (partial 2x2 tiles), 1x1 and 2x3 images, channels 8/24/40
@@ -44,24 +51,36 @@ SHAPES = [(1, 8, 8, 7, 7), (2, 16, 24, 5, 9), (3, 24, 8, 1, 1), (2, 8, 16, 2, 3)
           (4, 16, 16, 14, 14)]
 
 
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_winograd_conv_matches_conv2d(shape, bias, relu, layout):
+def test_winograd_conv_matches_conv2d(shape, bias, relu, layout, tile):
     n, c, k, h, w = shape
     x = make((n, c, h, w), layout)
     wt = make((k, c, 3, 3), "nchw", 1, scale=0.3)
     b = make((k,), "nchw", 2) if bias else None
-    out = ops.conv3x3_winograd(x, ext.winograd_weight(wt), b, None, 0, 1, 0, relu)
+    out = ops.conv3x3_winograd(x, ext.winograd_weight(wt, tile), b, None, 0, 1, 0, relu)
     assert out.shape == (n, k, h, w) and out.is_contiguous(memory_format=torch.channels_last)
-    assert_close_scaled(out, reference(x, wt, b, None, 0, 1, 0, relu))
+    assert_close_scaled(out, reference(x, wt, b, None, 0, 1, 0, relu), tile)
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_winograd_conv_many_blocks_and_64_channels(tile):
+    """Enough tiles for several blocks per thread (a block boundary inside an image) at 64 channels."""
+    x = make((6, 64, 13, 18), seed=4)
+    wt = make((64, 64, 3, 3), "nchw", 5, scale=0.1)
+    b = make((64,), "nchw", 6)
+    out = ops.conv3x3_winograd(x, ext.winograd_weight(wt, tile), b, None, 0, 1, 0, True)
+    assert_close_scaled(out, reference(x, wt, b, None, 0, 1, 0, True), tile)
 
 
 @pytest.mark.parametrize("mode,cr,stride,pad_front", [(1, None, 1, 0), (2, 8, 2, 4), (2, 16, 2, 8), (2, 8, 1, 3),
                                                       (2, 24, 2, 0), (2, 8, 3, 8)])
 @pytest.mark.parametrize("hw", [(7, 7), (6, 10)], ids=str)
-def test_winograd_conv_shortcuts(mode, cr, stride, pad_front, hw):
+@pytest.mark.parametrize("tile", TILES)
+def test_winograd_conv_shortcuts(mode, cr, stride, pad_front, hw, tile):
     """Identity and option A (subsample + zero channel padding, aligned and unaligned to 8 channels) in the epilogue."""
     n, c, k = 3, 16, 32 if mode == 2 else 16
     h, w = hw
@@ -70,21 +89,28 @@ def test_winograd_conv_shortcuts(mode, cr, stride, pad_front, hw):
     b = make((k,), "nchw", 2)
     r = make((n, k, h, w), "cl", 3) if mode == 1 else make((n, cr, (h - 1) * stride + 1, (w - 1) * stride + 1), "nchw",
                                                            3)
-    out = ops.conv3x3_winograd(x, ext.winograd_weight(wt), b, r, mode, stride, pad_front, True)
-    assert_close_scaled(out, reference(x, wt, b, r, mode, stride, pad_front, True))
+    out = ops.conv3x3_winograd(x, ext.winograd_weight(wt, tile), b, r, mode, stride, pad_front, True)
+    assert_close_scaled(out, reference(x, wt, b, r, mode, stride, pad_front, True), tile)
 
 
-def test_winograd_weight_transform():
+@pytest.mark.parametrize("tile", TILES)
+def test_winograd_weight_transform(tile):
     """G w G^T: the transform of a filter with a single 1 at (a, b) is the outer product of G's columns a and b."""
-    g = torch.tensor(ext._WINOGRAD_G, dtype=torch.float64)
+    g = torch.tensor(ext.WINOGRAD_TILES[tile], dtype=torch.float64)
+    alpha = tile + 2
     w = torch.zeros(2, 3, 3, 3)
     w[1, 2, 0, 2] = 1.0
-    u = ext.winograd_weight(w)
-    assert u.shape == (16, 3, 2) and u.dtype == torch.float32 and u.is_contiguous()
-    torch.testing.assert_close(u[:, 2, 1].double().reshape(4, 4), torch.outer(g[:, 0], g[:, 2]))
+    u = ext.winograd_weight(w, tile)
+    assert u.shape == (alpha * alpha, 3, 2) and u.dtype == torch.float32 and u.is_contiguous()
+    torch.testing.assert_close(u[:, 2, 1].double().reshape(alpha, alpha), torch.outer(g[:, 0], g[:, 2]))
     assert u[:, :2].abs().sum() == 0 and u[:, 2, 0].abs().sum() == 0
     with pytest.raises(ValueError, match="3, 3"):
-        ext.winograd_weight(torch.zeros(4, 4, 5, 5))
+        ext.winograd_weight(torch.zeros(4, 4, 5, 5), tile)
+
+
+def test_winograd_weight_transform_refuses_other_tiles():
+    with pytest.raises(ValueError, match=r"tile must be one of \[2, 4\], got 3"):
+        ext.winograd_weight(torch.zeros(4, 4, 3, 3), 3)
 
 
 def test_opcheck_winograd_conv():
@@ -94,6 +120,8 @@ def test_opcheck_winograd_conv():
     torch.library.opcheck(ops.conv3x3_winograd.default, (x, u, b, None, 0, 1, 0, True))
     torch.library.opcheck(ops.conv3x3_winograd.default, (x, u, b, make((2, 16, 5, 6), "cl", 3), 1, 1, 0, False))
     torch.library.opcheck(ops.conv3x3_winograd.default, (x, u, None, make((2, 8, 9, 11), "cl", 3), 2, 2, 4, True))
+    u4 = ext.winograd_weight(make((16, 8, 3, 3), "nchw", 1), 4)
+    torch.library.opcheck(ops.conv3x3_winograd.default, (x, u4, b, make((2, 16, 5, 6), "cl", 3), 1, 1, 0, True))
 
 
 def test_winograd_conv_bad_operands_are_clear_errors():
@@ -104,7 +132,7 @@ def test_winograd_conv_bad_operands_are_clear_errors():
                              0, True)
     with pytest.raises(RuntimeError, match="float32"):
         ops.conv3x3_winograd(x.double(), u, None, None, 0, 1, 0, True)
-    with pytest.raises(RuntimeError, match=r"\(16, C_in=8, C_out\)"):
+    with pytest.raises(RuntimeError, match=r"\(16 or 36, C_in=8, C_out\)"):
         ops.conv3x3_winograd(x, u[:, :4], None, None, 0, 1, 0, True)
     with pytest.raises(RuntimeError, match="identity shortcut must have the shape"):
         ops.conv3x3_winograd(x, u, None, make((2, 8, 5, 5)), 1, 1, 0, True)
@@ -143,11 +171,28 @@ def test_cpu_inference_with_winograd_and_batch_slices(monkeypatch, widths, short
         torch.testing.assert_close(fused(x), ref(x), **tol)
         wino = fused.fold_cache.derived("winograd", lambda folded: pytest.fail("no Winograd transforms were made"))
         used = [id(fc) in wino for fc in fused.folded(torch.float32).convs()]
+        assert all(w.f4 is not None for w in wino.values())  # <= 128x128 channels: both transforms
         assert used[0] is False and sum(used) >= len(used) - 3  # the 1-channel stem and stride-2 convs are not 3x3/s1
         for p in list(ref.parameters()) + list(fused.parameters()):
             p.mul_(1.1)  # in place: the folded weights and their transforms must be refreshed
         torch.testing.assert_close(fused(x), ref(x), **tol)
         torch.testing.assert_close(fused(x[:1]), ref(x[:1]), **tol)  # batch 1, one slice
+
+
+def test_winograd_tile_follows_the_input_and_the_channels():
+    """F(4x4) where the weights have it and the input has >= WINOGRAD_F4_MIN_TILES 4x4 tiles, else F(2x2); layers
+    over WINOGRAD_F4_MAX_CHANNEL_PRODUCT channels get no F(4x4) transform."""
+    f2, f4 = torch.zeros(16, 8, 8), torch.zeros(36, 8, 8)
+    ww = extension.WinogradWeights(f2, f4)
+    assert ww.pick(torch.zeros(1, 8, 28, 28)) is f4  # 49 tiles
+    assert ww.pick(torch.zeros(1, 8, 7, 7)) is f2  # 4 tiles
+    assert ww.pick(torch.zeros(4, 8, 7, 7)) is f4  # 16 tiles
+    assert extension.WinogradWeights(f2, None).pick(torch.zeros(4, 8, 28, 28)) is f2
+    big = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False)
+    folded = type("Folded", (), {"convs": lambda self: [fc]})()
+    fc = type("FC", (), {"module": big, "weight": big.weight.detach()})()
+    (w,) = extension._winograd_weights(folded).values()
+    assert w.f2.shape == (16, 256, 256) and w.f4 is None
 
 
 def test_winograd_off_gives_the_same_numbers(monkeypatch):

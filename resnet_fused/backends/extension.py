@@ -13,6 +13,8 @@ NaN: with a non-finite input or weight the ATen convolutions run instead, so NaN
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -59,11 +61,27 @@ def _train_conv(x, w, stride, padding):
     return F.conv2d(x, w, None, stride, padding)
 
 
-# conv3x3_winograd's transformed weights (16 x C_in x C_out fp32) must stay cache-sized: measured on the 2-core
-# AVX-512 machine (one 3x3 conv with bias + ReLU, channels_last, against oneDNN's with post-ops), Winograd is
-# 1.6-2.0x faster at 64-256 channels (56x56 ... 14x14, batch 1 and 32) and 2-4x slower at 512 (7x7: 4 MB of
-# transformed weights per 256x256 layer, 16 MB per 512x512)
+# conv3x3_winograd's transformed weights ((m+2)^2 x C_in x C_out fp32) must stay cache-sized. Measured on the
+# 2-core AVX-512 machine (one 3x3 conv with bias + ReLU, channels_last; bench/results/README.md, CPU notes):
+# F(2x2, 3x3) is 1.6-2.0x faster than oneDNN's direct convolution with post-ops at 64-256 channels and 2-4x slower at
+# 512 (16 MB of transforms per 512x512 layer); F(4x4, 3x3) is 1.1-1.5x faster than F(2x2) up to 128x128 channels
+# (16-64 channels at batch 32, 64-128 at 224x224 inputs) and slower at 256x256 (9 MB of transforms), and on images
+# with few 4x4 tiles (batch 1 at 7x7: 4 tiles, 30% of them padding)
 WINOGRAD_MAX_CHANNEL_PRODUCT = 256 * 256
+WINOGRAD_F4_MAX_CHANNEL_PRODUCT = 128 * 128
+WINOGRAD_F4_MIN_TILES = 16  # F(4x4) only where the input has at least this many 4x4 output tiles
+
+
+@dataclass(frozen=True)
+class WinogradWeights:
+    """A 3x3 conv's transformed weights: F(2x2, 3x3)'s, and F(4x4, 3x3)'s where its channels allow."""
+    f2: torch.Tensor
+    f4: torch.Tensor | None
+
+    def pick(self, x):
+        """The transform for input x: F(4x4) where it has one and x has enough 4x4 tiles."""
+        tiles = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
+        return self.f4 if self.f4 is not None and tiles >= WINOGRAD_F4_MIN_TILES else self.f2
 
 
 def _winograd_fits(conv):
@@ -74,8 +92,32 @@ def _winograd_fits(conv):
 
 
 def _winograd_weights(folded):
-    """conv3x3_winograd's transformed weights per folded 3x3 conv (None where it does not fit)."""
-    return {id(fc): ext.winograd_weight(fc.weight) for fc in folded.convs() if _winograd_fits(fc.module)}
+    """conv3x3_winograd's transformed weights per folded 3x3 conv that fits (absent where it does not)."""
+    out = {}
+    for fc in folded.convs():
+        if _winograd_fits(fc.module):
+            f4 = fc.module.in_channels * fc.module.out_channels <= WINOGRAD_F4_MAX_CHANNEL_PRODUCT
+            out[id(fc)] = WinogradWeights(ext.winograd_weight(fc.weight, 2),
+                                          ext.winograd_weight(fc.weight, 4) if f4 else None)
+    return out
+
+
+# conv2d_direct (bias + ReLU, no shortcut) against oneDNN's convolution with post-ops and ATen's + ReLU, measured on
+# the same machine: 1.2-4x faster for the stems (1 or 3 input channels: 28x28 3x3 at batch 1-32, 224x224 7x7/2 at
+# batch 1-4) and 1.3-3x faster for the other 3x3 convolutions up to batch 4 (oneDNN's per-call setup, 60-80 us,
+# dominates there), on par at batch 16-32
+DIRECT_MAX_BATCH = 8  # past this batch only the stems (fewer than 8 input channels) take conv2d_direct
+
+
+def _direct_fits(conv):
+    return (conv.groups == 1 and conv.dilation == (1, 1) and conv.out_channels % 8 == 0
+            and conv.padding[0] == conv.padding[1] and conv.stride[0] == conv.stride[1]
+            and isinstance(conv.padding[0], int) and (conv.in_channels < 8 or conv.kernel_size != (1, 1)))
+
+
+def _direct_weights(folded):
+    """conv2d_direct's packed weights per folded convolution it can run (absent where it cannot)."""
+    return {id(fc): ext.direct_weight(fc.weight) for fc in folded.convs() if _direct_fits(fc.module)}
 
 
 class ExtensionBackend(Backend):
@@ -185,12 +227,16 @@ class ExtensionBackend(Backend):
                   and bool(torch.isfinite(x).all()))
         base = _onednn_conv if onednn else _aten_conv
         wino = model.fold_cache.derived("winograd", _winograd_weights) if onednn and _WINOGRAD else {}
+        direct = model.fold_cache.derived("direct", _direct_weights) if onednn and _WINOGRAD else {}
 
         def conv(a, fc, mode=ShortcutMode.NONE, add=None, res_stride=1, pad_front=0):
             u = wino.get(id(fc))
             if u is not None:
-                return torch.ops.resnet_fused.conv3x3_winograd(a, u, fc.bias, add, mode=int(add is not None and mode),
+                return torch.ops.resnet_fused.conv3x3_winograd(a, u.pick(a), fc.bias, add, mode=int(add is not None and mode),
                                                                res_stride=res_stride, pad_front=pad_front, relu=True)
+            wp = direct.get(id(fc)) if add is None else None
+            if wp is not None and (a.shape[0] <= DIRECT_MAX_BATCH or a.shape[1] < 8):
+                return torch.ops.resnet_fused.conv2d_direct(a, wp, fc.bias, fc.stride, fc.padding, True)
             bias = fc.bias.to(dtype)
             if mode == ShortcutMode.PAD_A:  # subsample + zero channel padding by index math
                 return torch.ops.resnet_fused.scale_shift_add_relu(

@@ -1,0 +1,116 @@
+"""conv2d_direct (the CPU inference convolution of stems and small batches) against F.conv2d in fp64, and
+FusedResNet's CPU inference path that picks it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused.backends.extension as extension
+from resnet_fused import FusedResNet, ResNet, ext
+
+if not ext.available():
+    pytest.skip(f"resnet_fused._C is not built: {ext.EXT_IMPORT_ERROR}", allow_module_level=True)
+if not ext.winograd_supported():
+    pytest.skip("conv2d_direct needs an x86-64 CPU with AVX2 and FMA", allow_module_level=True)
+
+ops = torch.ops.resnet_fused
+
+
+def make(shape, layout="cl", seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+    return t.float().contiguous(memory_format=torch.channels_last) if layout == "cl" else t.float()
+
+
+def reference(x, w, b, stride, padding, relu):
+    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding)
+    return y.relu() if relu else y
+
+
+# (N, C_in, C_out, H, W, kernel, stride, padding): the MNIST stem, the CIFAR/torchvision stems, strided 3x3s, batch 1,
+# odd sizes (a partial 6-pixel tile, 7 columns), 8/24 output channels (a last 8-channel block), no padding, 1x1
+SHAPES = [(2, 1, 16, 28, 28, 3, 1, 1), (1, 3, 64, 37, 41, 7, 2, 3), (3, 3, 16, 9, 7, 3, 1, 1),
+          (2, 16, 32, 13, 14, 3, 2, 1), (1, 32, 24, 7, 7, 3, 2, 1), (2, 5, 8, 6, 11, 3, 1, 0),
+          (1, 12, 40, 5, 5, 1, 1, 0), (4, 2, 8, 3, 3, 5, 3, 2)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("relu,bias", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_direct_conv_matches_conv2d(shape, relu, bias, layout):
+    n, c, k, h, w, ks, stride, padding = shape
+    x = make((n, c, h, w), layout)
+    wt = make((k, c, ks, ks), "nchw", 1, scale=(2 / (c * ks * ks)) ** 0.5)
+    b = make((k,), "nchw", 2) if bias else None
+    out = ops.conv2d_direct(x, ext.direct_weight(wt), b, stride, padding, relu)
+    want = reference(x, wt, b, stride, padding, relu)
+    assert out.shape == want.shape and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=2e-6 * (want.abs().max().item() + 1))
+
+
+def test_direct_conv_keeps_nan_and_inf_as_pytorch():
+    x = make((1, 3, 8, 9))
+    x[0, 1, 4, 4] = float("nan")
+    x[0, 0, 0, 8] = float("inf")
+    wt = make((16, 3, 3, 3), "nchw", 1)
+    out = ops.conv2d_direct(x, ext.direct_weight(wt), None, 1, 1, True)
+    want = torch.relu(F.conv2d(x, wt, padding=1))
+    assert want.isnan().any() and torch.equal(out.isnan(), want.isnan())
+    fin = ~want.isnan()
+    torch.testing.assert_close(out[fin], want[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck_direct_conv():
+    x = make((2, 3, 9, 10))
+    wp = ext.direct_weight(make((16, 3, 3, 3), "nchw", 1))
+    torch.library.opcheck(ops.conv2d_direct.default, (x, wp, make((16,), "nchw", 2), 1, 1, True))
+    torch.library.opcheck(ops.conv2d_direct.default, (x, wp, None, 2, 0, False))
+
+
+def test_direct_conv_bad_operands_are_clear_errors():
+    x = make((2, 3, 6, 6))
+    wp = ext.direct_weight(make((16, 3, 3, 3), "nchw", 1))
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.conv2d_direct(x.double(), wp, None, 1, 1, True)
+    with pytest.raises(RuntimeError, match=r"\(KH, KW, C_in=3, C_out\)"):
+        ops.conv2d_direct(x, ext.direct_weight(make((16, 4, 3, 3), "nchw")), None, 1, 1, True)
+    with pytest.raises(RuntimeError, match="multiple of 8, got 12"):
+        ops.conv2d_direct(x, ext.direct_weight(make((12, 3, 3, 3), "nchw")), None, 1, 1, True)
+    with pytest.raises(RuntimeError, match="one value per output channel"):
+        ops.conv2d_direct(x, wp, torch.zeros(8), 1, 1, True)
+    with pytest.raises(RuntimeError, match="stride must be >= 1"):
+        ops.conv2d_direct(x, wp, None, 0, 1, True)
+    with pytest.raises(RuntimeError, match="smaller than the kernel"):
+        ops.conv2d_direct(make((1, 3, 2, 2)), wp, None, 1, 0, True)
+    with pytest.raises(ValueError, match="C_out, C_in, KH, KW"):
+        ext.direct_weight(torch.zeros(3, 3, 3))
+
+
+def _reference_net(depth=8, in_channels=1):
+    torch.manual_seed(0)
+    ref = ResNet(depth, shortcut="A", widths=[16, 32, 64], in_channels=in_channels)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("batch", [1, extension.DIRECT_MAX_BATCH + 3])
+def test_cpu_inference_picks_direct_conv_for_stem_and_small_batches(monkeypatch, batch):
+    """The stem always, the strided 3x3 convolutions up to DIRECT_MAX_BATCH images: the reference's numbers."""
+    ref = _reference_net()
+    fused = FusedResNet.from_reference(ref, backend="cpu").eval()
+    calls = []
+    real = ops.conv2d_direct
+
+    def spy(x, *args):
+        calls.append(x.shape[1])
+        return real(x, *args)
+    monkeypatch.setattr(extension.torch.ops.resnet_fused, "conv2d_direct", spy, raising=False)
+    x = make((batch, 1, 12, 11), "nchw", 3)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
+    small = batch <= extension.DIRECT_MAX_BATCH
+    assert calls == ([1, 16, 32] if small else [1])  # the stem, then the two stride-2 3x3 convolutions
