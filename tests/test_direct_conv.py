@@ -114,3 +114,14 @@ def test_cpu_inference_picks_direct_conv_for_stem_and_small_batches(monkeypatch,
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
     small = batch <= extension.DIRECT_MAX_BATCH
     assert calls == ([1, 16, 32] if small else [1])  # the stem, then the two stride-2 3x3 convolutions
+
+
+def test_direct_conv_takes_stems_and_small_3x3s_only():
+    conv = torch.nn.Conv2d
+    assert extension._direct_fits(conv(3, 64, 7, stride=2, padding=3))  # the torchvision stem
+    assert extension._direct_fits(conv(1, 16, 3, padding=1))  # the MNIST stem
+    assert extension._direct_fits(conv(32, 64, 3, stride=2, padding=1))
+    assert not extension._direct_fits(conv(64, 128, 3, stride=2, padding=1))  # weights too large to stream per tile
+    assert not extension._direct_fits(conv(16, 32, 1, stride=2))  # 1x1: oneDNN's GEMM
+    assert not extension._direct_fits(conv(16, 12, 3, padding=1))  # 12 output channels: not a multiple of 8
+    assert not extension._direct_fits(conv(16, 16, 3, padding=1, groups=2))

@@ -104,15 +104,19 @@ def _winograd_weights(folded):
 
 # conv2d_direct (bias + ReLU, no shortcut) against oneDNN's convolution with post-ops and ATen's + ReLU, measured on
 # the same machine: 1.2-4x faster for the stems (1 or 3 input channels: 28x28 3x3 at batch 1-32, 224x224 7x7/2 at
-# batch 1-4) and 1.3-3x faster for the other 3x3 convolutions up to batch 4 (oneDNN's per-call setup, 60-80 us,
-# dominates there), on par at batch 16-32
+# batch 1-4) and 1.3-3x faster for the MNIST nets' stride-2 3x3 convolutions (16->32, 32->64) up to batch 4
+# (oneDNN's per-call setup, 60-80 us, dominates there), on par at batch 16-32; from 64->128 channels on (its weights
+# streamed once per 6-pixel tile) 1.0-2.8x slower
 DIRECT_MAX_BATCH = 8  # past this batch only the stems (fewer than 8 input channels) take conv2d_direct
+DIRECT_MAX_CHANNEL_PRODUCT = 64 * 64  # and only up to these channels
 
 
 def _direct_fits(conv):
     return (conv.groups == 1 and conv.dilation == (1, 1) and conv.out_channels % 8 == 0
             and conv.padding[0] == conv.padding[1] and conv.stride[0] == conv.stride[1]
-            and isinstance(conv.padding[0], int) and (conv.in_channels < 8 or conv.kernel_size != (1, 1)))
+            and isinstance(conv.padding[0], int)
+            and (conv.in_channels < 8 or (conv.kernel_size != (1, 1)
+                                          and conv.in_channels * conv.out_channels <= DIRECT_MAX_CHANNEL_PRODUCT)))
 
 
 def _direct_weights(folded):
