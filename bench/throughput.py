@@ -23,6 +23,10 @@ in the compute dtype (+ weights), x3 for a train step. Bound = max(FLOPs / peak 
 with the peaks the best rates seen in the run: a large matmul in the row's dtype and a large device copy at
 start-up (best window), raised to any row's effective rate above them (Winograd convolutions do fewer multiplies
 than the direct FLOP count). fraction_of_roofline = bound / measured step time, at most 1 by construction.
+On a CPU the table's last column is instead FMA%: the row's FLOP/s (the same direct-convolution count) over the CPU's
+multiply-add peak measured at start-up (csrc/fma_peak.cpp: independent FMA chains on every thread; fp32, and bf16
+with AVX512_BF16), so it says how much of the machine a row uses; Winograd rows (marked *) can pass 100%. The JSON
+keeps both (fraction_of_roofline, fraction_of_fma_peak, achieved_gflops; the peaks under fma_peaks).
 
 Outputs: a table on stdout, ``--json`` (default bench/results/throughput-<date>-<device>.json) with the device,
 torch/triton/CUDA versions and git commit, and ``--png`` a bar chart.
@@ -77,6 +81,25 @@ def measure_peaks(dev):
     fn(), sync(dev)
     peaks["bandwidth"] = 2 * nbytes / min(time_windows(fn, dev, 5, 3))
     return peaks
+
+
+def measure_fma_peaks(threads):
+    """This CPU's multiply-add peak in FLOP/s, measured by the extension's fma_peak (csrc/fma_peak.cpp): fp32 and
+    bf16 (vdpbf16ps; None without AVX512_BF16), on one thread and on ``threads``; the best of 3 tries each. None
+    without the extension."""
+    from resnet_fused import ext
+    if not ext.available() or not hasattr(torch.ops.resnet_fused, "fma_peak"):
+        return None
+    isa = torch.ops.resnet_fused.cpu_isa()
+    if isa == "none":
+        return None
+    out = {"isa": isa}
+    for prec in ("fp32", "bf16"):
+        for name, n in ((f"{prec}_1t", 1), (prec, threads)):
+            ok = prec == "fp32" or isa == "avx512_bf16"
+            out[name] = max(torch.ops.resnet_fused.fma_peak(20_000_000, n, prec == "bf16") for _ in range(3)) if ok \
+                else None
+    return out
 
 
 def work_model(model, shape, train, esize):
@@ -398,14 +421,21 @@ def build_parser():
     return p
 
 
+def winograd_row(r):
+    """Rows whose convolutions run as Winograd (FusedResNet's CPU inference)."""
+    return r["impl"] == "fused-cpu" and r["mode"] == "inference"
+
+
 def print_table(result):
     order = {k: i for i, k in enumerate(IMPLS)}
     rows = sorted(result["rows"], key=lambda r: (r["model"], r["mode"], r["precision"], r["batch"], order[r["impl"]]))
     cudnn = result["settings"].get("cudnn_benchmark")
     if cudnn is not None:
         print(f"# torch.backends.cudnn.benchmark = {cudnn} for every row")
+    fma = bool(result.get("fma_peaks"))  # CPU: the share of the measured multiply-add peak, not the roofline
     hdr = (f"{'model':9s} {'mode':9s} {'prec':4s} {'impl':34s} {'batch':>5s} {'images/s':>10s} {'p20-p80 ms':>15s} "
-           f"{'vs eager':>8s} {'vs best':>7s} {'setup s':>7s} {'mem MB':>7s} {'launch':>6s} {'roofl':>5s}")
+           f"{'vs eager':>8s} {'vs best':>7s} {'setup s':>7s} {'mem MB':>7s} {'launch':>6s} "
+           f"{'FMA%' if fma else 'roofl':>5s}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -416,9 +446,14 @@ def print_table(result):
         ratio = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
         la = f"{r['launches_per_step']:.0f}" if r["launches_per_step"] is not None else "-"
+        share = r["fraction_of_fma_peak"] if fma else r["fraction_of_roofline"]
+        share = "-" if share is None else f"{100 * share:4.0f}%" + ("*" if fma and winograd_row(r) else "")
         print(f"{head} {r['images_per_s']:10,.0f} {r['step_ms_p20']:7.3f}-{r['step_ms_p80']:<7.3f} "
               f"{ratio(r['speedup_vs_eager']):>8s} {ratio(r['speedup_vs_best_baseline']):>7s} {r['setup_s']:7.1f} "
-              f"{mem:>7s} {la:>6s} {100 * r['fraction_of_roofline']:4.0f}%")
+              f"{mem:>7s} {la:>6s} {share:>5s}")
+    if fma:
+        print("# FMA%: FLOP/s counted as direct convolutions over the CPU's measured multiply-add peak (all threads); "
+              "* = Winograd convolutions (fewer multiplies than counted: can pass 100%)")
     for b in result["best_baselines"]:
         fused = ", ".join(f"{k} {v:.2f}x" for k, v in b["fused"].items()) or "no fused row"
         print(f"# best baseline {b['model']} {b['mode']} {b['precision']} b{b['batch']}: {b['impl']} "
@@ -485,6 +520,12 @@ def main(argv=None):
     peaks = measure_peaks(dev)
     print(f"# measured peaks: fp32 matmul {peaks['fp32'] / 1e12:.1f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.1f} "
           f"TFLOP/s, copy {peaks['bandwidth'] / 1e9:.0f} GB/s", flush=True)
+    fma = measure_fma_peaks(torch.get_num_threads()) if dev.type == "cpu" else None
+    if fma:
+        gf = lambda v: "-" if v is None else f"{v / 1e9:.0f}"  # noqa: E731
+        print(f"# CPU multiply-add peak ({fma['isa']}), GFLOP/s: fp32 {gf(fma['fp32_1t'])} (1 thread) / "
+              f"{gf(fma['fp32'])} ({torch.get_num_threads()} threads), bf16 {gf(fma['bf16_1t'])} / {gf(fma['bf16'])}",
+              flush=True)
     # impls outermost: the cheap rows (eager, fused) of every model/mode come before the compile-heavy ones;
     # "impl@prec" limits an impl to one precision (e.g. compile@bf16)
     configs = [(m, mo, p, i.split("@")[0], int(b)) for i in lists["impls"] for m in lists["models"]
@@ -494,7 +535,7 @@ def main(argv=None):
     rows = []
     interleave = args.interleave if args.interleave is not None else dev.type == "cpu"
     isolate = interleave and (args.isolate if args.isolate is not None else dev.type == "cpu")
-    result = dict(environment=env, peaks=peaks, settings=dict(size=args.size, channels=args.channels, tv_size=args.tv_size,
+    result = dict(environment=env, peaks=peaks, fma_peaks=fma, settings=dict(size=args.size, channels=args.channels, tv_size=args.tv_size,
                                                               iters=args.iters, repeats=args.repeats,
                                                               interleave=interleave, isolate=isolate,
                                                               cudnn_benchmark=torch.backends.cudnn.benchmark

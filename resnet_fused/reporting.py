@@ -32,6 +32,9 @@ def summarize(result):
     - roofline: the peaks are the best rates this machine was seen to reach in this run, by the start-up matmul /
       copy or by any row (a Winograd convolution does fewer multiplies than the direct-convolution FLOP count, so
       its effective rate can pass the matmul's); so fraction_of_roofline <= 1 by construction.
+    - CPU runs: fraction_of_fma_peak = the row's FLOP/s, counted as direct convolutions (gflop_per_step), over
+      the CPU's measured multiply-add peak in its precision on all threads (``fma_peaks``, bench/throughput.py).
+      Rows that run Winograd convolutions (fused-cpu inference) do fewer multiplies than that count and can pass 1.
     - best baseline of each (model, mode, precision, batch): the fastest of BASELINES (PyTorch at its best), and
       every row's ratio to it (speedup_vs_best_baseline), beside the ratio to that group's eager row.
     """
@@ -43,6 +46,11 @@ def summarize(result):
         eff[r["precision"]] = max(eff[r["precision"]], r["gflop_per_step"] * 1e9 / sec)
         eff["bandwidth"] = max(eff["bandwidth"], r["mb_per_step"] * 1e6 / sec)
     result["roofline_peaks"] = eff
+    fma = result.get("fma_peaks") or {}
+    for r in ok:
+        r["achieved_gflops"] = r["gflop_per_step"] / (r["step_ms"] / 1e3)
+        peak = fma.get(r["precision"])
+        r["fraction_of_fma_peak"] = r["achieved_gflops"] * 1e9 / peak if peak else None
     best, eager = {}, {}
     for r in ok:
         key = (r["model"], r["mode"], r["precision"], r["batch"])

@@ -38,6 +38,12 @@ def test_throughput_tiny_cpu(tmp_path):
             assert rows[(impl, mode)]["status"] == "skipped" and rows[(impl, mode)]["reason"]
     # the roofline's peaks are the best rates seen in the run: no row can pass 100%
     assert all(r["fraction_of_roofline"] <= 1.0 + 1e-9 for r in d["rows"] if r["status"] == "ok")
+    # the measured multiply-add peak (CPU): every ok row's share of it from its direct-convolution FLOP count
+    fma = d["fma_peaks"]
+    assert fma["fp32"] > 0 and fma["fp32_1t"] > 0 and fma["isa"] in ("avx2", "avx512", "avx512_bf16")
+    for r in (r for r in d["rows"] if r["status"] == "ok"):
+        assert r["achieved_gflops"] == pytest.approx(r["gflop_per_step"] / (r["step_ms"] / 1e3))
+        assert r["fraction_of_fma_peak"] == pytest.approx(r["achieved_gflops"] * 1e9 / fma["fp32"])
     assert d["settings"]["isolate"] is True and len(d["best_baselines"]) == 2
     assert os.path.getsize(tmp_path / "tp.png") > 0
 
