@@ -327,7 +327,9 @@ def test_eval_sees_running_statistics_moved_by_replays():
         for m in (g, e):
             m.eval()
         with torch.no_grad():
-            torch.testing.assert_close(g(x), e(x), rtol=1e-5, atol=1e-6, msg=lambda m: f"phase {phase}: {m}")
+            # the graphed eval runs ATen's convolutions (a capture cannot read the input's finiteness on the host),
+            # the eager one Winograd F(4x4, 3x3): ~1e-5 apart; stale statistics would be ~1e-2 off
+            torch.testing.assert_close(g(x), e(x), rtol=1e-4, atol=1e-5, msg=lambda m: f"phase {phase}: {m}")
             for m in (g, e):
                 m.train()
             for i in range(2):
