@@ -5,20 +5,12 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fused.backends.extension as extension
-from resnet_fused import FusedResNet, ResNet, ext
+from resnet_fused import FusedResNet, ext
 
-if not ext.available():
-    pytest.skip(f"resnet_fused._C is not built: {ext.EXT_IMPORT_ERROR}", allow_module_level=True)
-if not ext.winograd_supported():
-    pytest.skip("conv2d_direct needs an x86-64 CPU with AVX2 and FMA", allow_module_level=True)
+from cpu_kernels import make, reference_net, require_cpu_kernels
 
+require_cpu_kernels()
 ops = torch.ops.resnet_fused
-
-
-def make(shape, layout="cl", seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(shape, generator=g, dtype=torch.float64) * scale
-    return t.float().contiguous(memory_format=torch.channels_last) if layout == "cl" else t.float()
 
 
 def reference(x, w, b, stride, padding, relu):
@@ -85,22 +77,10 @@ def test_direct_conv_bad_operands_are_clear_errors():
         ext.direct_weight(torch.zeros(3, 3, 3))
 
 
-def _reference_net(depth=8, in_channels=1):
-    torch.manual_seed(0)
-    ref = ResNet(depth, shortcut="A", widths=[16, 32, 64], in_channels=in_channels)
-    for m in ref.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-    return ref.eval()
-
-
 @pytest.mark.parametrize("batch", [1, extension.DIRECT_MAX_BATCH + 3])
 def test_cpu_inference_picks_direct_conv_for_stem_and_small_batches(monkeypatch, batch):
     """The stem always, the strided 3x3 convolutions up to DIRECT_MAX_BATCH images: the reference's numbers."""
-    ref = _reference_net()
+    ref = reference_net(depth=8)
     fused = FusedResNet.from_reference(ref, backend="cpu").eval()
     calls = []
     real = extension._DIRECT_OP

@@ -6,20 +6,12 @@ import torch.nn.functional as F
 
 import resnet_fused.backends.extension as extension
 from resnet_fused.plan import to_channels_last
-from resnet_fused import FusedResNet, ResNet, ext
+from resnet_fused import FusedResNet, ext
 
-if not ext.available():
-    pytest.skip(f"resnet_fused._C is not built: {ext.EXT_IMPORT_ERROR}", allow_module_level=True)
-if not ext.winograd_supported():
-    pytest.skip("conv3x3_winograd needs an x86-64 CPU with AVX2 and FMA", allow_module_level=True)
+from cpu_kernels import make, reference_net, require_cpu_kernels
 
+require_cpu_kernels()
 ops = torch.ops.resnet_fused
-
-
-def make(shape, layout="cl", seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randn(shape, generator=g, dtype=torch.float64) * scale
-    return t.float().contiguous(memory_format=torch.channels_last) if layout == "cl" else t.float()
 
 
 def reference(x, w, b, r, mode, stride, pad_front, relu):
@@ -144,23 +136,11 @@ def test_winograd_conv_bad_operands_are_clear_errors():
         ops.conv3x3_winograd(x, u, None, make((2, 16, 9, 9)), 2, 2, 4, True)
 
 
-def _reference_net(widths, shortcut, plain=False, depth=14):
-    torch.manual_seed(0)
-    ref = ResNet(depth, shortcut=shortcut, widths=list(widths), plain=plain)
-    for m in ref.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-    return ref.eval()
-
-
 @pytest.mark.parametrize("widths,shortcut,plain", [((8, 16, 32), "A", False), ((16, 32, 64), "A", False),
                                                    ((8, 16, 32), "B", False), ((8, 16, 24), "A", True)])
 def test_cpu_inference_with_winograd_and_batch_slices(monkeypatch, widths, shortcut, plain):
     """FusedResNet's CPU eval path (Winograd convs, batch slices) == the reference, and the cache follows weights."""
-    ref = _reference_net(widths, shortcut, plain)
+    ref = reference_net(widths, shortcut, plain)
     fused = FusedResNet.from_reference(ref, backend="cpu").eval()
     x = make((11, 1, 10, 9), "nchw", 5)
     # slices of 4 images (4, 4, 3): each slice's first activation (10*9*width*4 bytes) is over a quarter of this
@@ -197,7 +177,7 @@ def test_winograd_tile_follows_the_input_and_the_channels():
 
 def test_winograd_off_gives_the_same_numbers(monkeypatch):
     """The Winograd path and the oneDNN direct convolutions agree (FusedResNet picks Winograd where it can)."""
-    ref = _reference_net((16, 32, 64), "B", depth=8)
+    ref = reference_net((16, 32, 64), "B", depth=8)
     fused = FusedResNet.from_reference(ref, backend="cpu").eval()
     x = make((5, 1, 12, 12), "nchw", 6)
     with torch.no_grad():
@@ -235,7 +215,7 @@ def test_winograd_output_buffers_are_reused_only_when_nobody_holds_them():
 
 def test_cpu_inference_alternating_inference_mode_and_no_grad(monkeypatch):
     """Recycled buffers cross inference_mode / no_grad boundaries without errors or wrong numbers."""
-    ref = _reference_net((8, 16, 32), "A", depth=8)
+    ref = reference_net((8, 16, 32), "A", depth=8)
     fused = FusedResNet.from_reference(ref, backend="cpu").eval()
     x = make((9, 1, 8, 8), "nchw", 7)
     monkeypatch.setattr(extension, "CPU_EVAL_SLICE_BYTES", 3 * 8 * 8 * 8 * 4)  # slices of 3
