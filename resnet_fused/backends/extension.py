@@ -6,10 +6,11 @@ Training, per conv: ATen's convolution, then bn_stats (the batch statistics) and
 invstd) outside autograd; batch_norm_add_relu applies BN + shortcut + ReLU and its backward carries the gradient
 through the statistics itself, so one backward operator per BatchNorm.
 Inference: the folded plan. On fp32 CPU tensors every 3x3 stride-1 convolution whose channel counts are multiples
-of 8 is conv3x3_winograd (bias, shortcut and ReLU in its output transform) and the others oneDNN primitives with
-bias/add/ReLU post-ops, the batch run in slices whose largest activation stays in cache; elsewhere ATen's
-convolution + scale_shift_add_relu. oneDNN's ReLU post-op turns NaN into 0 and Winograd's transforms turn an Inf into
-NaN: with a non-finite input or weight the ATen convolutions run instead, so NaN/Inf come out as in PyTorch.
+of 8 (up to 256x256) is conv3x3_winograd (F(4x4, 3x3) or F(2x2, 3x3); bias, shortcut and ReLU in its output
+transform), the stems and (at small batches) the small strided convolutions conv2d_direct, the others oneDNN
+primitives with bias/add/ReLU post-ops, the batch run in slices whose largest activation stays in cache; elsewhere
+ATen's convolution + scale_shift_add_relu. oneDNN's ReLU post-op turns NaN into 0 and Winograd's transforms turn an
+Inf into NaN: with a non-finite input or weight the ATen convolutions run instead, so NaN/Inf come out as in PyTorch.
 """
 from __future__ import annotations
 
@@ -65,12 +66,12 @@ def _train_conv(x, w, stride, padding):
     return F.conv2d(x, w, None, stride, padding)
 
 
-# conv3x3_winograd's transformed weights ((m+2)^2 x C_in x C_out fp32) must stay cache-sized. Measured on the
-# 2-core AVX-512 machine (one 3x3 conv with bias + ReLU, channels_last; bench/results/README.md, CPU notes):
-# F(2x2, 3x3) is 1.6-2.0x faster than oneDNN's direct convolution with post-ops at 64-256 channels and 2-4x slower at
-# 512 (16 MB of transforms per 512x512 layer); F(4x4, 3x3) is 1.1-1.5x faster than F(2x2) up to 128x128 channels
-# (16-64 channels at batch 32, 64-128 at 224x224 inputs) and slower at 256x256 (9 MB of transforms), and on images
-# with few 4x4 tiles (batch 1 at 7x7: 4 tiles, 30% of them padding)
+# conv3x3_winograd's transformed weights ((m+2)^2 x C_in x C_out fp32) must stay cache-sized. Measured per layer
+# (one 3x3 conv with bias + ReLU, channels_last, 2 threads): F(2x2, 3x3) is 1.6-2.0x faster than oneDNN's direct
+# convolution with post-ops at 64-256 channels and 2-4x slower at 512 (16 MB of transforms per 512x512 layer; the
+# 2-core AVX-512 machine); F(4x4, 3x3) is 1.1-1.5x faster than F(2x2) up to 128x128 channels (16-64 channels at
+# batch 32, 64-128 at 224x224 inputs) and slower at 256x256 (9 MB of transforms) and on images with few 4x4 tiles
+# (batch 1 at 7x7: 4 tiles, 30% of them padding; the 2-core AVX2 machine of 2026-12-03's third session)
 WINOGRAD_MAX_CHANNEL_PRODUCT = 256 * 256
 WINOGRAD_F4_MAX_CHANNEL_PRODUCT = 128 * 128
 WINOGRAD_F4_MIN_TILES = 16  # F(4x4) only where the input has at least this many 4x4 output tiles
@@ -145,7 +146,7 @@ class ExtensionBackend(Backend):
         if model.training:
             return self.train_features(model, x, sync)
         slices = self._eval_slices(model, x)
-        if len(slices) == 1:  # no copy through torch.cat (batch 1 spends ~1 ms in all)
+        if len(slices) == 1:  # no copy through torch.cat
             return self.eval_features(model, slices[0])
         return torch.cat([self.eval_features(model, c) for c in slices])
 
