@@ -1,6 +1,7 @@
 // conv2d_direct: the CPU inference convolutions that Winograd does not take and oneDNN runs badly: the stem of a
-// ResNet (1 or 3 input channels; oneDNN 3.x through PyTorch 2.14 runs a 1-channel 3x3 conv at batch 32 ~8x slower
-// than at batch 16) and, at small batches, any convolution (oneDNN's per-call setup, ~60-80 us, dominates there).
+// ResNet (1 or 3 input channels; oneDNN 3.x through PyTorch 2.14 ran a 1-channel 3x3 conv at batch 32 ~8x slower
+// than at batch 16 in one of two measurements, 1.3x slower than this kernel in the
+// other) and, at small batches, the small convolutions (oneDNN's per-call setup, ~60-80 us, dominates there).
 //
 //     out[n, oh, ow, k] = relu?(bias[k] + sum_{r, q, c} xp[n, oh*s + r, ow*s + q, c] * w[r, q, c, k])
 //

@@ -184,7 +184,8 @@ class FoldCache:
         self._fold = fold_fn or fold  # the plan's folding (torchvision_resnet.fold_chain for its ChainPlan)
         self._key = self._folded = None
         self._derived = {}
-        self._slots = None  # (module, [(tensor dict, name)], [BatchNorms]) the key reads, found once
+        self._slots = None  # (id(module), [(tensor dict, name)], [BatchNorms]) the key reads, found once (the id:
+        # holding the module itself would make a cycle that keeps a dropped model's weights until the GC runs)
         self.generation = 0  # bumped at every (re)fold: what a CUDA graph of the folded plan was captured from
 
     def invalidate(self):
@@ -195,10 +196,10 @@ class FoldCache:
         """The key, read through the module's parameter and buffer dicts (found once: the plan's modules are fixed
         at construction), so a replaced tensor is seen; ~20x cheaper than walking the module tree every call, which
         cost ~0.28 ms of a 1.2 ms batch-1 forward of ResNet-20."""
-        if self._slots is None or self._slots[0] is not module:
+        if self._slots is None or self._slots[0] != id(module):
             mods = list(module.modules())
             slots = [(d, name) for m in mods for d in (m._parameters, m._buffers) for name in d]
-            self._slots = module, slots, [m for m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            self._slots = id(module), slots, [m for m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         _, slots, bns = self._slots
         tensors = [d[name] for d, name in slots]
         return (dtype, tuple(m.eps for m in bns),
