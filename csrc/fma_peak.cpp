@@ -14,6 +14,8 @@
 #include <cstring>
 #include <string>
 
+#include "cpu_isa.h"
+
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define RESNET_FUSED_FMA_PEAK 1
@@ -66,30 +68,6 @@ __attribute__((target("avx512f,avx512bf16"))) float chains_bf16(int64_t iters) {
 }
 #endif
 
-// "avx512_bf16", "avx512", "avx2" or "none": the best this CPU runs, lowered by RESNET_FUSED_CPU_ISA
-std::string cpu_isa() {
-#ifdef RESNET_FUSED_FMA_PEAK
-  std::string best = "none";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = "avx2";
-  if (best == "avx2" && __builtin_cpu_supports("avx512f")) best = "avx512";
-  if (best == "avx512" && __builtin_cpu_supports("avx512bf16")) best = "avx512_bf16";
-  const char* force = std::getenv("RESNET_FUSED_CPU_ISA");
-  if (force == nullptr || *force == '\0') return best;
-  const std::string f(force);
-  const char* order[] = {"none", "avx2", "avx512", "avx512_bf16"};
-  int fi = -1, bi = 0;
-  for (int i = 0; i < 4; ++i) {
-    if (f == order[i]) fi = i;
-    if (best == order[i]) bi = i;
-  }
-  TORCH_CHECK(fi >= 0, "resnet_fused: RESNET_FUSED_CPU_ISA must be one of none, avx2, avx512, avx512_bf16, got '",
-              f, "'");
-  return order[std::min(fi, bi)];  // never more than the CPU has
-#else
-  return "none";
-#endif
-}
-
 double fma_peak(int64_t iters, int64_t threads, bool bf16) {
   TORCH_CHECK(iters > 0 && threads > 0, "resnet_fused: fma_peak needs iters > 0 and threads > 0, got iters ", iters,
               ", threads ", threads);
@@ -118,7 +96,7 @@ double fma_peak(int64_t iters, int64_t threads, bool bf16) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
-  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("cpu_isa() -> str", [] { return cpu_isa(); });
   m.def("fma_peak(int iters, int threads, bool bf16) -> float", &fma_peak);
 }
 

@@ -20,21 +20,33 @@
 // with the folded weights; its first dimension, 16 or 36, says m); all arithmetic is fp32 (U is computed in fp64
 // then rounded).
 //
-// Layout: x, r and out are NHWC (channels_last) fp32; C and K multiples of 8 (one AVX2 vector of channels).
+// Layout: x, r and out are NHWC (channels_last), fp32 or bf16; C and K multiples of 8 (one AVX2 vector of channels).
 // Work: blocks of T tiles (T sized so V and M of a block stay in L2) handed out to at::parallel_for's threads;
-// per block: input transform -> V[P][T][C], P GEMMs with a 6-tile x 16-channel register tile -> M[P][T][K],
-// output transform + epilogue straight into out. Kernels are compiled for AVX2 + FMA (function target attributes);
-// the operator refuses CPUs without them, and FusedResNet calls it only where conv3x3_winograd_supported() is true.
+// per block: input transform -> V[P][T][C], P GEMMs -> M[P][T][K] (fp32), output transform + epilogue straight
+// into out. The transforms are AVX2 + FMA on 8 channels (function target attributes; the operator refuses CPUs
+// without them, and FusedResNet calls it only where conv3x3_winograd_supported() is true). The GEMMs are picked
+// at run time (cpu_isa.h; RESNET_FUSED_CPU_ISA forces a lower one):
+//   fp32, AVX2:    6 tiles x 16 channels of ymm accumulators, vfmadd231ps with a broadcast V value;
+//   fp32, AVX-512: 12 tiles x 32 channels of zmm accumulators (2x the AVX2 peak where the CPU runs 512-bit FMAs
+//                  at full width: measured 220 vs 111 GFLOP/s per core on the 2-core Zen 5 machine);
+//   bf16 (x, r and out bf16, a bf16 U; AVX512_BF16 only): V and U in bf16, vdpbf16ps sums the products of a pair
+//                  of input channels into fp32 accumulators (U packed as (P, C/2, K, 2): a column's pair side by
+//                  side). bf16 x with an fp32 U runs the fp32 GEMM on fp32 V: F(4x4)'s transforms amplify
+//                  rounding ~10x past a bf16 convolution's in bf16 (measured), not in fp32.
+// bf16 rounding: the transforms and the epilogue compute in fp32; V, U and the output are rounded to bf16 (nearest
+// even), as a bf16 direct convolution rounds its input, weight and output.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu_isa.h"
 #include "layout.h"
 #include "output_cache.h"
 
@@ -48,9 +60,14 @@ namespace {
 
 #ifdef RESNET_FUSED_WINOGRAD
 #define RF_AVX2 __attribute__((target("avx2,fma")))
+#define RF_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
+#define RF_AVX512_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define RF_UNROLL _Pragma("GCC unroll 8")
+#define RF_UNROLL_ALL _Pragma("GCC unroll 32")  // register tiles: every accumulator a named register
 
-constexpr int64_t kTileRows = 6;  // tiles per register tile of the GEMM micro-kernel
+using bf16_t = uint16_t;  // a bf16 value's bits (c10::BFloat16's storage)
+
+constexpr int64_t kTileRows = 6;  // blocks are a multiple of this (the AVX2 GEMM's tile; the AVX-512 one takes 12)
 // V and M of a block (tiles x positions x channels) sized to stay in L2 between the three steps: 192 KB measured
 // best of 48/96/192/384 KB for both tile sizes on the 2-core Zen 4 machine (batch 32, 16-64 channels)
 constexpr int64_t kBlockBytes = 192 * 1024;
@@ -61,8 +78,9 @@ struct Geometry {
   int64_t block;           // tiles per block (a multiple of kTileRows)
 };
 
+template <typename XT>
 struct Shortcut {
-  const float* r = nullptr;
+  const XT* r = nullptr;
   int64_t mode = kNone, rc = 0, rh = 0, rw = 0, stride = 1, pad_front = 0;
 };
 
@@ -77,6 +95,24 @@ struct TileCursor {
     }
   }
 };
+
+// 8 channels as fp32: loaded from fp32 or bf16 (the upper half of an fp32), stored to fp32 or to bf16 rounded to
+// nearest even (c10::BFloat16's rounding; a NaN stays a quiet NaN). AVX2 only, so the transforms need no more.
+RF_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+RF_AVX2 inline __m256 load8(const bf16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+RF_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+RF_AVX2 inline void store8(bf16_t* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // 64-bit lanes 0 and 2
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
 
 // The 1-D transforms of F(m, 3) on 8 channels at a time: input r = B^T d (Alpha values), output o = A^T m (M values).
 // Applied to columns then rows they give the 2-D transforms B^T d B and A^T m A.
@@ -125,8 +161,8 @@ struct Transform<4> {  // F(4, 3): points 0, 1, -1, 2, -2, inf
 };
 
 // V[p][i][:] = (B^T d B)[p] for 8 channels of one tile, d[a][b] the patch's pixels (zero outside the image).
-template <int M>
-RF_AVX2 inline void transform_patch(const __m256 (&d)[Transform<M>::kAlpha][Transform<M>::kAlpha], float* v,
+template <int M, typename VT>
+RF_AVX2 inline void transform_patch(const __m256 (&d)[Transform<M>::kAlpha][Transform<M>::kAlpha], VT* v,
                                     int64_t pos_stride) {
   constexpr int A = Transform<M>::kAlpha;
   __m256 u[A][A], col[A], r[A];
@@ -137,31 +173,31 @@ RF_AVX2 inline void transform_patch(const __m256 (&d)[Transform<M>::kAlpha][Tran
   }
   RF_UNROLL for (int a = 0; a < A; ++a) {  // (B^T d) B, row by row
     Transform<M>::input(u[a], r);
-    RF_UNROLL for (int b = 0; b < A; ++b) _mm256_storeu_ps(v + (a * A + b) * pos_stride, r[b]);
+    RF_UNROLL for (int b = 0; b < A; ++b) store8(v + (a * A + b) * pos_stride, r[b]);
   }
 }
 
 // V[p][i][:] = (B^T d B)[p] for the tiles t0 .. t0+nt-1 of a block (i = t - t0).
-template <int M>
-RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int64_t nt, float* V) {
+template <int M, typename XT, typename VT>
+RF_AVX2 void input_transform(const XT* x, const Geometry& g, int64_t t0, int64_t nt, VT* V) {
   constexpr int A = Transform<M>::kAlpha;
   const int64_t C = g.c, T = g.block, row = g.w * C;
   const __m256 zero = _mm256_setzero_ps();
   TileCursor cur(g, t0);
   for (int64_t i = 0; i < nt; ++i, cur.next(g)) {
     const int64_t ih0 = cur.th * M - 1, iw0 = cur.tw * M - 1;
-    float* v = V + i * C;
+    VT* v = V + i * C;
     __m256 d[A][A];
     if (ih0 >= 0 && ih0 + A <= g.h && iw0 >= 0 && iw0 + A <= g.w) {  // interior: no bounds checks
-      const float* p = x + ((cur.n * g.h + ih0) * g.w + iw0) * C;
+      const XT* p = x + ((cur.n * g.h + ih0) * g.w + iw0) * C;
       for (int64_t c0 = 0; c0 < C; c0 += 8) {
         RF_UNROLL for (int a = 0; a < A; ++a)
-          RF_UNROLL for (int b = 0; b < A; ++b) d[a][b] = _mm256_loadu_ps(p + a * row + b * C + c0);
+          RF_UNROLL for (int b = 0; b < A; ++b) d[a][b] = load8(p + a * row + b * C + c0);
         transform_patch<M>(d, v + c0, T * C);
       }
       continue;
     }
-    const float* px[A][A];
+    const XT* px[A][A];
     for (int a = 0; a < A; ++a) {
       for (int b = 0; b < A; ++b) {
         const int64_t ih = ih0 + a, iw = iw0 + b;
@@ -170,14 +206,15 @@ RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int6
     }
     for (int64_t c0 = 0; c0 < C; c0 += 8) {
       RF_UNROLL for (int a = 0; a < A; ++a)
-        RF_UNROLL for (int b = 0; b < A; ++b) d[a][b] = px[a][b] ? _mm256_loadu_ps(px[a][b] + c0) : zero;
+        RF_UNROLL for (int b = 0; b < A; ++b) d[a][b] = px[a][b] ? load8(px[a][b] + c0) : zero;
       transform_patch<M>(d, v + c0, T * C);
     }
   }
 }
 
 // M (T x K) = V (T x C) @ U (C x K) for one transform position; T a multiple of kTileRows, K of 8.
-RF_AVX2 void gemm_position(const float* V, const float* U, float* M, int64_t T, int64_t C, int64_t K) {
+RF_AVX2 void gemm_avx2(const void* Vp, const void* Up, float* M, int64_t T, int64_t C, int64_t K) {
+  const float *V = static_cast<const float*>(Vp), *U = static_cast<const float*>(Up);
   for (int64_t i = 0; i < T; i += kTileRows) {
     const float* a = V + i * C;
     int64_t k0 = 0;
@@ -209,27 +246,113 @@ RF_AVX2 void gemm_position(const float* V, const float* U, float* M, int64_t T, 
   }
 }
 
+// The AVX-512 GEMMs: R tiles x NV*16 channels of zmm accumulators per register tile; mask[v] selects the channels
+// of vector v that exist (K is a multiple of 8, not of 16). fp32: one vfmadd231ps per (tile, vector, input channel).
+template <int R, int NV>
+RF_AVX512 inline void tile_f32(const float* a, const float* U, float* M, int64_t C, int64_t K, int64_t k0,
+                               __mmask16 m0, __mmask16 m1) {
+  const __mmask16 mask[2] = {m0, m1};
+  __m512 acc[R][NV];
+  RF_UNROLL_ALL for (int r = 0; r < R; ++r)
+    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; ++c) {
+    __m512 b[NV];
+    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(mask[v], U + c * K + k0 + 16 * v);
+    RF_UNROLL_ALL for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * C + c]);
+      RF_UNROLL_ALL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, b[v], acc[r][v]);
+    }
+  }
+  RF_UNROLL_ALL for (int r = 0; r < R; ++r)
+    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(M + r * K + k0 + 16 * v, mask[v], acc[r][v]);
+}
+
+// bf16: V rows and U columns hold pairs of input channels side by side (32 bits); one vdpbf16ps per (tile, vector,
+// pair) adds both products to the fp32 accumulator.
+template <int R, int NV>
+RF_AVX512_BF16 inline void tile_bf16(const bf16_t* a, const bf16_t* U, float* M, int64_t C, int64_t K, int64_t k0,
+                                     __mmask16 m0, __mmask16 m1) {
+  const __mmask16 mask[2] = {m0, m1};
+  const int32_t* a2 = reinterpret_cast<const int32_t*>(a);
+  const int32_t* u2 = reinterpret_cast<const int32_t*>(U);
+  const int64_t pairs = C / 2;
+  __m512 acc[R][NV];
+  RF_UNROLL_ALL for (int r = 0; r < R; ++r)
+    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t cp = 0; cp < pairs; ++cp) {
+    __m512bh b[NV];
+    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_maskz_loadu_epi32(mask[v], u2 + cp * K + k0 + 16 * v);
+    RF_UNROLL_ALL for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(a2[r * pairs + cp]);
+      RF_UNROLL_ALL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, b[v]);
+    }
+  }
+  RF_UNROLL_ALL for (int r = 0; r < R; ++r)
+    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(M + r * K + k0 + 16 * v, mask[v], acc[r][v]);
+}
+
+// Rows in register tiles of 12 (6 for the last when T is an odd multiple of 6); columns in 32s, the last 16 or
+// fewer through one vector.
+template <typename VT, typename Tile12x2, typename Tile12x1, typename Tile6x2, typename Tile6x1>
+inline void gemm_avx512_rows(const VT* V, const VT* U, float* M, int64_t T, int64_t C, int64_t K, Tile12x2 t12x2,
+                             Tile12x1 t12x1, Tile6x2 t6x2, Tile6x1 t6x1) {
+  for (int64_t i = 0; i < T; i += 12) {
+    const bool six = i + 12 > T;
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      const int64_t left = K - k0;
+      const auto m0 = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
+      const auto m1 = static_cast<__mmask16>(left >= 32 ? 0xffff : left > 16 ? (1u << (left - 16)) - 1 : 0);
+      const VT* a = V + i * C;
+      float* m = M + i * K;
+      if (left > 16)
+        six ? t6x2(a, U, m, C, K, k0, m0, m1) : t12x2(a, U, m, C, K, k0, m0, m1);
+      else
+        six ? t6x1(a, U, m, C, K, k0, m0, m1) : t12x1(a, U, m, C, K, k0, m0, m1);
+    }
+  }
+}
+
+RF_AVX512 void gemm_avx512(const void* Vp, const void* Up, float* M, int64_t T, int64_t C, int64_t K) {
+  gemm_avx512_rows(static_cast<const float*>(Vp), static_cast<const float*>(Up), M, T, C, K, tile_f32<12, 2>,
+                   tile_f32<12, 1>, tile_f32<6, 2>, tile_f32<6, 1>);
+}
+
+RF_AVX512_BF16 void gemm_avx512_bf16(const void* Vp, const void* Up, float* M, int64_t T, int64_t C, int64_t K) {
+  gemm_avx512_rows(static_cast<const bf16_t*>(Vp), static_cast<const bf16_t*>(Up), M, T, C, K, tile_bf16<12, 2>,
+                   tile_bf16<12, 1>, tile_bf16<6, 2>, tile_bf16<6, 1>);
+}
+
+using GemmFn = void (*)(const void* V, const void* U, float* M, int64_t T, int64_t C, int64_t K);
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // The shortcut's 8 channels k0 .. k0+7 at output pixel (n, oh, ow).
-template <int64_t Mode>
-RF_AVX2 inline __m256 load_shortcut(const Shortcut& s, int64_t n, int64_t oh, int64_t ow, int64_t h, int64_t w,
+template <int64_t Mode, typename XT>
+RF_AVX2 inline __m256 load_shortcut(const Shortcut<XT>& s, int64_t n, int64_t oh, int64_t ow, int64_t h, int64_t w,
                                     int64_t k, int64_t k0) {
   if constexpr (Mode == kIdentity) {
-    return _mm256_loadu_ps(s.r + ((n * h + oh) * w + ow) * k + k0);
+    return load8(s.r + ((n * h + oh) * w + ow) * k + k0);
   } else {  // option A: channel j of y reads channel j - pad_front of r (zero outside [0, rc))
-    const float* p = s.r + ((n * s.rh + oh * s.stride) * s.rw + ow * s.stride) * s.rc;
+    const XT* p = s.r + ((n * s.rh + oh * s.stride) * s.rw + ow * s.stride) * s.rc;
     const int64_t j0 = k0 - s.pad_front;
-    if (j0 >= 0 && j0 + 8 <= s.rc) return _mm256_loadu_ps(p + j0);
+    if (j0 >= 0 && j0 + 8 <= s.rc) return load8(p + j0);
     if (j0 + 8 <= 0 || j0 >= s.rc) return _mm256_setzero_ps();
     alignas(32) float tmp[8];
-    for (int q = 0; q < 8; ++q) tmp[q] = (j0 + q >= 0 && j0 + q < s.rc) ? p[j0 + q] : 0.f;
+    for (int q = 0; q < 8; ++q) tmp[q] = (j0 + q >= 0 && j0 + q < s.rc) ? to_float(p[j0 + q]) : 0.f;
     return _mm256_load_ps(tmp);
   }
 }
 
 // out[tile] = relu?(A^T M A + bias + shortcut) for the tiles t0 .. t0+nt-1 of a block.
-template <int M, int64_t Mode, bool Relu>
+template <int M, int64_t Mode, bool Relu, typename XT>
 RF_AVX2 void output_transform(const float* Mt, const Geometry& g, int64_t t0, int64_t nt, const float* bias,
-                              const Shortcut& s, float* out) {
+                              const Shortcut<XT>& s, XT* out) {
   constexpr int A = Transform<M>::kAlpha;
   const int64_t K = g.k, T = g.block;
   const __m256 zero = _mm256_setzero_ps();
@@ -255,16 +378,17 @@ RF_AVX2 void output_transform(const float* Mt, const Geometry& g, int64_t t0, in
           __m256 v = _mm256_add_ps(y[b], bv);
           if constexpr (Mode != kNone) v = _mm256_add_ps(v, load_shortcut<Mode>(s, n, oh, ow, g.h, g.w, K, k0));
           if constexpr (Relu) v = _mm256_max_ps(zero, v);  // maxps returns its 2nd operand for NaN: NaN stays
-          _mm256_storeu_ps(out + ((n * g.h + oh) * g.w + ow) * K + k0, v);
+          store8(out + ((n * g.h + oh) * g.w + ow) * K + k0, v);
         }
       }
     }
   }
 }
 
-template <int M, int64_t Mode, bool Relu>
-void winograd_forward(const float* x, const float* U, const float* bias, const Shortcut& s, const Geometry& g,
-                      float* out) {
+// XT: the activations' element type (float or bf16_t); VT: V's and U's (float, or bf16_t for the bf16 GEMM).
+template <int M, int64_t Mode, bool Relu, typename XT, typename VT>
+void winograd_forward(const XT* x, const VT* U, GemmFn gemm, const float* bias, const Shortcut<XT>& s,
+                      const Geometry& g, XT* out) {
   constexpr int P = Transform<M>::kAlpha * Transform<M>::kAlpha;
   const int64_t nblocks = (g.tiles + g.block - 1) / g.block;
   // blocks handed out one at a time (each writes its own tiles: the result does not depend on who computes what),
@@ -272,13 +396,13 @@ void winograd_forward(const float* x, const float* U, const float* bias, const S
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> V(P * g.block * g.c, 0.f), Mt(P * g.block * g.k);  // zeroed: rows past nt stay finite
+    std::vector<VT> V(P * g.block * g.c, VT(0));  // zeroed: rows past nt stay finite
+    std::vector<float> Mt(P * g.block * g.k);
     for (int64_t blk; (blk = next.fetch_add(1, std::memory_order_relaxed)) < nblocks;) {
       const int64_t t0 = blk * g.block, nt = std::min(g.block, g.tiles - t0);
       input_transform<M>(x, g, t0, nt, V.data());
       for (int p = 0; p < P; ++p)
-        gemm_position(V.data() + p * g.block * g.c, U + p * g.c * g.k, Mt.data() + p * g.block * g.k, g.block,
-                      g.c, g.k);
+        gemm(V.data() + p * g.block * g.c, U + p * g.c * g.k, Mt.data() + p * g.block * g.k, g.block, g.c, g.k);
       output_transform<M, Mode, Relu>(Mt.data(), g, t0, nt, bias, s, out);
     }
   });
@@ -289,21 +413,84 @@ bool cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_su
 bool cpu_supported() { return false; }
 #endif
 
+// The weight operand's checks: fp32 (P, C, K) for fp32 or bf16 x, bf16 (P, C/2, K, 2) for bf16 x; P = 16 or 36.
+void check_winograd_weight(const at::Tensor& x, const at::Tensor& weight_t) {
+  const int64_t c = x.size(1);
+  TORCH_CHECK(weight_t.device() == x.device(), "resnet_fused: conv3x3_winograd: weight_t is on ", weight_t.device(),
+              " but x is on ", x.device());
+  const bool p_ok = weight_t.dim() >= 1 && (weight_t.size(0) == 16 || weight_t.size(0) == 36);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "resnet_fused: conv3x3_winograd "
+              "computes float32 or bfloat16 activations, got ", x.scalar_type());
+  if (weight_t.scalar_type() == at::kFloat) {
+    TORCH_CHECK(p_ok && weight_t.dim() == 3 && weight_t.size(1) == c, "resnet_fused: conv3x3_winograd: weight_t "
+                "must be the (16 or 36, C_in=", c, ", C_out) transform from resnet_fused.ext.winograd_weight, got "
+                "shape ", weight_t.sizes());
+  } else {
+    TORCH_CHECK(weight_t.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16, "resnet_fused: "
+                "conv3x3_winograd: weight_t must be float32 (any x) or bfloat16 (bfloat16 x), got ",
+                weight_t.scalar_type(), " for ", x.scalar_type(), " x");
+    TORCH_CHECK(p_ok && weight_t.dim() == 4 && weight_t.size(1) * 2 == c && weight_t.size(3) == 2,
+                "resnet_fused: conv3x3_winograd: a bfloat16 weight_t must be the (16 or 36, C_in/2=", c / 2,
+                ", C_out, 2) transform from resnet_fused.ext.winograd_weight(w, tile, torch.bfloat16), got shape ",
+                weight_t.sizes());
+  }
+}
+
+#ifdef RESNET_FUSED_WINOGRAD
+// Blocks of tiles sized so that V and M stay in L2, with at least two blocks per thread where the image is small
+// (batch 1), so that every thread has work.
+Geometry make_geometry(const at::Tensor& x, int64_t k, int m, int64_t v_bytes) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), positions = (m + 2) * (m + 2);
+  Geometry g{n, h, w, c, k, (h + m - 1) / m, (w + m - 1) / m, 0, 0};
+  g.tiles = n * g.th * g.tw;
+  const int64_t per_tile = positions * (v_bytes * c + 4 * k);  // V and M bytes per tile
+  const int64_t per_thread = (g.tiles + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  g.block = std::min(kBlockBytes / per_tile, (per_thread + kTileRows - 1) / kTileRows * kTileRows);
+  g.block = std::max<int64_t>(kTileRows, g.block / kTileRows * kTileRows);
+  return g;
+}
+
+// The tile size, shortcut mode and ReLU as template arguments.
+template <typename XT, typename VT>
+void run_winograd(const at::Tensor& x, const at::Tensor& U, GemmFn gemm, const at::Tensor& b, const at::Tensor& r,
+                  int64_t mode, int64_t res_stride, int64_t pad_front, bool relu, at::Tensor& out) {
+  const int m = U.size(0) == 36 ? 4 : 2;  // F(4x4, 3x3) or F(2x2, 3x3)
+  const Geometry g = make_geometry(x, out.size(1), m, sizeof(VT));
+  Shortcut<XT> s;
+  s.mode = mode;
+  if (mode != kNone) {
+    s.r = static_cast<const XT*>(r.data_ptr());
+    s.rc = r.size(1), s.rh = r.size(2), s.rw = r.size(3), s.stride = res_stride, s.pad_front = pad_front;
+  }
+  const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
+  XT* po = static_cast<XT*>(out.data_ptr());
+  const XT* px = static_cast<const XT*>(x.data_ptr());
+  const VT* pu = static_cast<const VT*>(U.data_ptr());
+  const auto run = [&](auto m_c, auto mode_c) {
+    constexpr int kM = decltype(m_c)::value;
+    constexpr int64_t kMode = decltype(mode_c)::value;
+    relu ? winograd_forward<kM, kMode, true>(px, pu, gemm, pb, s, g, po)
+         : winograd_forward<kM, kMode, false>(px, pu, gemm, pb, s, g, po);
+  };
+  const auto run_mode = [&](auto m_c) {
+    if (mode == kIdentity)
+      run(m_c, std::integral_constant<int64_t, kIdentity>{});
+    else if (mode == kPadA)
+      run(m_c, std::integral_constant<int64_t, kPadA>{});
+    else
+      run(m_c, std::integral_constant<int64_t, kNone>{});
+  };
+  m == 4 ? run_mode(std::integral_constant<int, 4>{}) : run_mode(std::integral_constant<int, 2>{});
+}
+#endif
+
 at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight_t,
                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
                                 int64_t mode, int64_t res_stride, int64_t pad_front, bool relu) {
   TORCH_CHECK(x_in.dim() == 4, "resnet_fused: conv3x3_winograd: x must be 4-D (N, C, H, W), got shape ",
               x_in.sizes());
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight_t.scalar_type() == at::kFloat,
-              "resnet_fused: conv3x3_winograd computes in float32, got x ", x_in.scalar_type(), " and weight_t ",
-              weight_t.scalar_type());
-  TORCH_CHECK(weight_t.device() == x_in.device(), "resnet_fused: conv3x3_winograd: weight_t is on ",
-              weight_t.device(), " but x is on ", x_in.device());
-  const int64_t n = x_in.size(0), c = x_in.size(1), h = x_in.size(2), w = x_in.size(3);
-  TORCH_CHECK(weight_t.dim() == 3 && (weight_t.size(0) == 16 || weight_t.size(0) == 36) && weight_t.size(1) == c,
-              "resnet_fused: conv3x3_winograd: weight_t must be the (16 or 36, C_in=", c, ", C_out) transform from "
-              "resnet_fused.ext.winograd_weight, got shape ", weight_t.sizes());
-  const int64_t k = weight_t.size(2);
+  check_winograd_weight(x_in, weight_t);
+  const int64_t n = x_in.size(0), c = x_in.size(1), h = x_in.size(2), w = x_in.size(3), k = weight_t.size(2);
   TORCH_CHECK(c % 8 == 0 && k % 8 == 0 && c > 0 && k > 0, "resnet_fused: conv3x3_winograd needs input and output "
               "channels that are multiples of 8, got ", c, " -> ", k, " (use a direct convolution for these)");
   TORCH_CHECK(mode == kNone || mode == kIdentity || mode == kPadA, "resnet_fused: conv3x3_winograd: shortcut mode "
@@ -315,45 +502,23 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
     TORCH_CHECK(bias->scalar_type() == at::kFloat, "resnet_fused: conv3x3_winograd: bias must be float32, got ",
                 bias->scalar_type());
   TORCH_CHECK(cpu_supported(), "resnet_fused: conv3x3_winograd needs an x86-64 CPU with AVX2 and FMA");
+  const std::string isa = cpu_isa();
+  const bool bf16 = weight_t.scalar_type() == at::kBFloat16;  // the bf16 GEMM
+  TORCH_CHECK(!bf16 || isa == "avx512_bf16", "resnet_fused: conv3x3_winograd on bfloat16 needs a CPU with "
+              "AVX512_BF16 (vdpbf16ps); this CPU (or RESNET_FUSED_CPU_ISA) gives ", isa,
+              " (check resnet_fused.ext.winograd_bf16_supported() first)");
   if (out.numel() == 0) return out;
 #ifdef RESNET_FUSED_WINOGRAD
   const at::Tensor x = as_nhwc(x_in), U = weight_t.contiguous();
-  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor(), r;
-  Shortcut s;
-  s.mode = mode;
-  if (mode != kNone) {
-    r = as_nhwc(*residual);
-    s.r = r.data_ptr<float>();
-    s.rc = r.size(1), s.rh = r.size(2), s.rw = r.size(3), s.stride = res_stride, s.pad_front = pad_front;
-  }
-  const int m = weight_t.size(0) == 36 ? 4 : 2;  // F(4x4, 3x3) or F(2x2, 3x3)
-  Geometry g{n, h, w, c, k, (h + m - 1) / m, (w + m - 1) / m, 0, 0};
-  g.tiles = n * g.th * g.tw;
-  // V (P*T*C) and M (P*T*K) floats of a block in ~kBlockBytes
-  const int64_t per_tile = weight_t.size(0) * 4 * (c + k);
-  // at least two blocks per thread where the image is small (batch 1), so that every thread has work
-  const int64_t per_thread = (g.tiles + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
-  g.block = std::min(kBlockBytes / per_tile, (per_thread + kTileRows - 1) / kTileRows * kTileRows);
-  g.block = std::max<int64_t>(kTileRows, g.block / kTileRows * kTileRows);
-  const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
-  float* po = out.data_ptr<float>();
-  const float* px = x.data_ptr<float>();
-  const float* pu = U.data_ptr<float>();
-  const auto run = [&](auto m_c, auto mode_c) {  // tile, shortcut mode and ReLU as template arguments
-    constexpr int kM = decltype(m_c)::value;
-    constexpr int64_t kMode = decltype(mode_c)::value;
-    relu ? winograd_forward<kM, kMode, true>(px, pu, pb, s, g, po)
-         : winograd_forward<kM, kMode, false>(px, pu, pb, s, g, po);
-  };
-  const auto run_mode = [&](auto m_c) {
-    if (mode == kIdentity)
-      run(m_c, std::integral_constant<int64_t, kIdentity>{});
-    else if (mode == kPadA)
-      run(m_c, std::integral_constant<int64_t, kPadA>{});
-    else
-      run(m_c, std::integral_constant<int64_t, kNone>{});
-  };
-  m == 4 ? run_mode(std::integral_constant<int, 4>{}) : run_mode(std::integral_constant<int, 2>{});
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor r = mode != kNone ? as_nhwc(*residual) : at::Tensor();
+  const GemmFn f32 = isa == "avx2" ? gemm_avx2 : gemm_avx512;
+  if (bf16)
+    run_winograd<bf16_t, bf16_t>(x, U, gemm_avx512_bf16, b, r, mode, res_stride, pad_front, relu, out);
+  else if (x.scalar_type() == at::kBFloat16)  // bf16 activations, fp32 GEMM (F(4x4)'s rounding needs it)
+    run_winograd<bf16_t, float>(x, U, f32, b, r, mode, res_stride, pad_front, relu, out);
+  else
+    run_winograd<float, float>(x, U, f32, b, r, mode, res_stride, pad_front, relu, out);
 #endif
   return out;
 }
@@ -364,6 +529,7 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
   m.def("conv3x3_winograd(Tensor x, Tensor weight_t, Tensor? bias, Tensor? residual, int mode, int res_stride, "
         "int pad_front, bool relu) -> Tensor");
   m.def("conv3x3_winograd_supported() -> bool", &cpu_supported);
+  m.def("conv3x3_winograd_bf16_supported() -> bool", [] { return cpu_supported() && cpu_isa() == "avx512_bf16"; });
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) { m.impl("conv3x3_winograd", &conv3x3_winograd_cpu); }

@@ -183,6 +183,12 @@ def winograd_supported() -> bool:
             and bool(torch.ops.resnet_fused.conv3x3_winograd_supported()))
 
 
+def winograd_bf16_supported() -> bool:
+    """Whether conv3x3_winograd runs on bfloat16 here: a CPU with AVX512_BF16 (vdpbf16ps), not lowered by
+    RESNET_FUSED_CPU_ISA."""
+    return winograd_supported() and bool(torch.ops.resnet_fused.conv3x3_winograd_bf16_supported())
+
+
 # Winograd filter transforms G ((m + 2) x 3): U = G w G^T per (output, input) channel pair. F(2x2, 3x3) uses the
 # points 0, 1, -1, inf; F(4x4, 3x3) 0, 1, -1, 2, -2, inf (csrc/winograd_conv.cpp has the matching B^T and A^T)
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -191,18 +197,27 @@ _WINOGRAD_G4 = ((1 / 4, 0.0, 0.0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 
 WINOGRAD_TILES = {2: _WINOGRAD_G, 4: _WINOGRAD_G4}
 
 
-def winograd_weight(weight: torch.Tensor, tile: int = 2) -> torch.Tensor:
+def winograd_weight(weight: torch.Tensor, tile: int = 2, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The ((tile + 2)^2, C_in, C_out) fp32 operand of conv3x3_winograd for a (C_out, C_in, 3, 3) weight: G w G^T
     computed in fp64, position-major so that each position is one (C_in x C_out) GEMM operand. ``tile`` is the
     output tile's side: 2 for F(2x2, 3x3) (16 positions), 4 for F(4x4, 3x3) (36 positions: 2.25x fewer multiplies
-    than 2x2's 4 per output, ~4x larger rounding errors: see tests/test_winograd.py)."""
+    than 2x2's 4 per output, ~4x larger rounding errors: see tests/test_winograd.py). ``dtype=torch.bfloat16``
+    gives the operand of bfloat16 activations: ((tile + 2)^2, C_in / 2, C_out, 2), the input channels 2j and 2j + 1
+    of each output channel side by side (the pair vdpbf16ps multiplies), rounded from fp64 once."""
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"winograd_weight expects a (C_out, C_in, 3, 3) weight, got shape {tuple(weight.shape)}")
     if tile not in WINOGRAD_TILES:
         raise ValueError(f"winograd_weight: tile must be one of {sorted(WINOGRAD_TILES)}, got {tile!r}")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"winograd_weight: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if dtype == torch.bfloat16 and weight.shape[1] % 2:
+        raise ValueError(f"winograd_weight: the bfloat16 operand pairs input channels; got {weight.shape[1]}")
     g = torch.tensor(WINOGRAD_TILES[tile], dtype=torch.float64, device=weight.device)
     u = torch.einsum("ia,kcab,jb->ijck", g, weight.detach().to(torch.float64), g)
-    return u.reshape(g.shape[0] ** 2, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
+    u = u.reshape(g.shape[0] ** 2, weight.shape[1], weight.shape[0])
+    if dtype == torch.bfloat16:  # (P, C, K) -> (P, C/2, K, 2)
+        u = u.reshape(u.shape[0], u.shape[1] // 2, 2, u.shape[2]).transpose(2, 3)
+    return u.to(dtype).contiguous()
 
 
 def direct_weight(weight: torch.Tensor) -> torch.Tensor:
