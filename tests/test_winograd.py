@@ -163,16 +163,18 @@ def test_winograd_tile_follows_the_input_and_the_channels():
     """F(4x4) where the weights have it and the input has >= WINOGRAD_F4_MIN_TILES 4x4 tiles, else F(2x2); layers
     over WINOGRAD_F4_MAX_CHANNEL_PRODUCT channels get no F(4x4) transform."""
     f2, f4 = torch.zeros(16, 8, 8), torch.zeros(36, 8, 8)
-    ww = extension.WinogradWeights(f2, f4)
+    ww = extension.WinogradWeights(f2, f4, torch.zeros(8))
     assert ww.pick(torch.zeros(1, 8, 28, 28)) is f4  # 49 tiles
     assert ww.pick(torch.zeros(1, 8, 7, 7)) is f2  # 4 tiles
     assert ww.pick(torch.zeros(4, 8, 7, 7)) is f4  # 16 tiles
-    assert extension.WinogradWeights(f2, None).pick(torch.zeros(4, 8, 28, 28)) is f2
+    assert extension.WinogradWeights(f2, None, torch.zeros(8)).pick(torch.zeros(4, 8, 28, 28)) is f2
     big = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False)
     folded = type("Folded", (), {"convs": lambda self: [fc]})()
-    fc = type("FC", (), {"module": big, "weight": big.weight.detach()})()
+    fc = type("FC", (), {"module": big, "weight": big.weight.detach(), "bias": torch.zeros(256)})()
     (w,) = extension._winograd_weights(folded).values()
     assert w.f2.shape == (16, 256, 256) and w.f4 is None
+    (w,) = extension._winograd_weights_bf16(folded).values()  # F(2x2) in bf16 (pair-packed), F(4x4) never in bf16
+    assert w.f2.shape == (16, 128, 256, 2) and w.f2.dtype == torch.bfloat16 and w.f4 is None
 
 
 def test_winograd_off_gives_the_same_numbers(monkeypatch):

@@ -8,9 +8,10 @@ through the statistics itself, so one backward operator per BatchNorm.
 Inference: the folded plan. On fp32 CPU tensors every 3x3 stride-1 convolution whose channel counts are multiples
 of 8 (up to 256x256) is conv3x3_winograd (F(4x4, 3x3) or F(2x2, 3x3); bias, shortcut and ReLU in its output
 transform), the stems and (at small batches) the small strided convolutions conv2d_direct, the others oneDNN
-primitives with bias/add/ReLU post-ops, the batch run in slices whose largest activation stays in cache; elsewhere
-ATen's convolution + scale_shift_add_relu. oneDNN's ReLU post-op turns NaN into 0 and Winograd's transforms turn an
-Inf into NaN: with a non-finite input or weight the ATen convolutions run instead, so NaN/Inf come out as in PyTorch.
+primitives with bias/add/ReLU post-ops (in bf16, where the CPU has AVX512_BF16, the same without conv2d_direct),
+the batch run in slices whose largest activation stays in cache; elsewhere ATen's convolution +
+scale_shift_add_relu. oneDNN's ReLU post-op turns NaN into 0 and Winograd's transforms turn an Inf into NaN:
+with a non-finite input or weight the ATen convolutions run instead, so NaN/Inf come out as in PyTorch.
 """
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ _HAS_ONEDNN_POST_OPS = torch.backends.mkldnn.is_available() and hasattr(torch.op
 _WINOGRAD = ext.winograd_supported()
 # the CPU inference operators as OpOverloads (a few microseconds less per call than through the packet)
 _WINOGRAD_OP = torch.ops.resnet_fused.conv3x3_winograd.default if _WINOGRAD else None
+# bf16 inference (a bf16 model, or fp32 under torch.autocast("cpu", torch.bfloat16)) takes the same fast path where
+# the CPU has AVX512_BF16: Winograd in bf16, the other convolutions oneDNN's bf16 primitives with post-ops
+_WINOGRAD_BF16 = _WINOGRAD and hasattr(torch.ops.resnet_fused, "conv3x3_winograd_bf16_supported") \
+    and ext.winograd_bf16_supported()
 _DIRECT_OP = (torch.ops.resnet_fused.conv2d_direct.default
               if _WINOGRAD and hasattr(torch.ops.resnet_fused, "conv2d_direct") else None)
 # the activation size CPU inference keeps per batch slice
@@ -79,9 +84,11 @@ WINOGRAD_F4_MIN_TILES = 16  # F(4x4) only where the input has at least this many
 
 @dataclass(frozen=True)
 class WinogradWeights:
-    """A 3x3 conv's transformed weights: F(2x2, 3x3)'s, and F(4x4, 3x3)'s where its channels allow."""
+    """A 3x3 conv's transformed weights: F(2x2, 3x3)'s, and F(4x4, 3x3)'s where its channels allow; the fp32 bias
+    the operator takes (the folded conv's own in fp32)."""
     f2: torch.Tensor
     f4: torch.Tensor | None
+    bias: torch.Tensor
 
     def pick(self, x):
         """The transform for input x: F(4x4) where it has one and x has enough 4x4 tiles."""
@@ -96,15 +103,21 @@ def _winograd_fits(conv):
             and conv.in_channels * conv.out_channels <= WINOGRAD_MAX_CHANNEL_PRODUCT)
 
 
-def _winograd_weights(folded):
-    """conv3x3_winograd's transformed weights per folded 3x3 conv that fits (absent where it does not)."""
+def _winograd_weights(folded, f2_dtype=torch.float32):
+    """conv3x3_winograd's transformed weights per folded 3x3 conv that fits (absent where it does not). For bf16
+    activations F(2x2)'s operand is bf16 (the vdpbf16ps GEMM, about as accurate as a bf16 direct convolution) and
+    F(4x4)'s stays fp32 (in bf16 its transforms cost ~10x a bf16 convolution's rounding; tests/test_winograd.py)."""
     out = {}
     for fc in folded.convs():
         if _winograd_fits(fc.module):
             f4 = fc.module.in_channels * fc.module.out_channels <= WINOGRAD_F4_MAX_CHANNEL_PRODUCT
-            out[id(fc)] = WinogradWeights(ext.winograd_weight(fc.weight, 2),
-                                          ext.winograd_weight(fc.weight, 4) if f4 else None)
+            out[id(fc)] = WinogradWeights(ext.winograd_weight(fc.weight, 2, f2_dtype),
+                                          ext.winograd_weight(fc.weight, 4) if f4 else None, fc.bias.float())
     return out
+
+
+def _winograd_weights_bf16(folded):
+    return _winograd_weights(folded, torch.bfloat16)
 
 
 # conv2d_direct (bias + ReLU, no shortcut) against oneDNN's convolution with post-ops and ATen's + ReLU, measured on
@@ -234,17 +247,23 @@ class ExtensionBackend(Backend):
         path that keeps PyTorch's numbers (Winograd, oneDNN post-ops, or ATen + the C++ add/ReLU); base(a, w, b,
         stride, pad) the plain convolution of the same path (option B's projection)."""
         # the fast path's NaN check reads x on the host: not under torch.compile or a (CPU-emulated) graph capture
-        onednn = (_HAS_ONEDNN_POST_OPS and x.device.type == "cpu" and dtype == torch.float32
+        fp32 = dtype == torch.float32
+        fast_dtype = fp32 or (dtype == torch.bfloat16 and _WINOGRAD_BF16)
+        onednn = (_HAS_ONEDNN_POST_OPS and x.device.type == "cpu" and fast_dtype
                   and not torch.compiler.is_compiling() and not capturing() and folded.all_finite
                   and bool(torch.isfinite(x).all()))
         base = _onednn_conv if onednn else _aten_conv
-        wino = model.fold_cache.derived("winograd", _winograd_weights) if onednn and _WINOGRAD else {}
-        direct = model.fold_cache.derived("direct", _direct_weights) if onednn and _DIRECT_OP is not None else {}
+        wino = {}
+        if onednn and _WINOGRAD:
+            wino = model.fold_cache.derived(*(("winograd", _winograd_weights) if fp32 else
+                                              ("winograd-bf16", _winograd_weights_bf16)))
+        direct = (model.fold_cache.derived("direct", _direct_weights)  # fp32 only
+                  if onednn and fp32 and _DIRECT_OP is not None else {})
 
         def conv(a, fc, mode=ShortcutMode.NONE, add=None, res_stride=1, pad_front=0):
             u = wino.get(id(fc))
             if u is not None:
-                return _WINOGRAD_OP(a, u.pick(a), fc.bias, add, int(add is not None and mode), res_stride, pad_front,
+                return _WINOGRAD_OP(a, u.pick(a), u.bias, add, int(add is not None and mode), res_stride, pad_front,
                                     True)
             wp = direct.get(id(fc)) if add is None else None
             if wp is not None and (a.shape[0] <= DIRECT_MAX_BATCH or a.shape[1] < 8):
