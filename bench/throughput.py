@@ -198,7 +198,7 @@ def build_step(model, impl, mode, prec, dev, xs, ys):
     t0 = time.perf_counter()
     run = model
     if impl in engines.ENGINES:
-        run = engines.make(impl, model, xs[0])
+        run = engines.make(impl, model, xs[0], prec)
     elif impl.startswith("compile"):
         run = torch.compile(model, mode=COMPILE_MODES[impl])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if mode == "train" else None
