@@ -184,3 +184,20 @@ def test_fused_resnet_bf16_nan_in_nan_out():
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         out = fused(x)
     assert out[1].isnan().all() and not out[[0, 2]].isnan().any()
+
+
+@needs_bf16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-gemm", "fp32-gemm"])
+def test_bf16_stores_round_ties_to_even_like_pytorch(dtype):
+    """x = 0, so out = bias: its fp32 values stored to bf16 bit for bit as Tensor.bfloat16() rounds them: exact ties
+    to even, the largest finite value and the overflow past it, denormals, +-Inf; NaN stays NaN (-0 is left out:
+    0 + (-0) is +0 before any rounding)."""
+    special = [1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 2 + 2 ** -7, 3.3895314e38, 3.4028235e38, 1e-40,
+               float("inf"), -float("inf"), float("nan"), 0.1, -7.3, 65504.0, 1.0000001, 2 ** -130, 0.0]
+    bias = torch.tensor(special + [float(v) for v in torch.linspace(-3, 3, 16)], dtype=torch.float32)
+    x = torch.zeros(1, 8, 3, 5).contiguous(memory_format=torch.channels_last).bfloat16()
+    out = winograd(x, make((bias.numel(), 8, 3, 3), "nchw", 1), bias, relu=False, dtype=dtype)
+    want = bias.bfloat16().view(1, -1, 1, 1).expand_as(out)
+    nan = want.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out.view(torch.int16)[~nan], want.contiguous().view(torch.int16)[~nan])
