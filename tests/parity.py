@@ -29,7 +29,7 @@ def _step(model, x, y):
     return out.detach()
 
 
-def one_step_errors(ref, x, y, backend, convert=None, both_layouts=False, **fused_kwargs):
+def one_step_errors(ref, x, y, backend, convert=None, both_layouts=False, conditioning=0, **fused_kwargs):
     """{name: (FusedResNet's error, PyTorch fp32's error, the float64 value's largest magnitude)} against float64
     after one training step from the fp32 reference ``ref``'s state: the logits, every parameter's gradient, every
     floating-point buffer. ``convert(ref, backend)``: how the fused model is made (default
@@ -39,13 +39,22 @@ def one_step_errors(ref, x, y, backend, convert=None, both_layouts=False, **fuse
     whose two largest values are within rounding of each other (or a ReLU input within rounding of 0) routes the
     gradient by the rounding: for torchvision's ResNet-18 at 224x224, batch 2, PyTorch's channels_last step is 2e4x
     further from float64 than its NCHW step in one gradient (measured): PyTorch's own two layouts bracket what
-    fp32 can promise there."""
+    fp32 can promise there.
+
+    ``conditioning``: that many float64 steps from weights perturbed by 1e-6 (about 8 fp32 roundings) count as
+    PyTorch runs too: where one ReLU input is within rounding of 0, fp32 decides its sign by luck and PyTorch's
+    own run may happen to be lucky (ResNet-50 at 96x96, batch 1: a pre-ReLU value 3e-7 of its tensor's scale from
+    0; FusedResNet's fp32 step put it on the other side on the Zen 5 machine, moving one BatchNorm's bias gradient
+    by 17% of its largest value while both PyTorch layouts stayed within 1e-5). The perturbed float64 steps show how far
+    such a quantity moves under rounding-sized changes."""
     ref64 = copy.deepcopy(ref).double()
     fused = (convert or (lambda r, b: FusedResNet.from_reference(r, backend=b, **fused_kwargs)))(ref, backend)
     refs32 = [copy.deepcopy(ref)] + ([copy.deepcopy(ref).to(memory_format=torch.channels_last)] if both_layouts
                                      else [])
+    refs32 += [perturbed(ref64, 1e-6, seed) for seed in range(conditioning)]
     want, got = _step(ref64, x, y), _step(fused, x, y)
-    outs32 = [_step(m, x.contiguous(memory_format=torch.channels_last) if i else x, y) for i, m in enumerate(refs32)]
+    outs32 = [_step(m, x.contiguous(memory_format=torch.channels_last) if i == 1 else x, y)
+              for i, m in enumerate(refs32)]
 
     def errors(f, ps, w):
         return _max_err(f, w), max(_max_err(p, w) for p in ps), w.abs().max().item()

@@ -52,13 +52,18 @@ def test_cpu_isa_is_lowered_by_the_env_var_never_raised(monkeypatch):
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_fp32_peak_bounds_a_matmul(monkeypatch, isa):
     """The measured peak is at least what a large matmul reaches on one thread (or half of it on a forced narrower
-    path), and not absurdly above it: a FLOP count off by a factor (lanes, the 2 of a multiply-add) fails."""
+    path), and not absurdly above it: a FLOP count off by a factor (lanes, the 2 of a multiply-add) fails. The
+    AVX-512 peak's ceiling is twice the AVX2 path's (twice the lanes), not the matmul's: PyTorch's BLAS need not
+    run AVX-512 code (on the Zen 5 machine a 1-thread matmul reached 97 GFLOP/s, AVX2 111, AVX-512 238)."""
     if ORDER.index(BEST) < ORDER.index(isa):
         pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("RESNET_FUSED_CPU_ISA", "avx2")
+    p_avx2 = peak()
     monkeypatch.setenv("RESNET_FUSED_CPU_ISA", isa)
     p, mm = peak(), matmul_rate(1)
     floor = 0.9 if isa == BEST or (isa == "avx512" and BEST == "avx512_bf16") else 0.4
-    assert floor * mm <= p <= 2.2 * mm, (p, mm)
+    ceiling = 2.2 * mm if isa == "avx2" else 2.2 * p_avx2
+    assert floor * mm <= p <= ceiling, (p, mm, p_avx2)
 
 
 def test_bf16_peak_needs_avx512_bf16(monkeypatch):

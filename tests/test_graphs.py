@@ -252,10 +252,13 @@ def test_autocast_and_grad_mode_are_part_of_the_key():
     with torch.no_grad():
         for _ in range(2):
             torch.testing.assert_close(g(x), e(x))
+            full = e(x)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 a, b = g(x), e(x)
             assert a.dtype == b.dtype == torch.bfloat16
-            torch.testing.assert_close(a, b)
+            # the capture runs ATen's bf16 convolutions, eager (on AVX512_BF16 CPUs) the bf16 Winograd ones: the
+            # same numbers up to bf16 rounding, a few of its 2^-8 steps after 8 layers
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=3e-2 * full.abs().max().item())
     assert g.graphs.stats["captures"] == 2 and g.graphs.stats["replays"] == 2
     g.train(), e.train()
     with torch.no_grad():  # training-mode forward without gradients (BatchNorm recalibration): its own graph

@@ -62,9 +62,10 @@ def cifar_variant(name, in_channels=1, num_classes=10):
 FLIPPED = 1e-4
 
 
-def _step_errors(ref, x, classes=10):
+def _step_errors(ref, x, classes=10, conditioning=0):
     y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(1))
-    return one_step_errors(ref.train(), x, y, "cpu", convert=FusedResNet.from_torchvision, both_layouts=True)
+    return one_step_errors(ref.train(), x, y, "cpu", convert=FusedResNet.from_torchvision, both_layouts=True,
+                           conditioning=conditioning)
 
 
 @pytest.mark.parametrize("name,size,batch", [("resnet18", 224, 2), ("resnet18", 96, 1), ("resnet50", 64, 2),
@@ -75,9 +76,14 @@ def test_one_training_step_matches_torchvision(name, size, batch):
     against float64 at most twice torchvision's fp32 (plus 4 roundings). The last stage's BatchNorm sees at least
     8 values per channel (batch 2 at 64x64, batch 1 at 96x96): with 1 or 2 (32x32 inputs) a rounding decides its
     normalised outputs' signs and fp32 promises nothing (PyTorch's own layouts then differ by 1e4x); with 4 a
-    gradient can still move by more than 10% (ResNet-152, batch 1 at 64x64: measured)."""
+    gradient can still move by more than 10% (ResNet-152, batch 1 at 64x64: measured). With 36 (ResNet-50's
+    layer4.0.bn1 at 96x96, batch 1) one pre-ReLU value sits 3e-7 of its scale from 0: 6 float64 steps from
+    1e-6-perturbed weights say how far rounding moves what depends on it (parity.one_step_errors; one of the 6
+    puts that value where FusedResNet's fp32 step did on the Zen 5 machine and moves layer4.0.conv1's weight
+    gradient by the same 1.34e-3, to three digits)."""
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
-    assert_within_twice_pytorch(flipped=FLIPPED, errs=_step_errors(tv(name, num_classes=10), x))
+    cond = 6 if batch == 1 else 0
+    assert_within_twice_pytorch(flipped=FLIPPED, errs=_step_errors(tv(name, num_classes=10), x, conditioning=cond))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
