@@ -96,122 +96,6 @@ struct TileCursor {
   }
 };
 
-// 8 channels as fp32: loaded from fp32 or bf16 (the upper half of an fp32), stored to fp32 or to bf16 rounded to
-// nearest even (c10::BFloat16's rounding; a NaN stays a quiet NaN). AVX2 only, so the transforms need no more.
-RF_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-RF_AVX2 inline __m256 load8(const bf16_t* p) {
-  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
-RF_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-RF_AVX2 inline void store8(bf16_t* p, __m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // 64-bit lanes 0 and 2
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
-
-// The 1-D transforms of F(m, 3) on 8 channels at a time: input r = B^T d (Alpha values), output o = A^T m (M values).
-// Applied to columns then rows they give the 2-D transforms B^T d B and A^T m A.
-template <int M>
-struct Transform;
-
-template <>
-struct Transform<2> {  // F(2, 3): points 0, 1, -1, inf
-  static constexpr int kAlpha = 4;
-  RF_AVX2 static inline void input(const __m256* d, __m256* r) {
-    r[0] = _mm256_sub_ps(d[0], d[2]);
-    r[1] = _mm256_add_ps(d[1], d[2]);
-    r[2] = _mm256_sub_ps(d[2], d[1]);
-    r[3] = _mm256_sub_ps(d[1], d[3]);
-  }
-  RF_AVX2 static inline void output(const __m256* m, __m256* o) {
-    o[0] = _mm256_add_ps(_mm256_add_ps(m[0], m[1]), m[2]);
-    o[1] = _mm256_sub_ps(_mm256_sub_ps(m[1], m[2]), m[3]);
-  }
-};
-
-template <>
-struct Transform<4> {  // F(4, 3): points 0, 1, -1, 2, -2, inf
-  static constexpr int kAlpha = 6;
-  RF_AVX2 static inline void input(const __m256* d, __m256* r) {
-    const __m256 four = _mm256_set1_ps(4.f), mfive = _mm256_set1_ps(-5.f), two = _mm256_set1_ps(2.f);
-    const __m256 s12 = _mm256_add_ps(d[1], d[2]), s34 = _mm256_add_ps(d[3], d[4]);
-    const __m256 d12 = _mm256_sub_ps(d[1], d[2]), d43 = _mm256_sub_ps(d[4], d[3]);
-    const __m256 d42 = _mm256_sub_ps(d[4], d[2]), d31 = _mm256_sub_ps(d[3], d[1]);
-    r[0] = _mm256_fmadd_ps(four, d[0], _mm256_fmadd_ps(mfive, d[2], d[4]));  // 4 d0 - 5 d2 + d4
-    r[1] = _mm256_fnmadd_ps(four, s12, s34);                                // (d3 + d4) - 4 (d1 + d2)
-    r[2] = _mm256_fmadd_ps(four, d12, d43);                                 // (d4 - d3) + 4 (d1 - d2)
-    r[3] = _mm256_fmadd_ps(two, d31, d42);                                  // (d4 - d2) + 2 (d3 - d1)
-    r[4] = _mm256_fnmadd_ps(two, d31, d42);                                 // (d4 - d2) - 2 (d3 - d1)
-    r[5] = _mm256_fmadd_ps(four, d[1], _mm256_fmadd_ps(mfive, d[3], d[5])); // 4 d1 - 5 d3 + d5
-  }
-  RF_AVX2 static inline void output(const __m256* m, __m256* o) {
-    const __m256 two = _mm256_set1_ps(2.f), four = _mm256_set1_ps(4.f), eight = _mm256_set1_ps(8.f);
-    const __m256 a = _mm256_add_ps(m[1], m[2]), b = _mm256_sub_ps(m[1], m[2]);
-    const __m256 c = _mm256_add_ps(m[3], m[4]), d = _mm256_sub_ps(m[3], m[4]);
-    o[0] = _mm256_add_ps(_mm256_add_ps(m[0], a), c);                  // m0 + m1 + m2 + m3 + m4
-    o[1] = _mm256_fmadd_ps(two, d, b);                                // (m1 - m2) + 2 (m3 - m4)
-    o[2] = _mm256_fmadd_ps(four, c, a);                               // (m1 + m2) + 4 (m3 + m4)
-    o[3] = _mm256_add_ps(_mm256_fmadd_ps(eight, d, b), m[5]);         // (m1 - m2) + 8 (m3 - m4) + m5
-  }
-};
-
-// V[p][i][:] = (B^T d B)[p] for 8 channels of one tile, d[a][b] the patch's pixels (zero outside the image).
-template <int M, typename VT>
-RF_AVX2 inline void transform_patch(const __m256 (&d)[Transform<M>::kAlpha][Transform<M>::kAlpha], VT* v,
-                                    int64_t pos_stride) {
-  constexpr int A = Transform<M>::kAlpha;
-  __m256 u[A][A], col[A], r[A];
-  RF_UNROLL for (int b = 0; b < A; ++b) {  // B^T d, column by column
-    RF_UNROLL for (int a = 0; a < A; ++a) col[a] = d[a][b];
-    Transform<M>::input(col, r);
-    RF_UNROLL for (int a = 0; a < A; ++a) u[a][b] = r[a];
-  }
-  RF_UNROLL for (int a = 0; a < A; ++a) {  // (B^T d) B, row by row
-    Transform<M>::input(u[a], r);
-    RF_UNROLL for (int b = 0; b < A; ++b) store8(v + (a * A + b) * pos_stride, r[b]);
-  }
-}
-
-// V[p][i][:] = (B^T d B)[p] for the tiles t0 .. t0+nt-1 of a block (i = t - t0).
-template <int M, typename XT, typename VT>
-RF_AVX2 void input_transform(const XT* x, const Geometry& g, int64_t t0, int64_t nt, VT* V) {
-  constexpr int A = Transform<M>::kAlpha;
-  const int64_t C = g.c, T = g.block, row = g.w * C;
-  const __m256 zero = _mm256_setzero_ps();
-  TileCursor cur(g, t0);
-  for (int64_t i = 0; i < nt; ++i, cur.next(g)) {
-    const int64_t ih0 = cur.th * M - 1, iw0 = cur.tw * M - 1;
-    VT* v = V + i * C;
-    __m256 d[A][A];
-    if (ih0 >= 0 && ih0 + A <= g.h && iw0 >= 0 && iw0 + A <= g.w) {  // interior: no bounds checks
-      const XT* p = x + ((cur.n * g.h + ih0) * g.w + iw0) * C;
-      for (int64_t c0 = 0; c0 < C; c0 += 8) {
-        RF_UNROLL for (int a = 0; a < A; ++a)
-          RF_UNROLL for (int b = 0; b < A; ++b) d[a][b] = load8(p + a * row + b * C + c0);
-        transform_patch<M>(d, v + c0, T * C);
-      }
-      continue;
-    }
-    const XT* px[A][A];
-    for (int a = 0; a < A; ++a) {
-      for (int b = 0; b < A; ++b) {
-        const int64_t ih = ih0 + a, iw = iw0 + b;
-        px[a][b] = (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w) ? x + ((cur.n * g.h + ih) * g.w + iw) * C : nullptr;
-      }
-    }
-    for (int64_t c0 = 0; c0 < C; c0 += 8) {
-      RF_UNROLL for (int a = 0; a < A; ++a)
-        RF_UNROLL for (int b = 0; b < A; ++b) d[a][b] = px[a][b] ? load8(px[a][b] + c0) : zero;
-      transform_patch<M>(d, v + c0, T * C);
-    }
-  }
-}
-
 // M (T x K) = V (T x C) @ U (C x K) for one transform position; T a multiple of kTileRows, K of 8.
 RF_AVX2 void gemm_avx2(const void* Vp, const void* Up, float* M, int64_t T, int64_t C, int64_t K) {
   const float *V = static_cast<const float*>(Vp), *U = static_cast<const float*>(Up);
@@ -332,64 +216,29 @@ inline float to_float(bf16_t v) {
   return f;
 }
 
-// The shortcut's 8 channels k0 .. k0+7 at output pixel (n, oh, ow).
-template <int64_t Mode, typename XT>
-RF_AVX2 inline __m256 load_shortcut(const Shortcut<XT>& s, int64_t n, int64_t oh, int64_t ow, int64_t h, int64_t w,
-                                    int64_t k, int64_t k0) {
-  if constexpr (Mode == kIdentity) {
-    return load8(s.r + ((n * h + oh) * w + ow) * k + k0);
-  } else {  // option A: channel j of y reads channel j - pad_front of r (zero outside [0, rc))
-    const XT* p = s.r + ((n * s.rh + oh * s.stride) * s.rw + ow * s.stride) * s.rc;
-    const int64_t j0 = k0 - s.pad_front;
-    if (j0 >= 0 && j0 + 8 <= s.rc) return load8(p + j0);
-    if (j0 + 8 <= 0 || j0 >= s.rc) return _mm256_setzero_ps();
-    alignas(32) float tmp[8];
-    for (int q = 0; q < 8; ++q) tmp[q] = (j0 + q >= 0 && j0 + q < s.rc) ? to_float(p[j0 + q]) : 0.f;
-    return _mm256_load_ps(tmp);
-  }
-}
+// The transforms, compiled once per vector width (winograd_transforms.h).
+namespace avx2 {
+#define RF_TARGET RF_AVX2
+#define RF_LANES 8
+#include "winograd_transforms.h"
+#undef RF_TARGET
+#undef RF_LANES
+}  // namespace avx2
 
-// out[tile] = relu?(A^T M A + bias + shortcut) for the tiles t0 .. t0+nt-1 of a block.
-template <int M, int64_t Mode, bool Relu, typename XT>
-RF_AVX2 void output_transform(const float* Mt, const Geometry& g, int64_t t0, int64_t nt, const float* bias,
-                              const Shortcut<XT>& s, XT* out) {
-  constexpr int A = Transform<M>::kAlpha;
-  const int64_t K = g.k, T = g.block;
-  const __m256 zero = _mm256_setzero_ps();
-  TileCursor cur(g, t0);
-  for (int64_t i = 0; i < nt; ++i, cur.next(g)) {
-    const int64_t oh0 = cur.th * M, ow0 = cur.tw * M, n = cur.n;
-    const int rows = static_cast<int>(std::min<int64_t>(M, g.h - oh0));
-    const int cols = static_cast<int>(std::min<int64_t>(M, g.w - ow0));
-    for (int64_t k0 = 0; k0 < K; k0 += 8) {
-      __m256 sa[M][A], col[A], o[M];
-      RF_UNROLL for (int b = 0; b < A; ++b) {  // A^T m, column by column
-        RF_UNROLL for (int a = 0; a < A; ++a) col[a] = _mm256_loadu_ps(Mt + ((a * A + b) * T + i) * K + k0);
-        Transform<M>::output(col, o);
-        RF_UNROLL for (int a = 0; a < M; ++a) sa[a][b] = o[a];
-      }
-      const __m256 bv = bias ? _mm256_loadu_ps(bias + k0) : zero;
-      for (int a = 0; a < rows; ++a) {
-        const int64_t oh = oh0 + a;
-        __m256 y[M];  // (A^T m) A, row a
-        Transform<M>::output(sa[a], y);
-        for (int b = 0; b < cols; ++b) {
-          const int64_t ow = ow0 + b;
-          __m256 v = _mm256_add_ps(y[b], bv);
-          if constexpr (Mode != kNone) v = _mm256_add_ps(v, load_shortcut<Mode>(s, n, oh, ow, g.h, g.w, K, k0));
-          if constexpr (Relu) v = _mm256_max_ps(zero, v);  // maxps returns its 2nd operand for NaN: NaN stays
-          store8(out + ((n * g.h + oh) * g.w + ow) * K + k0, v);
-        }
-      }
-    }
-  }
-}
+namespace avx512 {
+#define RF_TARGET RF_AVX512
+#define RF_LANES 16
+#include "winograd_transforms.h"
+#undef RF_TARGET
+#undef RF_LANES
+}  // namespace avx512
 
-// XT: the activations' element type (float or bf16_t); VT: V's and U's (float, or bf16_t for the bf16 GEMM).
-template <int M, int64_t Mode, bool Relu, typename XT, typename VT>
+// XT: the activations' element type (float or bf16_t); VT: V's and U's (float, or bf16_t for the bf16 GEMM);
+// Wide: the AVX-512 transforms (16 channels a step) instead of the AVX2 ones (8).
+template <int M, int64_t Mode, bool Relu, bool Wide, typename XT, typename VT>
 void winograd_forward(const XT* x, const VT* U, GemmFn gemm, const float* bias, const Shortcut<XT>& s,
                       const Geometry& g, XT* out) {
-  constexpr int P = Transform<M>::kAlpha * Transform<M>::kAlpha;
+  constexpr int P = (M + 2) * (M + 2);
   const int64_t nblocks = (g.tiles + g.block - 1) / g.block;
   // blocks handed out one at a time (each writes its own tiles: the result does not depend on who computes what),
   // so a thread slowed by another process on its core does not leave the others waiting at the end
@@ -400,10 +249,16 @@ void winograd_forward(const XT* x, const VT* U, GemmFn gemm, const float* bias, 
     std::vector<float> Mt(P * g.block * g.k);
     for (int64_t blk; (blk = next.fetch_add(1, std::memory_order_relaxed)) < nblocks;) {
       const int64_t t0 = blk * g.block, nt = std::min(g.block, g.tiles - t0);
-      input_transform<M>(x, g, t0, nt, V.data());
+      if constexpr (Wide)
+        avx512::input_transform<M>(x, g, t0, nt, V.data());
+      else
+        avx2::input_transform<M>(x, g, t0, nt, V.data());
       for (int p = 0; p < P; ++p)
         gemm(V.data() + p * g.block * g.c, U + p * g.c * g.k, Mt.data() + p * g.block * g.k, g.block, g.c, g.k);
-      output_transform<M, Mode, Relu>(Mt.data(), g, t0, nt, bias, s, out);
+      if constexpr (Wide)
+        avx512::output_transform<M, Mode, Relu>(Mt.data(), g, t0, nt, bias, s, out);
+      else
+        avx2::output_transform<M, Mode, Relu>(Mt.data(), g, t0, nt, bias, s, out);
     }
   });
 }
@@ -452,8 +307,9 @@ Geometry make_geometry(const at::Tensor& x, int64_t k, int m, int64_t v_bytes) {
 
 // The tile size, shortcut mode and ReLU as template arguments.
 template <typename XT, typename VT>
-void run_winograd(const at::Tensor& x, const at::Tensor& U, GemmFn gemm, const at::Tensor& b, const at::Tensor& r,
-                  int64_t mode, int64_t res_stride, int64_t pad_front, bool relu, at::Tensor& out) {
+void run_winograd(const at::Tensor& x, const at::Tensor& U, GemmFn gemm, bool wide, const at::Tensor& b,
+                  const at::Tensor& r, int64_t mode, int64_t res_stride, int64_t pad_front, bool relu,
+                  at::Tensor& out) {
   const int m = U.size(0) == 36 ? 4 : 2;  // F(4x4, 3x3) or F(2x2, 3x3)
   const Geometry g = make_geometry(x, out.size(1), m, sizeof(VT));
   Shortcut<XT> s;
@@ -469,8 +325,12 @@ void run_winograd(const at::Tensor& x, const at::Tensor& U, GemmFn gemm, const a
   const auto run = [&](auto m_c, auto mode_c) {
     constexpr int kM = decltype(m_c)::value;
     constexpr int64_t kMode = decltype(mode_c)::value;
-    relu ? winograd_forward<kM, kMode, true>(px, pu, gemm, pb, s, g, po)
-         : winograd_forward<kM, kMode, false>(px, pu, gemm, pb, s, g, po);
+    if (wide)
+      relu ? winograd_forward<kM, kMode, true, true>(px, pu, gemm, pb, s, g, po)
+           : winograd_forward<kM, kMode, false, true>(px, pu, gemm, pb, s, g, po);
+    else
+      relu ? winograd_forward<kM, kMode, true, false>(px, pu, gemm, pb, s, g, po)
+           : winograd_forward<kM, kMode, false, false>(px, pu, gemm, pb, s, g, po);
   };
   const auto run_mode = [&](auto m_c) {
     if (mode == kIdentity)
@@ -512,13 +372,14 @@ at::Tensor conv3x3_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight
   const at::Tensor x = as_nhwc(x_in), U = weight_t.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor r = mode != kNone ? as_nhwc(*residual) : at::Tensor();
-  const GemmFn f32 = isa == "avx2" ? gemm_avx2 : gemm_avx512;
+  const bool wide = isa != "avx2";  // the AVX-512 GEMM and transforms
+  const GemmFn f32 = wide ? gemm_avx512 : gemm_avx2;
   if (bf16)
-    run_winograd<bf16_t, bf16_t>(x, U, gemm_avx512_bf16, b, r, mode, res_stride, pad_front, relu, out);
+    run_winograd<bf16_t, bf16_t>(x, U, gemm_avx512_bf16, wide, b, r, mode, res_stride, pad_front, relu, out);
   else if (x.scalar_type() == at::kBFloat16)  // bf16 activations, fp32 GEMM (F(4x4)'s rounding needs it)
-    run_winograd<bf16_t, float>(x, U, f32, b, r, mode, res_stride, pad_front, relu, out);
+    run_winograd<bf16_t, float>(x, U, f32, wide, b, r, mode, res_stride, pad_front, relu, out);
   else
-    run_winograd<float, float>(x, U, f32, b, r, mode, res_stride, pad_front, relu, out);
+    run_winograd<float, float>(x, U, f32, wide, b, r, mode, res_stride, pad_front, relu, out);
 #endif
   return out;
 }
