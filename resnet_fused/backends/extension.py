@@ -8,7 +8,8 @@ through the statistics itself, so one backward operator per BatchNorm.
 Inference: the folded plan. On fp32 CPU tensors every 3x3 stride-1 convolution whose channel counts are multiples
 of 8 (up to 256x256) is conv3x3_winograd (F(4x4, 3x3) or F(2x2, 3x3); bias, shortcut and ReLU in its output
 transform), the stems and (at small batches) the small strided convolutions conv2d_direct, the others oneDNN
-primitives with bias/add/ReLU post-ops (in bf16, where the CPU has AVX512_BF16, the same without conv2d_direct),
+primitives with bias/add/ReLU post-ops (in bf16, where the CPU has AVX512_BF16, the same in bf16; conv2d_direct
+in fp32 on the bf16 activations),
 the batch run in slices whose largest activation stays in cache; elsewhere ATen's convolution +
 scale_shift_add_relu. oneDNN's ReLU post-op turns NaN into 0 and Winograd's transforms turn an Inf into NaN:
 with a non-finite input or weight the ATen convolutions run instead, so NaN/Inf come out as in PyTorch.
@@ -137,9 +138,19 @@ def _direct_fits(conv):
                                           and conv.in_channels * conv.out_channels <= DIRECT_MAX_CHANNEL_PRODUCT)))
 
 
+@dataclass(frozen=True)
+class DirectWeights:
+    """conv2d_direct's packed fp32 weight and fp32 bias for one folded convolution."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
 def _direct_weights(folded):
-    """conv2d_direct's packed weights per folded convolution it can run (absent where it cannot)."""
-    return {id(fc): ext.direct_weight(fc.weight) for fc in folded.convs() if _direct_fits(fc.module)}
+    """conv2d_direct's operands per folded convolution it can run (absent where it cannot). fp32 also for a bf16
+    plan: there the convolution runs in fp32 on the bf16 activation and rounds its output to bf16 (oneDNN's bf16
+    primitives spend 60-80 us of setup per call at batch 1, and ran the 1-channel stem slowly)."""
+    return {id(fc): DirectWeights(ext.direct_weight(fc.weight), fc.bias.float())
+            for fc in folded.convs() if _direct_fits(fc.module)}
 
 
 class ExtensionBackend(Backend):
@@ -257,17 +268,17 @@ class ExtensionBackend(Backend):
         if onednn and _WINOGRAD:
             wino = model.fold_cache.derived(*(("winograd", _winograd_weights) if fp32 else
                                               ("winograd-bf16", _winograd_weights_bf16)))
-        direct = (model.fold_cache.derived("direct", _direct_weights)  # fp32 only
-                  if onednn and fp32 and _DIRECT_OP is not None else {})
+        direct = model.fold_cache.derived("direct", _direct_weights) if onednn and _DIRECT_OP is not None else {}
 
         def conv(a, fc, mode=ShortcutMode.NONE, add=None, res_stride=1, pad_front=0):
             u = wino.get(id(fc))
             if u is not None:
                 return _WINOGRAD_OP(a, u.pick(a), u.bias, add, int(add is not None and mode), res_stride, pad_front,
                                     True)
-            wp = direct.get(id(fc)) if add is None else None
-            if wp is not None and (a.shape[0] <= DIRECT_MAX_BATCH or a.shape[1] < 8):
-                return _DIRECT_OP(a, wp, fc.bias, fc.stride, fc.padding, True)
+            d = direct.get(id(fc)) if add is None else None
+            if d is not None and (a.shape[0] <= DIRECT_MAX_BATCH or a.shape[1] < 8):
+                y = _DIRECT_OP(a.float(), d.weight, d.bias, fc.stride, fc.padding, True)
+                return y if fp32 else y.to(dtype)
             bias = fc.bias.to(dtype)
             if mode == ShortcutMode.PAD_A:  # subsample + zero channel padding by index math
                 return torch.ops.resnet_fused.scale_shift_add_relu(
