@@ -159,11 +159,9 @@ def test_cpu_inference_with_winograd_and_batch_slices(monkeypatch, widths, short
         torch.testing.assert_close(fused(x[:1]), ref(x[:1]), **tol)  # batch 1, one slice
 
 
-def test_winograd_tile_follows_the_input_and_the_channels(monkeypatch):
+def test_winograd_tile_follows_the_input_and_the_channels():
     """F(4x4) where the weights have it and the input has >= WINOGRAD_F4_MIN_TILES 4x4 tiles, else F(2x2); layers
-    over WINOGRAD_F4_MAX_CHANNEL_PRODUCT channels (256x256 on the AVX2 path; the AVX-512 one takes it, up to
-    WINOGRAD_F4_MAX_CHANNEL_PRODUCT_AVX512) get no F(4x4) transform."""
-    monkeypatch.setenv("RESNET_FUSED_CPU_ISA", "avx2")
+    over WINOGRAD_F4_MAX_CHANNEL_PRODUCT channels get no F(4x4) transform."""
     f2, f4 = torch.zeros(16, 8, 8), torch.zeros(36, 8, 8)
     ww = extension.WinogradWeights(f2, f4, torch.zeros(8))
     assert ww.pick(torch.zeros(1, 8, 28, 28)) is f4  # 49 tiles
@@ -177,12 +175,6 @@ def test_winograd_tile_follows_the_input_and_the_channels(monkeypatch):
     assert w.f2.shape == (16, 256, 256) and w.f4 is None
     (w,) = extension._winograd_weights_bf16(folded).values()  # F(2x2) in bf16 (pair-packed), F(4x4) never in bf16
     assert w.f2.shape == (16, 128, 256, 2) and w.f2.dtype == torch.bfloat16 and w.f4 is None
-    monkeypatch.setenv("RESNET_FUSED_CPU_ISA", "avx512")
-    if ops.cpu_isa().startswith("avx512"):  # this CPU has it: the AVX-512 path's limit
-        (w,) = extension._winograd_weights(folded).values()
-        assert w.f4.shape == (36, 256, 256) and w.f4.dtype == torch.float32
-    huge = torch.nn.Conv2d(512, 512, 3, padding=1, bias=False)
-    assert not extension._winograd_fits(huge)  # over WINOGRAD_MAX_CHANNEL_PRODUCT: oneDNN
 
 
 def test_winograd_off_gives_the_same_numbers(monkeypatch):

@@ -77,20 +77,9 @@ def _train_conv(x, w, stride, padding):
 # convolution with post-ops at 64-256 channels and 2-4x slower at 512 (16 MB of transforms per 512x512 layer; the
 # 2-core AVX-512 machine); F(4x4, 3x3) is 1.1-1.5x faster than F(2x2) up to 128x128 channels (16-64 channels at
 # batch 32, 64-128 at 224x224 inputs) and slower at 256x256 (9 MB of transforms) and on images with few 4x4 tiles
-# (batch 1 at 7x7: 4 tiles, 30% of them padding; the 2-core AVX2 machine of 2026-12-03's third session). With the
-# AVX-512 GEMM and transforms F(4x4) is faster at 256x256 too (14x14: 414 against F(2x2)'s 478 us at batch 1,
-# 10.6 against 13.8 ms at batch 32; oneDNN 713 us / 16.6 ms), and both lose at 512x512 (7x7, batch 32: F(2x2) 90 ms,
-# F(4x4) 65, oneDNN 21; the 2-core Zen 5 machine of the fourth session)
+# (batch 1 at 7x7: 4 tiles, 30% of them padding; the 2-core AVX2 machine of 2026-12-03's third session)
 WINOGRAD_MAX_CHANNEL_PRODUCT = 256 * 256
-WINOGRAD_F4_MAX_CHANNEL_PRODUCT = 128 * 128  # AVX2
-WINOGRAD_F4_MAX_CHANNEL_PRODUCT_AVX512 = 256 * 256
-
-
-def _f4_max_channel_product():
-    """F(4x4)'s channel limit for the GEMM and transforms conv3x3_winograd runs on this CPU (RESNET_FUSED_CPU_ISA
-    included), read when the transforms are made."""
-    wide = torch.ops.resnet_fused.cpu_isa().startswith("avx512")
-    return WINOGRAD_F4_MAX_CHANNEL_PRODUCT_AVX512 if wide else WINOGRAD_F4_MAX_CHANNEL_PRODUCT
+WINOGRAD_F4_MAX_CHANNEL_PRODUCT = 128 * 128
 WINOGRAD_F4_MIN_TILES = 16  # F(4x4) only where the input has at least this many 4x4 output tiles
 
 
@@ -119,10 +108,10 @@ def _winograd_weights(folded, f2_dtype=torch.float32):
     """conv3x3_winograd's transformed weights per folded 3x3 conv that fits (absent where it does not). For bf16
     activations F(2x2)'s operand is bf16 (the vdpbf16ps GEMM, about as accurate as a bf16 direct convolution) and
     F(4x4)'s stays fp32 (in bf16 its transforms cost ~10x a bf16 convolution's rounding; tests/test_winograd.py)."""
-    out, f4_max = {}, _f4_max_channel_product()
+    out = {}
     for fc in folded.convs():
         if _winograd_fits(fc.module):
-            f4 = fc.module.in_channels * fc.module.out_channels <= f4_max
+            f4 = fc.module.in_channels * fc.module.out_channels <= WINOGRAD_F4_MAX_CHANNEL_PRODUCT
             out[id(fc)] = WinogradWeights(ext.winograd_weight(fc.weight, 2, f2_dtype),
                                           ext.winograd_weight(fc.weight, 4) if f4 else None, fc.bias.float())
     return out
