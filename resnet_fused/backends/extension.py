@@ -77,7 +77,11 @@ def _train_conv(x, w, stride, padding):
 # convolution with post-ops at 64-256 channels and 2-4x slower at 512 (16 MB of transforms per 512x512 layer; the
 # 2-core AVX-512 machine); F(4x4, 3x3) is 1.1-1.5x faster than F(2x2) up to 128x128 channels (16-64 channels at
 # batch 32, 64-128 at 224x224 inputs) and slower at 256x256 (9 MB of transforms) and on images with few 4x4 tiles
-# (batch 1 at 7x7: 4 tiles, 30% of them padding; the 2-core AVX2 machine of 2026-12-03's third session)
+# (batch 1 at 7x7: 4 tiles, 30% of them padding; the 2-core AVX2 machine of 2026-12-03's third session). With the
+# AVX-512 GEMM and transforms F(4x4) at 256x256 (14x14, batch 1) measured 414 us once and 2,646 us minutes later
+# (F(2x2) 478 / 557, oneDNN 713 / 715): each block of a few tiles streams its 9.4 MB of transforms, so it runs at
+# the speed of whatever share of the L3 the machine's neighbours leave; 512x512 likewise (F(2x2) 2.2-4.6 ms against
+# oneDNN's 1.1-1.4 at batch 1, 7x7; the 2-core Zen 5 machine of the fourth session)
 WINOGRAD_MAX_CHANNEL_PRODUCT = 256 * 256
 WINOGRAD_F4_MAX_CHANNEL_PRODUCT = 128 * 128
 WINOGRAD_F4_MIN_TILES = 16  # F(4x4) only where the input has at least this many 4x4 output tiles
