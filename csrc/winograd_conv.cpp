@@ -23,9 +23,10 @@
 // Layout: x, r and out are NHWC (channels_last), fp32 or bf16; C and K multiples of 8 (one AVX2 vector of channels).
 // Work: blocks of T tiles (T sized so V and M of a block stay in L2) handed out to at::parallel_for's threads;
 // per block: input transform -> V[P][T][C], P GEMMs -> M[P][T][K] (fp32), output transform + epilogue straight
-// into out. The transforms are AVX2 + FMA on 8 channels (function target attributes; the operator refuses CPUs
-// without them, and FusedResNet calls it only where conv3x3_winograd_supported() is true). The GEMMs are picked
-// at run time (cpu_isa.h; RESNET_FUSED_CPU_ISA forces a lower one):
+// into out. The transforms (winograd_transforms.h) run 8 channels a step with AVX2 + FMA, or 16 with AVX-512
+// where the AVX-512 GEMM runs (function target attributes; the operator refuses CPUs without AVX2 and FMA, and
+// FusedResNet calls it only where conv3x3_winograd_supported() is true). The GEMMs are picked at run time
+// (cpu_isa.h; RESNET_FUSED_CPU_ISA forces a lower one):
 //   fp32, AVX2:    6 tiles x 16 channels of ymm accumulators, vfmadd231ps with a broadcast V value;
 //   fp32, AVX-512: 12 tiles x 32 channels of zmm accumulators (2x the AVX2 peak where the CPU runs 512-bit FMAs
 //                  at full width: measured 220 vs 111 GFLOP/s per core on the 2-core Zen 5 machine);
