@@ -78,10 +78,10 @@ def test_bf16_gemm_as_accurate_as_a_bf16_convolution(shape, mode, cr, stride, pa
     got = winograd(x, wt, b, r, mode, stride, pad_front, dtype=torch.bfloat16)
     assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
     want = reference(x, wt.bfloat16(), b, r, mode, stride, pad_front, True)  # from the same bf16 operands
-    torch_bf16 = F.conv2d(x, wt.bfloat16(), b.bfloat16(), padding=1)
-    if mode:
-        torch_bf16 = reference(x, wt.bfloat16(), b, r, mode, stride, pad_front, True).bfloat16()
-    err, err_torch = bf16_error(got, want), bf16_error(torch_bf16.relu() if not mode else torch_bf16, want)
+    # PyTorch's bf16 convolution, then the shortcut added and the sum rounded to bf16 (as a bf16 add does)
+    shortcut = reference(torch.zeros_like(x), wt, None, r, mode, stride, pad_front, False) if mode else 0
+    torch_bf16 = (F.conv2d(x, wt.bfloat16(), b.bfloat16(), padding=1).double() + shortcut).bfloat16().relu()
+    err, err_torch = bf16_error(got, want), bf16_error(torch_bf16, want)
     assert err <= 2 * err_torch + 2e-3, f"bf16 Winograd error {err:.2e}, PyTorch's bf16 convolution {err_torch:.2e}"
 
 
