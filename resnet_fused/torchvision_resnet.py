@@ -10,8 +10,10 @@ BatchNorms (BasicBlock: 3x3, 3x3; Bottleneck: 1x1, 3x3, 1x1), ReLU after each bu
 
 Backends: the extension's ("cpu", "cuda": ATen/oneDNN convolutions + the C++ operators; on a CPU in eval mode every
 BatchNorm is folded, the 3x3 stride-1 convolutions run as Winograd and the others as oneDNN primitives with bias,
-shortcut and ReLU as post-ops), else plain PyTorch (torchvision's own modules). The Triton backend does not run
-these networks yet: "auto" picks the extension on CUDA tensors, and backend="triton" is refused.
+shortcut and ReLU as post-ops), "triton" (the fused implicit-GEMM kernels: BatchNorm statistics in the
+convolution's epilogue, BN + ReLU applied on load by the next one; tested under the Triton interpreter, never run
+on a GPU), else plain PyTorch (torchvision's own modules). "auto" picks the CUDA extension (cuDNN's
+convolutions) on CUDA tensors: which of it and Triton is faster on a GPU has not been measured.
 Refused with an error that says why: grouped convolutions (ResNeXt), dilation (replace_stride_with_dilation), and
 blocks that are neither torchvision's BasicBlock nor Bottleneck.
 """
@@ -151,7 +153,8 @@ _CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "l
 
 class FusedTorchvisionResNet(nn.Module):
     """A torchvision ResNet run through the fused backends: torchvision's modules under their own names (the
-    state_dict is torchvision's). ``backend``: "auto" (default, or ``RESNET_FUSED_BACKEND``), "cuda" or "cpu"."""
+    state_dict is torchvision's). ``backend``: "auto" (default, or ``RESNET_FUSED_BACKEND``), "triton", "cuda" or
+    "cpu"."""
 
     def __init__(self, model: nn.Module, backend: str | None = None):
         super().__init__()
@@ -161,8 +164,6 @@ class FusedTorchvisionResNet(nn.Module):
         for name in _CHILDREN:
             setattr(self, name, getattr(model, name))
         self.backend = backends.validate_name(backend or os.environ.get("RESNET_FUSED_BACKEND", "auto"))
-        if self.backend == "triton":
-            raise ValueError("backend 'triton' does not run torchvision ResNets yet: use 'auto', 'cuda' or 'cpu'")
         self.plan = build_chain_plan(self)
         self.fold_cache = FoldCache(fold_chain)
         self.in_channels = self.conv1.in_channels

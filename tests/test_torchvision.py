@@ -161,8 +161,7 @@ def test_eval_mode_gradients_and_backend_choice():
     ref(x).sum().backward()
     fused(x2).sum().backward()
     torch.testing.assert_close(x2.grad, x.grad)
-    with pytest.raises(ValueError, match="triton"):
-        FusedResNet.from_torchvision(ref, backend="triton")
+    assert FusedResNet.from_torchvision(ref).resolve_backend(torch.randn(1, 3, 8, 8)) == "cpu"
     with pytest.raises(ValueError, match="expects an \\(N, 3, H, W\\)"):
         fused(torch.randn(1, 1, 32, 32))
 
@@ -206,3 +205,80 @@ def test_torch_compile_fullgraph_matches_torchvision_in_eval_and_training():
     got.square().sum().backward()
     for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-3 * p.grad.abs().max().item(), msg=name)
+
+
+# ---- the Triton backend (under the interpreter on a CPU; on CUDA tensors where there is a GPU) ---------------------
+# torchvision's own BasicBlock / Bottleneck classes and forward, with narrow stages (torchvision fixes them at
+# 64-512 channels, hours under the interpreter): channel counts that are not multiples of 8, every shortcut kind.
+
+def narrow_tv(block, widths=(8, 12, 20, 24), layers=(1, 2, 1, 1), in_channels=3, stem=(7, 2, 3), maxpool=True,
+              seed=0):
+    from torchvision.models.resnet import ResNet, conv1x1
+    torch.manual_seed(seed)
+    m = ResNet(block, [1, 1, 1, 1], num_classes=10)
+    m.conv1 = torch.nn.Conv2d(in_channels, widths[0], stem[0], stem[1], stem[2], bias=False)
+    m.bn1 = torch.nn.BatchNorm2d(widths[0])
+    if not maxpool:
+        m.maxpool = torch.nn.Identity()
+    inplanes = widths[0]
+    for i, (width, n) in enumerate(zip(widths, layers)):
+        blocks = []
+        for j in range(n):
+            stride = 2 if i and not j else 1
+            ds = None
+            if stride != 1 or inplanes != width * block.expansion:
+                ds = torch.nn.Sequential(conv1x1(inplanes, width * block.expansion, stride),
+                                         torch.nn.BatchNorm2d(width * block.expansion))
+            blocks.append(block(inplanes, width, stride, ds))
+            inplanes = width * block.expansion
+        setattr(m, f"layer{i + 1}", torch.nn.Sequential(*blocks))
+    m.fc = torch.nn.Linear(inplanes, 10)
+    return _randomize_bn(m, seed)
+
+
+def _blocks():
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    return {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+def _triton_step_errors(ref, x, dev):
+    y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(1)).to(dev)
+    return one_step_errors(ref.to(dev).train(), x.to(dev), y, "triton", both_layouts=True,
+                           convert=lambda r, b: FusedResNet.from_torchvision(r, backend=b))
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_triton_training_step_matches_torchvision(block, dev):
+    """conv_bn_train chains (the previous BN + ReLU applied on load), the projection normalised in bn_add_relu,
+    the stem's max-pool: logits, every gradient, every running statistic within twice torchvision's fp32 error
+    against float64. 64x64 batch 2: the last stage's BatchNorm sees 8 values per channel."""
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    assert_within_twice_pytorch(flipped=FLIPPED, errs=_triton_step_errors(narrow_tv(_blocks()[block]), x, dev))
+
+
+def test_triton_training_step_of_a_cifar_variant(dev):
+    """A 3x3 stride-1 stem, no max-pool, one input channel, batch 3 of 13x13 (odd sizes)."""
+    ref = narrow_tv(_blocks()["basic"], widths=(8, 16, 12, 24), layers=(2, 1, 1, 1), in_channels=1, stem=(3, 1, 1),
+                    maxpool=False)
+    x = torch.randn(3, 1, 13, 13, generator=torch.Generator().manual_seed(3))
+    assert_within_twice_pytorch(flipped=FLIPPED, errs=_triton_step_errors(ref, x, dev))
+
+
+@pytest.mark.parametrize("block,size,batch", [("basic", 32, 1), ("bottleneck", 33, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_inference_matches_torchvision(block, size, batch, channels_last, dev):
+    """Eval mode: conv_bn_act per folded convolution, the block's last with the identity or the projection's
+    second GEMM in its epilogue: the logits within 1e-4 of their scale of torchvision's."""
+    ref = narrow_tv(_blocks()[block]).to(dev).eval()
+    fused = FusedResNet.from_torchvision(ref, backend="triton").eval()
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(5)).to(dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want, got = ref(x), fused(x)
+    assert fused.resolve_backend(x) == "triton"
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+    x[0, 1, 2, 2] = float("nan")
+    with torch.no_grad():
+        out = fused(x)
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1:]).all()

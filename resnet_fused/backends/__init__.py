@@ -63,7 +63,8 @@ def resolve(name: str, x: torch.Tensor, chain: bool = False) -> Backend:
     """The backend object that runs ``x`` for the backend name; "auto": Triton on CUDA tensors (the CUDA extension
     if Triton is missing, plain PyTorch if both are), the C++ CPU operators on CPU tensors (plain PyTorch without
     the extension). Raises, naming what is missing, when a named backend cannot run this input. ``chain``: the
-    model is a torchvision ResNet (torchvision_resnet.ChainPlan), which the Triton backend does not run."""
+    model is a torchvision ResNet (torchvision_resnet.ChainPlan): "auto" takes the CUDA extension (cuDNN) for it on
+    CUDA tensors until a GPU has measured the Triton kernels on these networks."""
     if name == "auto":
         if x.device.type == "cuda":
             from .triton import TRITON_IMPORT_ERROR

@@ -12,12 +12,19 @@ with its statistics) in one launch, then bn_scale_shift for each.
 Inference: the folded plan, one conv_bn_act per conv with bias, shortcut (option B as a second GEMM in the same
 tile) and ReLU in its epilogue; or, with ``model.whole_network_inference``, the whole network and its head in one
 resnet_infer launch.
+
+torchvision's ResNets (torchvision_resnet.ChainPlan) through the same operators: per block a chain of
+conv_bn_train launches, each applying the previous BatchNorm + ReLU on load, then bn_add_relu with the identity or
+the projection (its own conv_bn_train, normalised in bn_add_relu: mode 3); the stem's max-pool is PyTorch's. In
+inference one conv_bn_act per folded convolution, the block's last with the shortcut (option B's second GEMM for
+the projection) in its epilogue.
 """
 from __future__ import annotations
 
 import torch
 
 from ..plan import ShortcutMode
+from ..torchvision_resnet import ChainPlan
 from .base import Backend, compute_dtype
 
 try:  # importing the op modules registers the resnet_fused:: custom ops
@@ -92,17 +99,19 @@ class TritonBackend(Backend):
 
     def features(self, model, x, sync=None):
         x = x.to(self._dtype(x))
+        if isinstance(model.plan, ChainPlan):
+            return self.chain_train_features(model, x, sync) if model.training else self.chain_eval_features(model, x)
         return self.train_features(model, x, sync) if model.training else self.eval_features(model, x)
 
     def forward(self, model, x, sync=None):
-        if not model.training and model.whole_network_inference:
+        if not model.training and getattr(model, "whole_network_inference", False):
             logits = self.whole_network(model, x)
             if logits is not None:
                 return logits
         return super().forward(model, x, sync)
 
     def prepare(self, model, x):
-        if not model.training and model.whole_network_inference:
+        if not model.training and getattr(model, "whole_network_inference", False):
             self._packed_network(model, self._dtype(x))
 
     def _packed_network(self, model, dtype):
@@ -124,11 +133,12 @@ class TritonBackend(Backend):
         return ops.resnet_infer(x.to(dtype), weights, biases, table, fc.weight, fc.bias, spec=spec,
                                 out_dtype=dtype)
 
-    def train_features(self, model, x, sync=None):
-        running = _RunningUpdates()
-
+    @staticmethod
+    def _train_convs(running, sync):
+        """(stats, conv_stats): a BatchNorm's statistics (this rank's, or with sync_bn the global batch's: one
+        collective per BatchNorm), and conv_stats(a, cb, scale, shift) -> (y, (scale', shift')): cb's convolution
+        of relu(a * scale + shift) (or of a) with its BatchNorm's statistics, running update queued."""
         def stats(y, mean, var):
-            """This rank's statistics, or with sync_bn the global batch's (one collective per BatchNorm)."""
             return (mean, var, _count(y)) if sync is None else sync(mean, var, y)
 
         def conv_stats(a, cb, scale=None, shift=None):
@@ -142,7 +152,11 @@ class TritonBackend(Backend):
             mean, var, count = stats(y, mean, var)
             running.add(cb.bn, mean, var, count)
             return y, _scale_shift(cb.bn, mean, var)
+        return stats, conv_stats
 
+    def train_features(self, model, x, sync=None):
+        running = _RunningUpdates()
+        stats, conv_stats = self._train_convs(running, sync)
         y, (s, t) = conv_stats(x, model.plan.stem)
         a = ops.bn_add_relu(y, s, t, residual=None, res_scale=None, res_shift=None, mode=ShortcutMode.NONE,
                             res_stride=1, pad_front=0, relu=True)
@@ -163,6 +177,55 @@ class TritonBackend(Backend):
             a = ops.bn_add_relu(y2, s2, t2, residual=None if b.mode == ShortcutMode.NONE else a, res_scale=None,
                                 res_shift=None, mode=b.mode, res_stride=b.stride, pad_front=b.pad_front, relu=True)
         running.apply()
+        return a
+
+    def chain_train_features(self, model, x, sync=None):
+        """A torchvision ResNet's training forward: the stem's BN + ReLU written once (the max-pool reads it),
+        inside a block every BN + ReLU but the last applied on load by the next convolution."""
+        running = _RunningUpdates()
+        _, conv_stats = self._train_convs(running, sync)
+        plan = model.plan
+        y, (s, t) = conv_stats(x, plan.stem)
+        a = ops.bn_add_relu(y, s, t, residual=None, res_scale=None, res_shift=None, mode=ShortcutMode.NONE,
+                            res_stride=1, pad_front=0, relu=True)
+        if plan.maxpool is not None:
+            a = plan.maxpool(a)
+        for b in plan.blocks:
+            y, (s, t) = conv_stats(a, b.convs[0])
+            for cb in b.convs[1:]:
+                y, (s, t) = conv_stats(y, cb, s, t)
+            if b.proj is not None:
+                r, (rs, rt) = conv_stats(a, b.proj)
+                a = ops.bn_add_relu(y, s, t, residual=r, res_scale=rs, res_shift=rt, mode=ShortcutMode.PROJ_B,
+                                    res_stride=1, pad_front=0, relu=True)
+            else:
+                a = ops.bn_add_relu(y, s, t, residual=a, res_scale=None, res_shift=None, mode=ShortcutMode.IDENTITY,
+                                    res_stride=1, pad_front=0, relu=True)
+        running.apply()
+        return a
+
+    def chain_eval_features(self, model, x):
+        """A torchvision ResNet's inference: one conv_bn_act per folded convolution; the block's last adds the
+        identity, or the projection as a second GEMM into the same tile (its shift folded into the bias)."""
+        op = ops.conv_bn_act
+        folded = model.folded(x.dtype)
+
+        def conv(a, fc, **shortcut):
+            kw = dict(residual=None, x2=None, weight2=None, res_mode=ShortcutMode.NONE, res_stride=1) | shortcut
+            return op(a, fc.weight, fc.bias, stride=fc.stride, padding=fc.padding, pad_front=0, relu=True, **kw)
+
+        a = conv(x, folded.stem)
+        if folded.maxpool is not None:
+            a = folded.maxpool(a)
+        for b in folded.blocks:
+            h = a
+            for fc in b.convs[:-1]:
+                h = conv(h, fc)
+            if b.proj_weight is not None:
+                a = conv(h, b.convs[-1], x2=a, weight2=b.proj_weight, res_mode=ShortcutMode.PROJ_B,
+                         res_stride=b.proj_stride)
+            else:
+                a = conv(h, b.convs[-1], residual=a, res_mode=ShortcutMode.IDENTITY)
         return a
 
     def head(self, model, feats):
