@@ -3,6 +3,8 @@
     python bench/kernel_report.py                    # ResNet-20 (A and B), batch 512, 28x28: train + eval (per
                                                      # layer, and the whole-network kernel), fp32 + bf16
     python bench/kernel_report.py --batch 64 --json bench/results/kernel_report-....json
+    python bench/kernel_report.py --model tv-resnet18,tv-resnet50 --size 224 --batch 64 --precisions fp32,bf16
+                                                     # torchvision's ResNets (train + per-layer inference)
 
 The FusedResNet step runs on CPU tensors of the real shapes with every Triton launch turned into a compile for
 ``GPUTarget("cuda", 90, 32)`` (Triton's own binder picks the specialisations it would pick on the GPU: dtypes,
@@ -127,10 +129,24 @@ def run_heads(heads, precisions, current):
             pl.pool_linear_backward(torch.randn(32, k, dtype=dt), pooled, f, w, True)
 
 
-def collect(workloads, batch, real_driver=False, heads=(), index64=False):
+def _workload_model(name, shortcut, batch, size):
+    """(model, x) of one workload: a FusedResNet on 28x28x1 digits, or a torchvision ResNet (tv-NAME) on
+    size x size x 3 images, on the triton backend."""
+    torch.manual_seed(0)
+    if name.startswith("tv-"):
+        model, shape = build_model(name, impl="fused", backend="triton"), (batch, 3, size, size)
+    else:
+        model = build_model(name, impl="fused", backend="triton", shortcut=shortcut, cuda_graphs=False)
+        shape = (batch, 1, 28, 28)
+    return (model.to(memory_format=torch.channels_last),
+            torch.randn(*shape).contiguous(memory_format=torch.channels_last))
+
+
+def collect(workloads, batch, real_driver=False, heads=(), index64=False, size=224):
     """{(kernel name, specialisation key): (CompiledKernel, {constexprs}, [workloads])} for the given workloads
     (and pool_linear's ``heads``); ``real_driver``: compile for the GPU of this machine (the tensors stay on the
-    CPU: nothing is launched); ``index64``: every launcher takes its 64-bit index variant (INDEX64)."""
+    CPU: nothing is launched); ``index64``: every launcher takes its 64-bit index variant (INDEX64); ``size``: the
+    torchvision models' image side."""
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
     if not real_driver:
@@ -158,11 +174,8 @@ def collect(workloads, batch, real_driver=False, heads=(), index64=False):
         launch.INT32_LIMIT = 0  # every offset "too large": the INDEX64 variants
     try:
         for name, shortcut, mode, prec in workloads:
-            current[0] = f"{name}{shortcut}/{mode}/{prec}"
-            torch.manual_seed(0)
-            model = build_model(name, impl="fused", backend="triton", shortcut=shortcut, cuda_graphs=False)
-            model = model.to(memory_format=torch.channels_last)
-            x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+            current[0] = _workload_name((name, shortcut, mode, prec))
+            model, x = _workload_model(name, shortcut, batch, size)
             y = torch.randint(0, 10, (batch,))
             model.train(mode == "train")
             model.whole_network_inference = mode == "inference-net"
@@ -180,6 +193,12 @@ def collect(workloads, batch, real_driver=False, heads=(), index64=False):
     return seen
 
 
+def _workload_name(w):
+    """"A/train/fp32" for FusedResNet's own models (the model is the report's), "tv-resnet18/train/fp32"."""
+    name, shortcut, mode, prec = w
+    return "/".join((name if name.startswith("tv-") else shortcut, mode, prec))
+
+
 H100_SXM_SMS = 132
 
 
@@ -192,7 +211,9 @@ def launch_sms(real_driver):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet20")
+    p.add_argument("--model", default="resnet20",
+                   help="one or more, comma-separated: resnet20, ..., or torchvision's tv-resnet18, tv-resnet50, ...")
+    p.add_argument("--size", type=int, default=224, help="image side of the torchvision models (tv-NAME) [224]")
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--modes", default="train,inference,inference-net",
                    help="train, inference (per layer), inference-net (the whole-network kernel)")
@@ -215,10 +236,17 @@ def main(argv=None):
              [tuple(int(v) for v in h.split("x")) for h in args.heads.split(",") if h])
     if args.check_driver and not torch.cuda.is_available():
         raise SystemExit("error: --check-driver needs a CUDA GPU (it loads every kernel through the driver)")
-    workloads = [(args.model, s, m, pr) for s in args.shortcuts.split(",") for m in args.modes.split(",")
-                 for pr in args.precisions.split(",")]
+    models = args.model.split(",")
+    for name in models:
+        if name.startswith("tv-") and "inference-net" in args.modes.split(","):
+            raise SystemExit(f"error: {name}: the whole-network kernel (inference-net) runs FusedResNet's own "
+                             f"networks only; pass --modes train,inference")
+    workloads = [(name, "" if name.startswith("tv-") else s, m, pr) for name in models
+                 for s in (args.shortcuts.split(",") if not name.startswith("tv-") else [""])
+                 for m in args.modes.split(",") for pr in args.precisions.split(",")]
     t0 = time.perf_counter()
-    seen = collect(workloads, args.batch, real_driver=args.check_driver, heads=heads, index64=args.index64)
+    seen = collect(workloads, args.batch, real_driver=args.check_driver, heads=heads, index64=args.index64,
+                   size=args.size)
     rows, disagree = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for (name, h), (kernel, consts, used) in sorted(seen.items(), key=lambda kv: kv[0][0]):
@@ -237,7 +265,8 @@ def main(argv=None):
               f"({torch.cuda.get_device_name()})") if args.check_driver else "sm_90"
     launch = dict(sms=launch_sms(args.check_driver), tf32=bool(torch.backends.cudnn.allow_tf32))
     print(f"{len(rows)} kernel configurations compiled for {target} in {time.perf_counter() - t0:.0f} s "
-          f"(Triton {triton.__version__}, {args.model}, batch {args.batch}, shortcuts {args.shortcuts}; launch "
+          f"(Triton {triton.__version__}, {args.model}, batch {args.batch}, shortcuts {args.shortcuts}, torchvision "
+          f"models at {args.size}x{args.size}; launch "
           f"choices of a {launch['sms']}-SM GPU, fp32 convolutions in {'TF32' if launch['tf32'] else 'IEEE fp32'} "
           f"as cudnn.allow_tf32)")
     print(f"{'kernel':26s} {'tile (BLOCK_*)':14s} {'workloads':>9s} " + " ".join(f"{c[:8]:>8s}" for c in cols))
@@ -252,7 +281,8 @@ def main(argv=None):
         print("driver and compiler disagree:\n  " + "\n  ".join(disagree))
     res = dict(target=target, driver_checked=args.check_driver, driver_disagreements=disagree,
                triton=triton.__version__, torch=torch.__version__, model=args.model,
-               batch=args.batch, workloads=["/".join(w[1:]) for w in workloads], launch_choices=launch,
+               batch=args.batch, size=args.size, workloads=[_workload_name(w) for w in workloads],
+               launch_choices=launch,
                index64=args.index64, heads=[list(h) for h in heads],
                kernels=rows, totals=tot,
                git_commit=git_commit(short=True)[0] or "unknown")

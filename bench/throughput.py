@@ -140,12 +140,14 @@ def count_launches(fn, dev, steps=3):
 
 # ---- one configuration ------------------------------------------------------------------------------------
 
-def skip_reason(impl, dev, mode=None, prec="fp32"):
+def skip_reason(impl, dev, mode=None, prec="fp32", name=""):
     backend = FUSED_BACKEND.get(impl)
     if impl in engines.ENGINES:
         return engines.skip_reason(impl, dev, mode, prec)
     if impl == "fused-triton-net" and mode == "train":
         return "the whole-network kernel is inference only"
+    if impl == "fused-triton-net" and name.startswith("tv-"):
+        return "the whole-network kernel runs FusedResNet's own networks, not torchvision's"
     if backend == "triton" and dev.type != "cuda":
         return "needs a CUDA GPU (Triton)"
     if impl.endswith("-graph") and dev.type != "cuda":
@@ -249,7 +251,7 @@ def build_step(model, impl, mode, prec, dev, xs, ys):
 def prepare_one(name, mode, prec, impl, bs, dev, args):
     """(row, prepared): the row's identity and, when it can run, its step callable and setup time."""
     row = dict(model=name, mode=mode, precision=prec, impl=impl, batch=bs)
-    reason = skip_reason(impl, dev, mode, prec)
+    reason = skip_reason(impl, dev, mode, prec, name)
     if reason:
         return dict(row, status="skipped", reason=reason), None
     cl = prec == "bf16" or impl in FUSED_BACKEND or impl == "eager-channels-last"

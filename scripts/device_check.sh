@@ -17,12 +17,15 @@
 #                and the perturbed-reference band) and the extension's CUDA operators (test_ext.py, test_ext_lowp.py
 #                -m gpu) -> junit.xml
 #   throughput   the headline rows in priority order (ResNet-20, batch 512, train and inference, fp32 and bf16),
-#                JSON after every row (`python bench/throughput.py --plot-only throughput.json --png F` draws it)
+#                JSON after every row (`python bench/throughput.py --plot-only throughput.json --png F` draws it);
+#                then, in what is left of the stage's limit, torchvision's ResNet-50 and ResNet-18 at 224x224
+#                (bf16, batch 128: the CUDA extension (auto's choice), channels_last eager, the Triton kernels,
+#                torch.compile) -> throughput-tv.json
 #   time-to-accuracy  bench/time_to_accuracy.py, the fused row first
 #   summary      summary.json: every stage's exit status, seconds, limit and wanted limit; the log's tail on stdout
 # Timed-out stages get SIGINT first (pytest still writes its junit XML and summary), SIGKILL 5 s later.
 # OUTDIR holds at most 8 files, no folders: device_check.log, summary.json, precompile.json, junit-ops.xml,
-# junit.xml, throughput.json, time_to_accuracy.json.
+# junit.xml, throughput.json, throughput-tv.json, time_to_accuracy.json.
 #
 # DEVICE_CHECK_DRY_RUN=1: the same schedule on a CPU with tiny workloads (Triton interpreter), deadline default
 # 300 s: tests/test_device_check.py runs it in CI. RESNET_FUSED_GIT_COMMIT=<sha>: the device copy has no .git.
@@ -105,6 +108,8 @@ if [ "$DRY" = 1 ]; then
   GPU_TESTS=(tests/test_reliability.py tests/test_ext.py -k "keep_nan or bad_operands")
   THROUGHPUT=(--device cpu --models resnet8 --batch-sizes 4 --modes train,inference --precisions fp32
               --impls eager,fused-cpu,eager-graph --iters 1 --repeats 2 --no-isolate --no-launches)
+  THROUGHPUT_TV=(--device cpu --models tv-resnet18 --tv-size 64 --batch-sizes 1 --modes inference --precisions fp32
+                 --impls eager-channels-last,fused-cpu --iters 1 --repeats 1 --no-isolate --no-launches)
   TTA=(--device cpu --model resnet8 --impls reference --subset 256 --epochs 1 --batch-size 64 --amp off)
 else
   BUILD=($PY -m pip install --no-build-isolation --no-deps -e .)
@@ -114,6 +119,9 @@ else
   IMPLS=${THROUGHPUT_IMPLS:-fused-triton-graph,eager,eager-graph,fused-triton,fused-cuda-graph,compile@bf16,compile-max-autotune@bf16,fused-triton-net,eager-channels-last,compile-reduce-overhead@bf16}
   THROUGHPUT=(--models resnet20 --batch-sizes 512 --precisions fp32,bf16 --modes train,inference
               --impls "$IMPLS" --iters 20 --repeats 5)
+  THROUGHPUT_TV=(--models tv-resnet50,tv-resnet18 --tv-size 224 --batch-sizes 128 --precisions bf16
+                 --modes inference,train --impls "${THROUGHPUT_TV_IMPLS:-fused-cuda,eager-channels-last,fused-triton,compile}"
+                 --iters 10 --repeats 3)
   TTA=(--impls fused,reference,reference-compile --amp bf16)  # the fast recipe (2 epochs)
 fi
 
@@ -122,7 +130,11 @@ stage build "${BUILD[@]}" || echo "build failed: the rest runs from the source t
 stage precompile $PY scripts/precompile.py "${PRECOMPILE[@]}" --json "$OUT/precompile.json"
 stage op-tests $PYTEST --junitxml="$OUT/junit-ops.xml" "${OP_TESTS[@]}"
 stage gpu-tests $PYTEST --junitxml="$OUT/junit.xml" "${GPU_TESTS[@]}"
-stage throughput $PY bench/throughput.py "${THROUGHPUT[@]}" --json "$OUT/throughput.json" --png "" --no-progress
+# ResNet-20's rows first; torchvision's in whatever the stage's limit leaves (the stage's status is the first's)
+TP_R20=$(printf '%q ' $PY bench/throughput.py "${THROUGHPUT[@]}" --json "$OUT/throughput.json" --png "" --no-progress)
+TP_TV=$(printf '%q ' $PY bench/throughput.py "${THROUGHPUT_TV[@]}" --json "$OUT/throughput-tv.json" --png "" \
+        --no-progress)
+stage throughput bash -c "$TP_R20; rc=\$?; $TP_TV; exit \$rc"
 stage time-to-accuracy $PY bench/time_to_accuracy.py "${TTA[@]}" --json "$OUT/time_to_accuracy.json"
 
 TOTAL=$(now)

@@ -33,10 +33,12 @@ def test_dry_run_runs_every_stage_and_writes_at_most_8_files(tmp_path, mnist_roo
     files = sorted(os.listdir(out))
     assert len(files) <= 8 and all(os.path.isfile(out / f) for f in files)
     assert set(files) == {"device_check.log", "summary.json", "precompile.json", "junit-ops.xml", "junit.xml",
-                          "throughput.json", "time_to_accuracy.json"}
+                          "throughput.json", "throughput-tv.json", "time_to_accuracy.json"}
     assert "<testcase" in (out / "junit.xml").read_text() and "<testcase" in (out / "junit-ops.xml").read_text()
     tp = json.loads((out / "throughput.json").read_text())
     assert tp["complete"] and any(r["status"] == "ok" for r in tp["rows"])
+    tv = json.loads((out / "throughput-tv.json").read_text())
+    assert tv["complete"] and {r["model"] for r in tv["rows"] if r["status"] == "ok"} == {"tv-resnet18"}
     assert summary["version"] == 3
     assert sum(s["wanted_s"] for s in summary["stages"]) == summary["limits_sum_s"] <= LIMITS_MAX_S
     assert all(s["limit_s"] <= s["wanted_s"] for s in summary["stages"])

@@ -551,6 +551,10 @@ def test_launch_choices_for_a_gpu_from_cpu_tensors(monkeypatch):
     assert ig.conv_config(big, 64, 576, cpu)["BLOCK_M"] == ig.CONV_CONFIGS[1]["BLOCK_M"] == 128
     assert ig.conv_config(big, 128, 576, cpu)["BLOCK_N"] == ig.CONV_CONFIGS[2]["BLOCK_N"] == 128
     assert ig.conv_config(small, 64, 576, cpu) == dict(ig.CONV_CONFIGS[0], BLOCK_N=64, BLOCK_K=32)
+    # the input gradient with BN's backward on load and the prologue's gradient sums: 8 warps at 64 channels
+    assert ig.conv_config(big, 64, 576, cpu, heavy=True) == dict(ig.CONV_CONFIGS[4], BLOCK_N=64, BLOCK_K=32)
+    assert ig.conv_config(big, 32, 288, cpu, heavy=True) == dict(ig.CONV_CONFIGS[1], BLOCK_N=32, BLOCK_K=32)
+    assert ig.conv_config(big, 128, 576, cpu, heavy=True)["num_warps"] == 8
     monkeypatch.setattr(launch, "COMPILE_FOR_GPU_SMS", 66)  # a smaller GPU fills with fewer rows
     assert ig.conv_config(small, 64, 576, cpu)["BLOCK_M"] == 128
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)

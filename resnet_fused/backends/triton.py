@@ -103,15 +103,21 @@ class TritonBackend(Backend):
             return self.chain_train_features(model, x, sync) if model.training else self.chain_eval_features(model, x)
         return self.train_features(model, x, sync) if model.training else self.eval_features(model, x)
 
+    @staticmethod
+    def _whole_network_on(model):
+        """Inference as one resnet_infer launch: asked for, and FusedResNet's own plan (not a torchvision one)."""
+        return (not model.training and getattr(model, "whole_network_inference", False)
+                and not isinstance(model.plan, ChainPlan))
+
     def forward(self, model, x, sync=None):
-        if not model.training and getattr(model, "whole_network_inference", False):
+        if self._whole_network_on(model):
             logits = self.whole_network(model, x)
             if logits is not None:
                 return logits
         return super().forward(model, x, sync)
 
     def prepare(self, model, x):
-        if not model.training and getattr(model, "whole_network_inference", False):
+        if self._whole_network_on(model):
             self._packed_network(model, self._dtype(x))
 
     def _packed_network(self, model, dtype):

@@ -450,6 +450,11 @@ CONV_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
     dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=2, num_stages=2),
+    # [1]'s tile on 8 warps, for the kernel with the most live state per thread (the input gradient with BN's
+    # backward applied on load, PRO 2, and the prologue's gradient sums, STATS 2): fp32/TF32 at 64 output channels
+    # it spilled 80 bytes on 4 warps (255 registers; torchvision's ResNets at 224x224, batch 64,
+    # bench/kernel_report.py)
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
 ]
 WGRAD_CONFIGS = [
     dict(BLOCK_CO=64, BLOCK_R=64, BLOCK_P=64, num_warps=4, num_stages=2),
@@ -462,13 +467,15 @@ def _pow2_clamp(n, lo, hi):
     return max(lo, min(hi, next_pow2(max(1, int(n)))))
 
 
-def conv_config(M, N, ktot, device, config=None):
-    """Block sizes for an implicit GEMM of M rows, N columns, reduction ktot (every dim >= 16 for tl.dot)."""
+def conv_config(M, N, ktot, device, config=None, heavy=False):
+    """Block sizes for an implicit GEMM of M rows, N columns, reduction ktot (every dim >= 16 for tl.dot).
+    ``heavy``: the kernel variant with the most live state (PRO 2 with STATS 2): its 128x64 tile on 8 warps (at
+    16-32 output channels, ResNet-20's, 4 warps do not spill)."""
     if config is None:
         if not gpu_target(device):
             config = CONV_CONFIGS[3]
         elif M >= 2 * 128 * sm_count(device):  # two waves of 128-row tiles fill the GPU
-            config = CONV_CONFIGS[1] if N <= 64 else CONV_CONFIGS[2]
+            config = CONV_CONFIGS[2] if N > 64 else CONV_CONFIGS[4] if heavy and N > 32 else CONV_CONFIGS[1]
         else:
             config = CONV_CONFIGS[0]
     cfg = dict(config)
@@ -521,7 +528,7 @@ def conv_launch(src, w, kh, kw, stride, pad, dest_hw, *, transposed=False, pro=0
     ktot = kh * kw * c_src
     m = nb * dh * dw
     dev = src.device
-    cfg = conv_config(m, n_out, ktot, dev, config)
+    cfg = conv_config(m, n_out, ktot, dev, config, heavy=pro == 2 and stats == 2)
     out = empty_nhwc(nb, n_out, dh, dw, out_dtype or src.dtype, dev)
     tiles = cdiv(m, cfg["BLOCK_M"])
     out2 = empty_nhwc(nb, n_out, dh, dw, out_dtype or src.dtype, dev) if dual_out else None
