@@ -269,6 +269,26 @@ def test_kernel_report_compiles_the_workloads_kernels_for_sm90(tmp_path):
         assert "kernel configurations compiled for sm_90" in r.stdout and d["driver_checked"] is False
 
 
+def test_kernel_report_compiles_torchvision_training_without_spills(tmp_path):
+    """torchvision's ResNet-18 training step at 224x224, batch 64 (the GPU tiles, TF32): every kernel compiles for
+    sm_90 without spills (the input-gradient conv with BN's backward on load spilled 80 bytes at 64 channels on
+    4 warps before it got 8)."""
+    import subprocess
+    out = tmp_path / "kr.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "kernel_report.py")
+    r = subprocess.run([sys.executable, script, "--model", "tv-resnet18", "--size", "224", "--batch", "64",
+                        "--modes", "train", "--precisions", "fp32", "--json", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["workloads"] == ["tv-resnet18/train/fp32"] and d["size"] == 224
+    heavy = [k for k in d["kernels"] if k["constexprs"].get("PRO") == 2 and k["constexprs"].get("STATS") == 2]
+    assert any(k["constexprs"]["BLOCK_M"] == 128 and k["num_warps"] == 8 for k in heavy)
+    assert all(k["spill_bytes"] == 0 for k in d["kernels"]), [(k["kernel"], k["constexprs"]) for k in d["kernels"]
+                                                               if k["spill_bytes"]]
+
+
 def test_recipe_runs_summarizes_groups_of_runs(tmp_path):
     """resnet_fused/experiments/recipe_runs.py: per run the last epoch's test accuracy (EMA's where the run had it) and the trained
     weights' beside it; per group mean/min/max and the difference of means from the first group."""
