@@ -48,6 +48,27 @@ def test_non_finite_input_in_eval_gives_what_pytorch_gives(dev, backend, value, 
     torch.testing.assert_close(f[finite], r[finite], rtol=1e-4, atol=1e-5)
 
 
+def test_finite_input_whose_sum_overflows_gives_what_pytorch_gives():
+    """The CPU fast path checks its input with one sum (backends/extension.py _surely_finite): finite inputs whose
+    sum overflows, and +inf beside -inf (a NaN sum), take the exact path: PyTorch's numbers and non-finite pattern."""
+    if not ext.available():
+        pytest.skip("extension not built")
+    ref, fused = _model_pair("cpu", torch.device("cpu"))
+    ref.eval(), fused.eval()
+    x = torch.randn(3, 1, 12, 12).abs() * 2e36
+    x2 = torch.randn(3, 1, 12, 12)
+    x2[0, 0, 1, 1], x2[0, 0, 5, 7] = float("inf"), float("-inf")
+    from resnet_fused.backends.extension import _surely_finite
+    assert not _surely_finite(x) and not _surely_finite(x2) and _surely_finite(x2[1:])
+    for inp in (x, x2):
+        with torch.no_grad():
+            r, f = ref(inp), fused(inp)
+        assert torch.equal(f.isnan(), r.isnan()) and torch.equal(f.isinf(), r.isinf())
+        finite = r.isfinite()
+        assert finite.any()
+        torch.testing.assert_close(f[finite], r[finite], rtol=1e-4, atol=1e-5 * r[finite].abs().max().item())
+
+
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_nan_weight_in_eval_gives_what_pytorch_gives(dev, backend):
     if backend == "cpu" and not ext.available():

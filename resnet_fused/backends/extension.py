@@ -16,6 +16,8 @@ with a non-finite input or weight the ATen convolutions run instead, so NaN/Inf 
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,13 @@ def _aten_conv(x, w, b, stride, pad, relu=False, add=None):
         return torch.ops.resnet_fused.scale_shift_add_relu(y, None, None, add, None, None, mode=ShortcutMode.IDENTITY,
                                                            res_stride=1, pad_front=0, relu=relu)
     return torch.relu_(y) if relu else y
+
+
+def _surely_finite(x):
+    """Whether every element of x is finite, by one reduction: a NaN or an infinity makes the sum non-finite (so do
+    finite values whose sum overflows: then the exact path runs, which is only slower). torch.isfinite(x).all() is
+    five passes (~33 us of a 0.5 ms batch-1 ResNet-20 forward on the 2-core machine)."""
+    return math.isfinite(x.sum(dtype=torch.float32).item())
 
 
 def _train_conv(x, w, stride, padding):
@@ -266,7 +275,7 @@ class ExtensionBackend(Backend):
         fast_dtype = fp32 or (dtype == torch.bfloat16 and _WINOGRAD_BF16)
         onednn = (_HAS_ONEDNN_POST_OPS and x.device.type == "cpu" and fast_dtype
                   and not torch.compiler.is_compiling() and not capturing() and folded.all_finite
-                  and bool(torch.isfinite(x).all()))
+                  and _surely_finite(x))
         base = _onednn_conv if onednn else _aten_conv
         wino = {}
         if onednn and _WINOGRAD:
