@@ -348,10 +348,38 @@ def _isolated_worker(conn, cfg, args):
             return
 
 
+def cpu_times():
+    """(idle + iowait, all) CPU time of the machine since boot, in clock ticks (/proc/stat's first line)."""
+    with open("/proc/stat") as f:
+        v = [int(t) for t in f.readline().split()[1:9]]
+    return v[3] + v[4], sum(v)
+
+
+def wait_until_quiet(max_s=3.0, busy=0.1, interval=0.05):
+    """Wait (at most ``max_s``) until this machine's CPUs were at most ``busy`` in use over one ``interval``; the
+    seconds waited. A row's process can keep its threads spinning after its window (ONNX Runtime's intra-op pool
+    spins on for about a second after a run by default: timed beside it, fused-cpu's batch-1 step measured 0.90-0.95
+    ms against 0.43-0.51 ms with that pool's spinning off, 2-core machine, 2026-12-03), which would be timed as the
+    next row's. Linux (/proc/stat); elsewhere no wait."""
+    if not os.path.exists("/proc/stat"):
+        return 0.0
+    t0 = time.perf_counter()
+    a = cpu_times()
+    while time.perf_counter() - t0 < max_s:
+        time.sleep(interval)
+        b = cpu_times()
+        total = b[1] - a[1]
+        if total > 0 and 1 - (b[0] - a[0]) / total <= busy:
+            break
+        a = b
+    return time.perf_counter() - t0
+
+
 def bench_isolated(group, dev, args):
     """Like bench_interleaved, but each configuration lives in a process of its own (spawned, prepared one after
     the other) and the parent asks them in turn for one timed window per repeat, so only one runs at a time and none
-    shares an allocator, thread pool or cache state with another; the order rotates every repeat."""
+    shares an allocator, thread pool or cache state with another; the order rotates every repeat. Each window
+    starts once the CPUs are quiet (wait_until_quiet)."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     wargs = argparse.Namespace(**dict(vars(args), device=str(dev)))
@@ -367,6 +395,7 @@ def bench_isolated(group, dev, args):
         k = rep % max(1, len(live))
         for i in live[k:] + live[:k]:
             if rows[i] is None:
+                wait_until_quiet()  # the previous window's process may still be spinning its threads
                 workers[i][0].send("time")
                 rows[i] = workers[i][0].recv()  # None, or an error row that ends this configuration
     for i in live:

@@ -466,3 +466,20 @@ def test_cpu_inference_engines_compute_the_models_logits_and_are_rows(tmp_path):
             row = rows[(model_name, "inference", impl)]
             installed = importlib.util.find_spec(impl) is not None
             assert row["status"] == "ok" if installed else row["reason"] == f"pip install {impl}"
+
+
+def test_isolated_windows_wait_for_quiet_cpus(monkeypatch):
+    """bench_isolated starts a window once the CPUs were idle for one interval (another row's process may keep its
+    threads spinning after its own window), and gives up waiting after max_s."""
+    import throughput
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat")
+    ticks = iter([(0, 0), (10, 100), (20, 200), (110, 300), (111, 400)])  # 90% busy, 90% busy, then 10% busy
+    monkeypatch.setattr(throughput, "cpu_times", lambda: next(ticks))
+    calls = []
+    monkeypatch.setattr(throughput.time, "sleep", lambda s: calls.append(s))
+    throughput.wait_until_quiet(max_s=60, busy=0.1, interval=0.01)
+    assert len(calls) == 3
+    monkeypatch.setattr(throughput, "cpu_times", lambda: (0, len(calls) * 100))  # always busy
+    waited = throughput.wait_until_quiet(max_s=0.05, interval=0.0)
+    assert 0.05 <= waited < 1
