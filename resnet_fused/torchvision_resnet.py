@@ -78,6 +78,20 @@ class FoldedChainPlan:
         for b in self.blocks:
             yield from b.convs
 
+    def walk(self, x, conv, finish):
+        """The inference walk every backend takes: ``conv(a, folded_conv)`` (bias + ReLU) for the stem and for a
+        block's convolutions but its last, the max-pool after the stem, ``finish(h, a, block)`` for the block's last
+        convolution of h, which adds the shortcut of the block input a."""
+        a = conv(x, self.stem)
+        if self.maxpool is not None:
+            a = self.maxpool(a)
+        for b in self.blocks:
+            h = a
+            for fc in b.convs[:-1]:
+                h = conv(h, fc)
+            a = finish(h, a, b)
+        return a
+
 
 def _check_conv(conv, where):
     if not isinstance(conv, nn.Conv2d):

@@ -346,16 +346,12 @@ class ExtensionBackend(Backend):
         dtype = compute_dtype(x)
         folded = model.folded(dtype)
         conv, base = self._eval_conv(model, folded, x, dtype)
-        a = conv(x.to(dtype), folded.stem)
-        if folded.maxpool is not None:
-            a = folded.maxpool(a)
-        for b in folded.blocks:
-            h = a
-            for fc in b.convs[:-1]:
-                h = conv(h, fc)
+
+        def finish(h, a, b):
             add = a if b.proj_weight is None else base(a, b.proj_weight, None, b.proj_stride, 0)
-            a = conv(h, b.convs[-1], ShortcutMode.IDENTITY, add=add)
-        return a
+            return conv(h, b.convs[-1], ShortcutMode.IDENTITY, add=add)
+
+        return folded.walk(x.to(dtype), conv, finish)
 
 
 EXTENSION = {"cpu": ExtensionBackend("cpu"), "cuda": ExtensionBackend("cuda")}

@@ -220,19 +220,13 @@ class TritonBackend(Backend):
             kw = dict(residual=None, x2=None, weight2=None, res_mode=ShortcutMode.NONE, res_stride=1) | shortcut
             return op(a, fc.weight, fc.bias, stride=fc.stride, padding=fc.padding, pad_front=0, relu=True, **kw)
 
-        a = conv(x, folded.stem)
-        if folded.maxpool is not None:
-            a = folded.maxpool(a)
-        for b in folded.blocks:
-            h = a
-            for fc in b.convs[:-1]:
-                h = conv(h, fc)
+        def finish(h, a, b):
             if b.proj_weight is not None:
-                a = conv(h, b.convs[-1], x2=a, weight2=b.proj_weight, res_mode=ShortcutMode.PROJ_B,
-                         res_stride=b.proj_stride)
-            else:
-                a = conv(h, b.convs[-1], residual=a, res_mode=ShortcutMode.IDENTITY)
-        return a
+                return conv(h, b.convs[-1], x2=a, weight2=b.proj_weight, res_mode=ShortcutMode.PROJ_B,
+                            res_stride=b.proj_stride)
+            return conv(h, b.convs[-1], residual=a, res_mode=ShortcutMode.IDENTITY)
+
+        return folded.walk(x, conv, finish)
 
     def head(self, model, feats):
         """pool_linear: pool + classifier in one launch each way, the weights read in their dtype (no autocast
