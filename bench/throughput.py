@@ -569,6 +569,7 @@ def main(argv=None):
     result = dict(environment=env, peaks=peaks, fma_peaks=fma, settings=dict(size=args.size, channels=args.channels, tv_size=args.tv_size,
                                                               iters=args.iters, repeats=args.repeats,
                                                               interleave=interleave, isolate=isolate,
+                                                              quiet_start=isolate and os.path.exists("/proc/stat"),
                                                               cudnn_benchmark=torch.backends.cudnn.benchmark
                                                               if dev.type == "cuda" else None),
                   rows=rows, complete=False)

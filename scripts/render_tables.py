@@ -43,7 +43,8 @@ def render(path: str) -> str:
     fused = [i for i in impls if i not in BASELINES]
     cudnn = settings.get("cudnn_benchmark")
     commit = (env.get("git_commit") or "unknown")[:7]
-    timing = ("rows of a group in processes of their own, round-robin" if settings.get("isolate") else
+    timing = ("rows of a group in processes of their own, round-robin"
+              + (", each window on quiet CPUs" if settings.get("quiet_start") else "") if settings.get("isolate") else
               "rows of a group round-robin in one process" if settings.get("interleave") else "rows one after another")
     lines = [f"`{path}` — {env.get('device_name')}, torch {env.get('torch')}, Triton {env.get('triton')}, commit "
              f"{commit}, {env.get('date', '')[:10]}; cudnn.benchmark "

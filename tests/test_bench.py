@@ -45,7 +45,10 @@ def test_throughput_tiny_cpu(tmp_path):
         assert r["achieved_gflops"] == pytest.approx(r["gflop_per_step"] / (r["step_ms"] / 1e3))
         assert r["fraction_of_fma_peak"] == pytest.approx(r["achieved_gflops"] * 1e9 / fma["fp32"])
     assert d["settings"]["isolate"] is True and len(d["best_baselines"]) == 2
+    assert d["settings"]["quiet_start"] is os.path.exists("/proc/stat")
     assert os.path.getsize(tmp_path / "tp.png") > 0
+    import render_tables
+    assert ("each window on quiet CPUs" in render_tables.render(str(out))) is d["settings"]["quiet_start"]
 
 
 def test_throughput_per_element_row_is_the_tap_gathers_ab(monkeypatch):
