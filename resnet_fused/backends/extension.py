@@ -17,7 +17,6 @@ with a non-finite input or weight the ATen convolutions run instead, so NaN/Inf 
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
