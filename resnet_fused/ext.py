@@ -167,12 +167,13 @@ if available():
         return torch.empty((n, weight_t.shape[2], h, w), dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last)
 
-    # -- conv2d_direct: inference-only direct convolution (stems, small batches) + bias + ReLU ---------------------
+    # -- conv2d_direct: inference-only direct convolution (stems, small batches) + bias + shortcut + ReLU ----------
 
     @torch.library.register_fake("resnet_fused::conv2d_direct")
-    def _(x, weight_p, bias, stride, padding, relu):
+    def _(x, weight_p, bias, stride, padding, relu, residual=None):
         n, _, h, w = x.shape
-        kh, kw, _, k = weight_p.shape
+        kb, kh, kw, _, _ = weight_p.shape
+        k = kb * 8
         return torch.empty((n, k, (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1),
                            dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
@@ -221,7 +222,11 @@ def winograd_weight(weight: torch.Tensor, tile: int = 2, dtype: torch.dtype = to
 
 
 def direct_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The (KH, KW, C_in, C_out) fp32 packing of a (C_out, C_in, KH, KW) weight that conv2d_direct reads."""
+    """The (C_out/8, KH, KW, C_in, 8) fp32 packing of a (C_out, C_in, KH, KW) weight that conv2d_direct reads: per
+    block of 8 output channels, the taps in the order one output row reads them (C_out a multiple of 8)."""
     if weight.dim() != 4:
         raise ValueError(f"direct_weight expects a (C_out, C_in, KH, KW) weight, got shape {tuple(weight.shape)}")
-    return weight.detach().permute(2, 3, 1, 0).to(torch.float32).contiguous()
+    k, c, kh, kw = weight.shape
+    if k % 8 or k == 0:
+        raise ValueError(f"direct_weight: conv2d_direct needs output channels that are a multiple of 8, got {k}")
+    return weight.detach().to(torch.float32).reshape(k // 8, 8, c, kh, kw).permute(0, 3, 4, 2, 1).contiguous()

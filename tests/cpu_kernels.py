@@ -13,6 +13,18 @@ def require_cpu_kernels():
         pytest.skip("the CPU inference kernels need an x86-64 CPU with AVX2 and FMA", allow_module_level=True)
 
 
+ISA_ORDER = ["none", "avx2", "avx512", "avx512_bf16"]  # cpu_isa()'s answers, each path a superset of the last
+
+
+def force_isa(monkeypatch, isa):
+    """Run the CPU operators' ``isa`` path (RESNET_FUSED_CPU_ISA); skip where this CPU lacks it."""
+    native = torch.ops.resnet_fused.cpu_isa()
+    if ISA_ORDER.index(native) < ISA_ORDER.index(isa):
+        pytest.skip(f"this CPU has no {isa} (it has {native}); the other paths run")
+    monkeypatch.setenv("RESNET_FUSED_CPU_ISA", isa)
+    assert torch.ops.resnet_fused.cpu_isa() == isa
+
+
 def make(shape, layout="cl", seed=0, scale=1.0):
     """A seeded fp32 tensor (drawn in fp64), channels_last ("cl") or as drawn ("nchw")."""
     g = torch.Generator().manual_seed(seed)

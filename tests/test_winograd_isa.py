@@ -8,22 +8,14 @@ import torch.nn.functional as F
 import resnet_fused.backends.extension as extension
 from resnet_fused import FusedResNet, ext
 
-from cpu_kernels import make, reference_net, require_cpu_kernels
+from cpu_kernels import force_isa, make, reference_net, require_cpu_kernels
 from test_winograd import SHAPES, assert_close_scaled, reference
 
 require_cpu_kernels()
 ops = torch.ops.resnet_fused
-ORDER = ["none", "avx2", "avx512", "avx512_bf16"]
 NATIVE = ops.cpu_isa()
 BF16 = ext.winograd_bf16_supported()
 needs_bf16 = pytest.mark.skipif(not BF16, reason=f"needs a CPU with AVX512_BF16 (this one: {NATIVE})")
-
-
-def force_isa(monkeypatch, isa):
-    if ORDER.index(NATIVE) < ORDER.index(isa):
-        pytest.skip(f"this CPU has no {isa} (it has {NATIVE}); the other paths run")
-    monkeypatch.setenv("RESNET_FUSED_CPU_ISA", isa)
-    assert ops.cpu_isa() == isa
 
 
 def winograd(x, wt, b, r=None, mode=0, stride=1, pad_front=0, relu=True, tile=2, dtype=torch.float32):

@@ -133,36 +133,61 @@ def _winograd_weights_bf16(folded):
     return _winograd_weights(folded, torch.bfloat16)
 
 
-# conv2d_direct (bias + ReLU, no shortcut) against oneDNN's convolution with post-ops and ATen's + ReLU, measured on
-# the same machine: 1.2-4x faster for the stems (1 or 3 input channels: 28x28 3x3 at batch 1-32, 224x224 7x7/2 at
-# batch 1-4) and 1.3-3x faster for the MNIST nets' stride-2 3x3 convolutions (16->32, 32->64) up to batch 4
-# (oneDNN's per-call setup, 60-80 us, dominates there), on par at batch 16-32; from 64->128 channels on (its weights
-# streamed once per 6-pixel tile) 1.0-2.8x slower
-DIRECT_MAX_BATCH = 8  # past this batch only the stems (fewer than 8 input channels) take conv2d_direct
-DIRECT_MAX_CHANNEL_PRODUCT = 64 * 64  # and only up to these channels
+# conv2d_direct (bias + shortcut + ReLU) against oneDNN's convolution with post-ops and ATen's + ReLU, measured on
+# the same machine. Its AVX2 path: 1.2-4x faster for the stems (1 or 3 input channels: 28x28 3x3 at batch 1-32,
+# 224x224 7x7/2 at batch 1-4) and 1.3-3x faster for the MNIST nets' stride-2 3x3 convolutions (16->32, 32->64) up to
+# batch 4 (oneDNN's per-call setup, 60-80 us, dominates there), on par at batch 16-32; from 64->128 channels on (its
+# weights streamed once per 6-pixel tile) 1.0-2.8x slower. Its AVX-512 path (the 2-core Zen 5 machine, 2 threads,
+# both in one process): at batch 1 on par with oneDNN or faster for every torchvision ResNet convolution that
+# Winograd does not take (3x3/2 64->128 at 56x56 313 vs 447 us, 256->512 at 14x14 420 vs 784; 512x512 3x3 at 7x7 951
+# vs 2,162; 1x1 2048->512 at 7x7 447 vs 1,545, 64->128/2 at 56x56 45 vs 69; the 1x1s at 14-56 0.8-1.1x), the MNIST
+# strided 3x3s 1.3-1.8x faster at batch 8 and 32 (16->32: 47 vs 87 us, 196 vs 252; 32->64 at 32: 166 vs 242), the
+# stems 1.1-8x; from 64->128 channels at batch 32 oneDNN is faster (1.1-1.5x; 2x for the 1x1s)
+DIRECT_MAX_BATCH = 8  # past this batch only the stems (fewer than 8 input channels) and the small 3x3s
+DIRECT_MAX_CHANNEL_PRODUCT = 64 * 64  # the small 3x3s: up to these channels
+# conv2d_direct's AVX-512 path runs here (decided once: RESNET_FUSED_CPU_ISA set later only changes the kernels)
+_DIRECT_WIDE = _DIRECT_OP is not None and str(torch.ops.resnet_fused.cpu_isa()).startswith("avx512")
 
 
 def _direct_fits(conv):
-    return (conv.groups == 1 and conv.dilation == (1, 1) and conv.out_channels % 8 == 0
+    """Whether conv2d_direct can run conv (and, with its AVX2 path only, whether it ever pays: stems, small 3x3s)."""
+    fits = (conv.groups == 1 and conv.dilation == (1, 1) and conv.out_channels % 8 == 0
             and conv.padding[0] == conv.padding[1] and conv.stride[0] == conv.stride[1]
-            and isinstance(conv.padding[0], int)
-            and (conv.in_channels < 8 or (conv.kernel_size != (1, 1)
-                                          and conv.in_channels * conv.out_channels <= DIRECT_MAX_CHANNEL_PRODUCT)))
+            and isinstance(conv.padding[0], int))
+    return fits and (_DIRECT_WIDE or conv.in_channels < 8 or _direct_small(conv))
+
+
+def _direct_small(conv):
+    return conv.kernel_size != (1, 1) and conv.in_channels * conv.out_channels <= DIRECT_MAX_CHANNEL_PRODUCT
+
+
+def _direct_takes(conv, batch, shortcut):
+    """Whether conv2d_direct is the faster path for conv at this batch (measured above); ``shortcut``: whether an
+    identity shortcut is added (the AVX-512 path only: its AVX2 one was measured without)."""
+    if _DIRECT_WIDE and batch <= DIRECT_MAX_BATCH:
+        return True
+    small = _direct_small(conv) and (_DIRECT_WIDE or batch <= DIRECT_MAX_BATCH)
+    return not shortcut and (conv.in_channels < 8 or small)
 
 
 @dataclass(frozen=True)
 class DirectWeights:
-    """conv2d_direct's packed fp32 weight and fp32 bias for one folded convolution."""
+    """conv2d_direct's packed fp32 weight and fp32 bias (None: a projection's) for one folded convolution."""
     weight: torch.Tensor
-    bias: torch.Tensor
+    bias: torch.Tensor | None
 
 
 def _direct_weights(folded):
-    """conv2d_direct's operands per folded convolution it can run (absent where it cannot). fp32 also for a bf16
-    plan: there the convolution runs in fp32 on the bf16 activation and rounds its output to bf16 (oneDNN's bf16
-    primitives spend 60-80 us of setup per call at batch 1, and ran the 1-channel stem slowly)."""
-    return {id(fc): DirectWeights(ext.direct_weight(fc.weight), fc.bias.float())
-            for fc in folded.convs() if _direct_fits(fc.module)}
+    """conv2d_direct's operands per folded convolution it can run (absent where it cannot), keyed by id(); with the
+    AVX-512 path also each 1x1 projection's, keyed by id(weight). fp32 also for a bf16 plan: there the convolution
+    runs in fp32 on the bf16 activation and rounds its output to bf16 (oneDNN's bf16 primitives spend 60-80 us of
+    setup per call at batch 1, and ran the 1-channel stem slowly)."""
+    out = {id(fc): DirectWeights(ext.direct_weight(fc.weight), fc.bias.float())
+           for fc in folded.convs() if _direct_fits(fc.module)}
+    if _DIRECT_WIDE:
+        out.update({id(b.proj_weight): DirectWeights(ext.direct_weight(b.proj_weight), None) for b in folded.blocks
+                    if b.proj_weight is not None and b.proj_weight.shape[0] % 8 == 0})
+    return out
 
 
 class ExtensionBackend(Backend):
@@ -266,9 +291,9 @@ class ExtensionBackend(Backend):
 
     @staticmethod
     def _eval_conv(model, folded, x, dtype):
-        """(conv, base): conv(a, folded_conv, mode, add, ...) = relu(conv(a) + bias + shortcut) by the fastest
-        path that keeps PyTorch's numbers (Winograd, oneDNN post-ops, or ATen + the C++ add/ReLU); base(a, w, b,
-        stride, pad) the plain convolution of the same path (option B's projection)."""
+        """(conv, project): conv(a, folded_conv, mode, add, ...) = relu(conv(a) + bias + shortcut) by the fastest
+        path that keeps PyTorch's numbers (Winograd, conv2d_direct, oneDNN post-ops, or ATen + the C++ add/ReLU);
+        project(a, w, stride) the plain 1x1 convolution of a projection shortcut by the same rules."""
         # the fast path's NaN check reads x on the host: not under torch.compile or a (CPU-emulated) graph capture
         fp32 = dtype == torch.float32
         fast_dtype = fp32 or (dtype == torch.bfloat16 and _WINOGRAD_BF16)
@@ -287,9 +312,10 @@ class ExtensionBackend(Backend):
             if u is not None:
                 return _WINOGRAD_OP(a, u.pick(a), u.bias, add, int(add is not None and mode), res_stride, pad_front,
                                     True)
-            d = direct.get(id(fc)) if add is None else None
-            if d is not None and (a.shape[0] <= DIRECT_MAX_BATCH or a.shape[1] < 8):
-                y = _DIRECT_OP(a.float(), d.weight, d.bias, fc.stride, fc.padding, True)
+            d = direct.get(id(fc)) if mode in (ShortcutMode.NONE, ShortcutMode.IDENTITY) else None
+            if d is not None and _direct_takes(fc.module, a.shape[0], add is not None):
+                y = _DIRECT_OP(a.float(), d.weight, d.bias, fc.stride, fc.padding, True,
+                               None if add is None else add.float())
                 return y if fp32 else y.to(dtype)
             bias = fc.bias.to(dtype)
             if mode == ShortcutMode.PAD_A:  # subsample + zero channel padding by index math
@@ -298,17 +324,24 @@ class ExtensionBackend(Backend):
                     res_stride=res_stride, pad_front=pad_front, relu=True)
             return base(a, fc.weight, bias, fc.stride, fc.padding, relu=True, add=add)
 
-        return conv, base
+        def project(a, weight, stride):
+            d = direct.get(id(weight))
+            if d is not None and _DIRECT_WIDE and a.shape[0] <= DIRECT_MAX_BATCH:
+                y = _DIRECT_OP(a.float(), d.weight, None, stride, 0, False)
+                return y if fp32 else y.to(dtype)
+            return base(a, weight, None, stride, 0)
+
+        return conv, project
 
     def eval_features(self, model, x):
         dtype = compute_dtype(x)
         folded = model.folded(dtype)
-        conv, base = self._eval_conv(model, folded, x, dtype)
+        conv, project = self._eval_conv(model, folded, x, dtype)
         a = conv(x.to(dtype), folded.stem)
         for b in folded.blocks:
             h = conv(a, b.conv1)
             if b.mode == ShortcutMode.PROJ_B:  # conv2's bias holds both folded shifts; the projection a 2nd conv
-                a = conv(h, b.conv2, ShortcutMode.IDENTITY, add=base(a, b.proj_weight, None, b.stride, 0))
+                a = conv(h, b.conv2, ShortcutMode.IDENTITY, add=project(a, b.proj_weight, b.stride))
             elif b.mode == ShortcutMode.NONE:
                 a = conv(h, b.conv2)
             else:
@@ -344,10 +377,10 @@ class ExtensionBackend(Backend):
         shortcut in one primitive; the projection a second convolution whose output is that shortcut."""
         dtype = compute_dtype(x)
         folded = model.folded(dtype)
-        conv, base = self._eval_conv(model, folded, x, dtype)
+        conv, project = self._eval_conv(model, folded, x, dtype)
 
         def finish(h, a, b):
-            add = a if b.proj_weight is None else base(a, b.proj_weight, None, b.proj_stride, 0)
+            add = a if b.proj_weight is None else project(a, b.proj_weight, b.proj_stride)
             return conv(h, b.convs[-1], ShortcutMode.IDENTITY, add=add)
 
         return folded.walk(x.to(dtype), conv, finish)
