@@ -77,6 +77,8 @@ struct Geometry {
   int64_t n, h, w, c, k;   // x: (n, h, w, c) NHWC; out: (n, h, w, k)
   int64_t th, tw, tiles;   // output tiles per column / row, and in all
   int64_t block;           // tiles per block (a multiple of kTileRows)
+  int64_t kparts = 1;      // > 1: each thread computes all tiles for one part of the output channels ...
+  int64_t kchunk = 0;      // ... of this many channels (a multiple of 16; the last part may be shorter)
 };
 
 template <typename XT>
@@ -97,8 +99,10 @@ struct TileCursor {
   }
 };
 
-// M (T x K) = V (T x C) @ U (C x K) for one transform position; T a multiple of kTileRows, K of 8.
-RF_AVX2 void gemm_avx2(const void* Vp, const void* Up, float* M, int64_t T, int64_t C, int64_t K) {
+// M (T x N) = V (T x C) @ U (C x N) for one transform position; T a multiple of kTileRows, N of 8; U's rows ldu
+// apart, M's ldm (N columns of wider matrices when the threads split the output channels).
+RF_AVX2 void gemm_avx2(const void* Vp, const void* Up, float* M, int64_t T, int64_t C, int64_t K, int64_t ldu,
+                       int64_t ldm) {
   const float *V = static_cast<const float*>(Vp), *U = static_cast<const float*>(Up);
   for (int64_t i = 0; i < T; i += kTileRows) {
     const float* a = V + i * C;
@@ -107,7 +111,7 @@ RF_AVX2 void gemm_avx2(const void* Vp, const void* Up, float* M, int64_t T, int6
       __m256 acc[kTileRows][2];
       for (int r = 0; r < kTileRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
       for (int64_t c = 0; c < C; ++c) {
-        const __m256 b0 = _mm256_loadu_ps(U + c * K + k0), b1 = _mm256_loadu_ps(U + c * K + k0 + 8);
+        const __m256 b0 = _mm256_loadu_ps(U + c * ldu + k0), b1 = _mm256_loadu_ps(U + c * ldu + k0 + 8);
         for (int r = 0; r < kTileRows; ++r) {
           const __m256 av = _mm256_broadcast_ss(a + r * C + c);
           acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
@@ -115,18 +119,18 @@ RF_AVX2 void gemm_avx2(const void* Vp, const void* Up, float* M, int64_t T, int6
         }
       }
       for (int r = 0; r < kTileRows; ++r) {
-        _mm256_storeu_ps(M + (i + r) * K + k0, acc[r][0]);
-        _mm256_storeu_ps(M + (i + r) * K + k0 + 8, acc[r][1]);
+        _mm256_storeu_ps(M + (i + r) * ldm + k0, acc[r][0]);
+        _mm256_storeu_ps(M + (i + r) * ldm + k0 + 8, acc[r][1]);
       }
     }
     if (k0 < K) {  // the last 8 channels when K is not a multiple of 16
       __m256 acc[kTileRows];
       for (int r = 0; r < kTileRows; ++r) acc[r] = _mm256_setzero_ps();
       for (int64_t c = 0; c < C; ++c) {
-        const __m256 b0 = _mm256_loadu_ps(U + c * K + k0);
+        const __m256 b0 = _mm256_loadu_ps(U + c * ldu + k0);
         for (int r = 0; r < kTileRows; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + r * C + c), b0, acc[r]);
       }
-      for (int r = 0; r < kTileRows; ++r) _mm256_storeu_ps(M + (i + r) * K + k0, acc[r]);
+      for (int r = 0; r < kTileRows; ++r) _mm256_storeu_ps(M + (i + r) * ldm + k0, acc[r]);
     }
   }
 }
@@ -134,29 +138,29 @@ RF_AVX2 void gemm_avx2(const void* Vp, const void* Up, float* M, int64_t T, int6
 // The AVX-512 GEMMs: R tiles x NV*16 channels of zmm accumulators per register tile; mask[v] selects the channels
 // of vector v that exist (K is a multiple of 8, not of 16). fp32: one vfmadd231ps per (tile, vector, input channel).
 template <int R, int NV>
-RF_AVX512 inline void tile_f32(const float* a, const float* U, float* M, int64_t C, int64_t K, int64_t k0,
-                               __mmask16 m0, __mmask16 m1) {
+RF_AVX512 inline void tile_f32(const float* a, const float* U, float* M, int64_t C, int64_t ldu, int64_t ldm,
+                               int64_t k0, __mmask16 m0, __mmask16 m1) {
   const __mmask16 mask[2] = {m0, m1};
   __m512 acc[R][NV];
   RF_UNROLL_ALL for (int r = 0; r < R; ++r)
     RF_UNROLL_ALL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t c = 0; c < C; ++c) {
     __m512 b[NV];
-    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(mask[v], U + c * K + k0 + 16 * v);
+    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(mask[v], U + c * ldu + k0 + 16 * v);
     RF_UNROLL_ALL for (int r = 0; r < R; ++r) {
       const __m512 av = _mm512_set1_ps(a[r * C + c]);
       RF_UNROLL_ALL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, b[v], acc[r][v]);
     }
   }
   RF_UNROLL_ALL for (int r = 0; r < R; ++r)
-    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(M + r * K + k0 + 16 * v, mask[v], acc[r][v]);
+    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(M + r * ldm + k0 + 16 * v, mask[v], acc[r][v]);
 }
 
 // bf16: V rows and U columns hold pairs of input channels side by side (32 bits); one vdpbf16ps per (tile, vector,
 // pair) adds both products to the fp32 accumulator.
 template <int R, int NV>
-RF_AVX512_BF16 inline void tile_bf16(const bf16_t* a, const bf16_t* U, float* M, int64_t C, int64_t K, int64_t k0,
-                                     __mmask16 m0, __mmask16 m1) {
+RF_AVX512_BF16 inline void tile_bf16(const bf16_t* a, const bf16_t* U, float* M, int64_t C, int64_t ldu, int64_t ldm,
+                                     int64_t k0, __mmask16 m0, __mmask16 m1) {
   const __mmask16 mask[2] = {m0, m1};
   const int32_t* a2 = reinterpret_cast<const int32_t*>(a);
   const int32_t* u2 = reinterpret_cast<const int32_t*>(U);
@@ -166,21 +170,21 @@ RF_AVX512_BF16 inline void tile_bf16(const bf16_t* a, const bf16_t* U, float* M,
     RF_UNROLL_ALL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t cp = 0; cp < pairs; ++cp) {
     __m512bh b[NV];
-    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_maskz_loadu_epi32(mask[v], u2 + cp * K + k0 + 16 * v);
+    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_maskz_loadu_epi32(mask[v], u2 + cp * ldu + k0 + 16 * v);
     RF_UNROLL_ALL for (int r = 0; r < R; ++r) {
       const __m512bh av = (__m512bh)_mm512_set1_epi32(a2[r * pairs + cp]);
       RF_UNROLL_ALL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, b[v]);
     }
   }
   RF_UNROLL_ALL for (int r = 0; r < R; ++r)
-    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(M + r * K + k0 + 16 * v, mask[v], acc[r][v]);
+    RF_UNROLL_ALL for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(M + r * ldm + k0 + 16 * v, mask[v], acc[r][v]);
 }
 
 // Rows in register tiles of 12 (6 for the last when T is an odd multiple of 6); columns in 32s, the last 16 or
 // fewer through one vector.
 template <typename VT, typename Tile12x2, typename Tile12x1, typename Tile6x2, typename Tile6x1>
-inline void gemm_avx512_rows(const VT* V, const VT* U, float* M, int64_t T, int64_t C, int64_t K, Tile12x2 t12x2,
-                             Tile12x1 t12x1, Tile6x2 t6x2, Tile6x1 t6x1) {
+inline void gemm_avx512_rows(const VT* V, const VT* U, float* M, int64_t T, int64_t C, int64_t K, int64_t ldu,
+                             int64_t ldm, Tile12x2 t12x2, Tile12x1 t12x1, Tile6x2 t6x2, Tile6x1 t6x1) {
   for (int64_t i = 0; i < T; i += 12) {
     const bool six = i + 12 > T;
     for (int64_t k0 = 0; k0 < K; k0 += 32) {
@@ -188,26 +192,30 @@ inline void gemm_avx512_rows(const VT* V, const VT* U, float* M, int64_t T, int6
       const auto m0 = static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1);
       const auto m1 = static_cast<__mmask16>(left >= 32 ? 0xffff : left > 16 ? (1u << (left - 16)) - 1 : 0);
       const VT* a = V + i * C;
-      float* m = M + i * K;
+      float* m = M + i * ldm;
       if (left > 16)
-        six ? t6x2(a, U, m, C, K, k0, m0, m1) : t12x2(a, U, m, C, K, k0, m0, m1);
+        six ? t6x2(a, U, m, C, ldu, ldm, k0, m0, m1) : t12x2(a, U, m, C, ldu, ldm, k0, m0, m1);
       else
-        six ? t6x1(a, U, m, C, K, k0, m0, m1) : t12x1(a, U, m, C, K, k0, m0, m1);
+        six ? t6x1(a, U, m, C, ldu, ldm, k0, m0, m1) : t12x1(a, U, m, C, ldu, ldm, k0, m0, m1);
     }
   }
 }
 
-RF_AVX512 void gemm_avx512(const void* Vp, const void* Up, float* M, int64_t T, int64_t C, int64_t K) {
-  gemm_avx512_rows(static_cast<const float*>(Vp), static_cast<const float*>(Up), M, T, C, K, tile_f32<12, 2>,
-                   tile_f32<12, 1>, tile_f32<6, 2>, tile_f32<6, 1>);
+RF_AVX512 void gemm_avx512(const void* Vp, const void* Up, float* M, int64_t T, int64_t C, int64_t K, int64_t ldu,
+                           int64_t ldm) {
+  gemm_avx512_rows(static_cast<const float*>(Vp), static_cast<const float*>(Up), M, T, C, K, ldu, ldm,
+                   tile_f32<12, 2>, tile_f32<12, 1>, tile_f32<6, 2>, tile_f32<6, 1>);
 }
 
-RF_AVX512_BF16 void gemm_avx512_bf16(const void* Vp, const void* Up, float* M, int64_t T, int64_t C, int64_t K) {
-  gemm_avx512_rows(static_cast<const bf16_t*>(Vp), static_cast<const bf16_t*>(Up), M, T, C, K, tile_bf16<12, 2>,
-                   tile_bf16<12, 1>, tile_bf16<6, 2>, tile_bf16<6, 1>);
+// ldu in pairs of input channels (U is (P, C/2, K, 2): a row of U holds K pairs)
+RF_AVX512_BF16 void gemm_avx512_bf16(const void* Vp, const void* Up, float* M, int64_t T, int64_t C, int64_t K,
+                                     int64_t ldu, int64_t ldm) {
+  gemm_avx512_rows(static_cast<const bf16_t*>(Vp), static_cast<const bf16_t*>(Up), M, T, C, K, ldu, ldm,
+                   tile_bf16<12, 2>, tile_bf16<12, 1>, tile_bf16<6, 2>, tile_bf16<6, 1>);
 }
 
-using GemmFn = void (*)(const void* V, const void* U, float* M, int64_t T, int64_t C, int64_t K);
+using GemmFn = void (*)(const void* V, const void* U, float* M, int64_t T, int64_t C, int64_t K, int64_t ldu,
+                        int64_t ldm);
 
 inline float to_float(float v) { return v; }
 inline float to_float(bf16_t v) {
@@ -234,33 +242,63 @@ namespace avx512 {
 #undef RF_LANES
 }  // namespace avx512
 
+// One thread's share: the tiles of the blocks it takes, output channels kb .. ke - 1 (V and M its own).
+template <int M, int64_t Mode, bool Relu, bool Wide, typename XT, typename VT>
+struct WinogradWorker {
+  static constexpr int P = (M + 2) * (M + 2);
+  const XT* x;
+  const VT* U;
+  GemmFn gemm;
+  const float* bias;
+  const Shortcut<XT>& s;
+  const Geometry& g;
+  XT* out;
+  int64_t kb, ke;
+  std::vector<VT> V = std::vector<VT>(P * g.block * g.c, VT(0));  // zeroed: rows past nt stay finite
+  std::vector<float> Mt = std::vector<float>(P * g.block * (ke - kb));
+
+  void block(int64_t t0, int64_t nt) {
+    if constexpr (Wide)
+      avx512::input_transform<M>(x, g, t0, nt, V.data());
+    else
+      avx2::input_transform<M>(x, g, t0, nt, V.data());
+    // U's columns kb ..: an element offset of kb fp32 values, or kb pairs of bf16 values
+    const VT* u = U + kb * static_cast<int64_t>(sizeof(float) / sizeof(VT));
+    const int64_t ldu = g.k, kc = ke - kb;
+    for (int p = 0; p < P; ++p)
+      gemm(V.data() + p * g.block * g.c, u + p * g.c * g.k, Mt.data() + p * g.block * kc, g.block, g.c, kc, ldu, kc);
+    if constexpr (Wide)
+      avx512::output_transform<M, Mode, Relu>(Mt.data(), g, t0, nt, kb, ke, bias, s, out);
+    else
+      avx2::output_transform<M, Mode, Relu>(Mt.data(), g, t0, nt, kb, ke, bias, s, out);
+  }
+};
+
 // XT: the activations' element type (float or bf16_t); VT: V's and U's (float, or bf16_t for the bf16 GEMM);
 // Wide: the AVX-512 transforms (16 channels a step) instead of the AVX2 ones (8).
 template <int M, int64_t Mode, bool Relu, bool Wide, typename XT, typename VT>
 void winograd_forward(const XT* x, const VT* U, GemmFn gemm, const float* bias, const Shortcut<XT>& s,
                       const Geometry& g, XT* out) {
-  constexpr int P = (M + 2) * (M + 2);
+  using Worker = WinogradWorker<M, Mode, Relu, Wide, XT, VT>;
   const int64_t nblocks = (g.tiles + g.block - 1) / g.block;
+  if (g.kparts > 1) {  // each part of the output channels reads its columns of U once, for every block
+    at::parallel_for(0, g.kparts, 1, [&](int64_t b, int64_t e) {
+      for (int64_t part = b; part < e; ++part) {
+        const int64_t kb = part * g.kchunk;
+        Worker w{x, U, gemm, bias, s, g, out, kb, std::min(g.k, kb + g.kchunk)};
+        for (int64_t blk = 0; blk < nblocks; ++blk) w.block(blk * g.block, std::min(g.block, g.tiles - blk * g.block));
+      }
+    });
+    return;
+  }
   // blocks handed out one at a time (each writes its own tiles: the result does not depend on who computes what),
   // so a thread slowed by another process on its core does not leave the others waiting at the end
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<VT> V(P * g.block * g.c, VT(0));  // zeroed: rows past nt stay finite
-    std::vector<float> Mt(P * g.block * g.k);
-    for (int64_t blk; (blk = next.fetch_add(1, std::memory_order_relaxed)) < nblocks;) {
-      const int64_t t0 = blk * g.block, nt = std::min(g.block, g.tiles - t0);
-      if constexpr (Wide)
-        avx512::input_transform<M>(x, g, t0, nt, V.data());
-      else
-        avx2::input_transform<M>(x, g, t0, nt, V.data());
-      for (int p = 0; p < P; ++p)
-        gemm(V.data() + p * g.block * g.c, U + p * g.c * g.k, Mt.data() + p * g.block * g.k, g.block, g.c, g.k);
-      if constexpr (Wide)
-        avx512::output_transform<M, Mode, Relu>(Mt.data(), g, t0, nt, bias, s, out);
-      else
-        avx2::output_transform<M, Mode, Relu>(Mt.data(), g, t0, nt, bias, s, out);
-    }
+    Worker w{x, U, gemm, bias, s, g, out, 0, g.k};
+    for (int64_t blk; (blk = next.fetch_add(1, std::memory_order_relaxed)) < nblocks;)
+      w.block(blk * g.block, std::min(g.block, g.tiles - blk * g.block));
   });
 }
 
@@ -293,14 +331,23 @@ void check_winograd_weight(const at::Tensor& x, const at::Tensor& weight_t) {
 }
 
 #ifdef RESNET_FUSED_WINOGRAD
-// Blocks of tiles sized so that V and M stay in L2, with at least two blocks per thread where the image is small
-// (batch 1), so that every thread has work.
+// Blocks of tiles sized so that V and M stay in L2. Where U outweighs the input's transforms (more output channels
+// than tiles: batch 1 past the first stage, e.g. 256x256 channels on 14x14: U 4 MB, V 0.8 MB) the threads split
+// the output channels, each reading its columns of U once (split by tiles, every block read all of U: 1.3 ms per
+// such layer against 0.7 ms with U cached); elsewhere they split the tiles, at least two blocks per thread where the
+// image is small, so that every thread has work.
 Geometry make_geometry(const at::Tensor& x, int64_t k, int m, int64_t v_bytes) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), positions = (m + 2) * (m + 2);
   Geometry g{n, h, w, c, k, (h + m - 1) / m, (w + m - 1) / m, 0, 0};
   g.tiles = n * g.th * g.tw;
-  const int64_t per_tile = positions * (v_bytes * c + 4 * k);  // V and M bytes per tile
-  const int64_t per_thread = (g.tiles + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && k >= 32 && k > g.tiles) {
+    g.kchunk = ((k + threads - 1) / threads + 15) / 16 * 16;
+    g.kparts = (k + g.kchunk - 1) / g.kchunk;
+  }
+  const int64_t kc = g.kparts > 1 ? g.kchunk : k;
+  const int64_t per_tile = positions * (v_bytes * c + 4 * kc);  // V and M bytes per tile
+  const int64_t per_thread = g.kparts > 1 ? g.tiles : (g.tiles + 2 * threads - 1) / (2 * threads);
   g.block = std::min(kBlockBytes / per_tile, (per_thread + kTileRows - 1) / kTileRows * kTileRows);
   g.block = std::max<int64_t>(kTileRows, g.block / kTileRows * kTileRows);
   return g;

@@ -165,14 +165,15 @@ RF_TARGET void input_transform(const XT* x, const Geometry& g, int64_t t0, int64
 }
 
 // The shortcut's channels k0 .. k0 + n - 1 (n = the mask's lanes) at output pixel (n, oh, ow).
+// k: the output's channels; ke: the end of the channels being written.
 template <int64_t Mode, typename XT>
 RF_TARGET inline vec load_shortcut(const Shortcut<XT>& s, int64_t n, int64_t oh, int64_t ow, int64_t h, int64_t w,
-                                   int64_t k, int64_t k0, Mask m) {
+                                   int64_t k, int64_t ke, int64_t k0, Mask m) {
   if constexpr (Mode == kIdentity) {
     return vload(s.r + ((n * h + oh) * w + ow) * k + k0, m);
   } else {  // option A: channel j of y reads channel j - pad_front of r (zero outside [0, rc))
     const XT* p = s.r + ((n * s.rh + oh * s.stride) * s.rw + ow * s.stride) * s.rc;
-    const int64_t j0 = k0 - s.pad_front, count = std::min<int64_t>(RF_LANES, k - k0);
+    const int64_t j0 = k0 - s.pad_front, count = std::min<int64_t>(RF_LANES, ke - k0);
     if (j0 >= 0 && j0 + count <= s.rc) return vload(p + j0, m);
     if (j0 + count <= 0 || j0 >= s.rc) return vzero();
     alignas(64) float tmp[RF_LANES] = {};
@@ -181,22 +182,23 @@ RF_TARGET inline vec load_shortcut(const Shortcut<XT>& s, int64_t n, int64_t oh,
   }
 }
 
-// out[tile] = relu?(A^T M A + bias + shortcut) for the tiles t0 .. t0+nt-1 of a block.
+// out[tile] = relu?(A^T M A + bias + shortcut) for the tiles t0 .. t0+nt-1 of a block, output channels kb .. ke - 1
+// (M holds those: ke - kb columns).
 template <int M, int64_t Mode, bool Relu, typename XT>
-RF_TARGET void output_transform(const float* Mt, const Geometry& g, int64_t t0, int64_t nt, const float* bias,
-                                const Shortcut<XT>& s, XT* out) {
+RF_TARGET void output_transform(const float* Mt, const Geometry& g, int64_t t0, int64_t nt, int64_t kb, int64_t ke,
+                                const float* bias, const Shortcut<XT>& s, XT* out) {
   constexpr int A = Transform<M>::kAlpha;
-  const int64_t K = g.k, T = g.block;
+  const int64_t K = g.k, T = g.block, KC = ke - kb;
   TileCursor cur(g, t0);
   for (int64_t i = 0; i < nt; ++i, cur.next(g)) {
     const int64_t oh0 = cur.th * M, ow0 = cur.tw * M, n = cur.n;
     const int rows = static_cast<int>(std::min<int64_t>(M, g.h - oh0));
     const int cols = static_cast<int>(std::min<int64_t>(M, g.w - ow0));
-    for (int64_t k0 = 0; k0 < K; k0 += RF_LANES) {
-      const Mask m = lanes(K, k0);
+    for (int64_t k0 = kb; k0 < ke; k0 += RF_LANES) {
+      const Mask m = lanes(ke, k0);
       vec sa[M][A], col[A], o[M];
       RF_UNROLL for (int b = 0; b < A; ++b) {  // A^T m, column by column
-        RF_UNROLL for (int a = 0; a < A; ++a) col[a] = vload(Mt + ((a * A + b) * T + i) * K + k0, m);
+        RF_UNROLL for (int a = 0; a < A; ++a) col[a] = vload(Mt + ((a * A + b) * T + i) * KC + k0 - kb, m);
         Transform<M>::output(col, o);
         RF_UNROLL for (int a = 0; a < M; ++a) sa[a][b] = o[a];
       }
@@ -208,7 +210,7 @@ RF_TARGET void output_transform(const float* Mt, const Geometry& g, int64_t t0, 
         for (int b = 0; b < cols; ++b) {
           const int64_t ow = ow0 + b;
           vec v = vadd(y[b], bv);
-          if constexpr (Mode != kNone) v = vadd(v, load_shortcut<Mode>(s, n, oh, ow, g.h, g.w, K, k0, m));
+          if constexpr (Mode != kNone) v = vadd(v, load_shortcut<Mode>(s, n, oh, ow, g.h, g.w, K, ke, k0, m));
           if constexpr (Relu) v = vmax0(v);
           vstore(out + ((n * g.h + oh) * g.w + ow) * K + k0, v, m);
         }
